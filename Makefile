@@ -1,0 +1,37 @@
+# The README's commands. Everything installs into .venv; nothing outside the project is touched
+# except, for `make test`, Debian packages the tests need (none yet).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/demo
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: pip takes the CPU build from this machine's disk
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# MovieLens-100k ships inside the recbole wheel; --no-deps keeps RecBole's pins out of our env
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/pantherseq demo --out $(RUN)
+
+test: setup
+	$(BIN)/pytest -q
+
+bench: setup
+	$(PY) benchmarks/prepare.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

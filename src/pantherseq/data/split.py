@@ -1,0 +1,42 @@
+"""Train / validation / test assignment of events (SPEC §6).
+
+- `time`: train = timestamp < t1, valid = t1 <= timestamp < t2, test = timestamp >= t2. Every valid or
+  test event is later predicted from all of its user's earlier events, train ones included.
+- `leave_last_out`: per user, the last event is test, the second-last valid, the rest train. The frame
+  must already be in each user's chronological order (ties keep file order: the sort is stable).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from pantherseq.data.schema import TIME, USER, SplitConfig
+
+TRAIN, VALID, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "valid", "test")
+SPLIT = "split"
+
+
+def split_expr(cfg: SplitConfig) -> pl.Expr:
+    """An Int8 expression giving each event's split; the frame is sorted by (user_id, timestamp)."""
+    if cfg.kind == "time":
+        t1, t2 = cfg.bounds()
+        return (pl.when(pl.col(TIME) < t1).then(TRAIN).when(pl.col(TIME) < t2).then(VALID)
+                .otherwise(TEST).cast(pl.Int8).alias(SPLIT))
+    from_end = pl.int_range(pl.len(), 0, -1).over(USER)  # n, n-1, ..., 1 within each user
+    return (pl.when(from_end == 1).then(TEST).when(from_end == 2).then(VALID)
+            .otherwise(TRAIN).cast(pl.Int8).alias(SPLIT))
+
+
+def split_summary(frame: pl.DataFrame, cfg: SplitConfig) -> dict:
+    """What went where: events and users per split, and the rule that decided it."""
+    events = {name: 0 for name in SPLIT_NAMES}
+    users = {name: 0 for name in SPLIT_NAMES}
+    counts = frame.group_by(SPLIT).agg(pl.len().alias("events"), pl.col(USER).n_unique().alias("users"))
+    for row in counts.iter_rows(named=True):
+        events[SPLIT_NAMES[row[SPLIT]]] = row["events"]
+        users[SPLIT_NAMES[row[SPLIT]]] = row["users"]
+    rule = {"kind": cfg.kind}
+    if cfg.kind == "time":
+        rule.update(t1=cfg.t1, t2=cfg.t2)
+    return {**rule, "events": events, "users": users}

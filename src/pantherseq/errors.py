@@ -1,0 +1,39 @@
+"""The project's exceptions: every error a user can cause says where (file, row, column, field) and why.
+
+The CLI turns any `PantherseqError` into one line on stderr and exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PantherseqError(Exception):
+    """Base class of the errors a user can fix (bad input, bad config)."""
+
+
+class ConfigError(PantherseqError):
+    """A config file or override is invalid: unknown key, wrong type, bad value."""
+
+
+class DataError(PantherseqError):
+    """Input data is invalid. Carries the location so the message can name it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+        value: object = None,
+    ):
+        self.file, self.row, self.column, self.value = file, row, column, value
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        prefix = ", ".join(where)
+        detail = f" (value {value!r})" if value is not None else ""
+        super().__init__(f"{prefix}: {message}{detail}" if prefix else f"{message}{detail}")

@@ -1,0 +1,168 @@
+"""The `prepare` stage: raw events -> validated events, fitted tokenizer, token sequences, split, report.
+
+    prepare(cfg, run_dir) -> dict   (the contents of prepare.json)
+
+Writes into the run directory (never modifying its inputs):
+    prepare.json       counts that reconcile (rows_read = rows_kept + sum(rows_dropped)), coverage, split
+    config.toml        the resolved dataset config
+    tokenizer.json     the fitted StructuredTokenizer (human-readable)
+    events.parquet     the kept canonical events, sorted, with user index, gap, split and token
+    users.parquet      user index -> user_id, event counts
+    profile.parquet    the profile of the kept users in user-index order (when the dataset has one)
+    sequences/         the memory-mappable arrays of `data/sequences.py`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pantherseq.config import save_toml
+from pantherseq.data.schema import EVENT_ID, GAP, LABEL, SCENARIO, TIME, USER, DatasetConfig
+from pantherseq.data.sequences import Sequences
+from pantherseq.data.sources import FILE, ROW, Loaded, load_source
+from pantherseq.data.split import SPLIT, TRAIN, split_expr, split_summary
+from pantherseq.errors import DataError
+from pantherseq.tokenizer import UNK, StructuredTokenizer
+
+log = logging.getLogger(__name__)
+USER_IDX = "user_idx"
+TOKEN = "token"
+
+
+def _drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, int]) -> pl.DataFrame:
+    if EVENT_ID not in frame.columns:
+        return frame
+    dup = frame[EVENT_ID].is_duplicated()
+    if not dup.any():
+        return frame
+    if bad_rows == "error":
+        rows = frame.filter(dup).sort(EVENT_ID, maintain_order=True).head(2).rows(named=True)
+        first, second = rows[0], rows[1]
+        raise DataError(f"duplicate event id (also at file {first[FILE]}, row {first[ROW]})",
+                        file=second[FILE], row=second[ROW], column=EVENT_ID, value=second[EVENT_ID])
+    keep = frame[EVENT_ID].is_first_distinct()
+    dropped["duplicate_event_id"] = int((~keep).sum())
+    return frame.filter(keep)
+
+
+def _order(frame: pl.DataFrame, cfg: DatasetConfig, dropped: dict[str, int]) -> pl.DataFrame:
+    """Sort by user then time (stable: ties keep file order), add gap_s, drop too-short users."""
+    frame = frame.sort([USER, TIME], maintain_order=True)
+    if cfg.split.min_events > 1:
+        n = pl.len().over(USER)
+        short = frame.select((n < cfg.split.min_events).alias("s"))["s"]
+        if short.any():
+            dropped["user_too_short"] = int(short.sum())
+            frame = frame.filter(~short)
+    gap = (pl.col(TIME).diff().dt.total_microseconds() / 1e6).over(USER).alias(GAP)
+    return frame.with_columns(gap)
+
+
+def _user_table(frame: pl.DataFrame) -> pl.DataFrame:
+    return (frame.group_by(USER, maintain_order=True)
+            .agg(pl.len().alias("events"), pl.col(TIME).min().alias("first"), pl.col(TIME).max().alias("last"))
+            .with_row_index(USER_IDX))
+
+
+def _sequences(frame: pl.DataFrame, users: pl.DataFrame, codes: np.ndarray, tok: StructuredTokenizer
+               ) -> Sequences:
+    counts = users["events"].to_numpy().astype(np.int64)
+    label = frame[LABEL].fill_null(-1).cast(pl.Int8).to_numpy() if LABEL in frame.columns \
+        else np.full(frame.height, -1, np.int8)
+    scenario = frame[SCENARIO].cast(pl.Int16).to_numpy() if SCENARIO in frame.columns \
+        else np.zeros(frame.height, np.int16)
+    return Sequences(
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        tokens=frame[TOKEN].to_numpy().astype(np.int32),
+        codes=codes.astype(np.int32),
+        time=(frame[TIME].dt.epoch("us").to_numpy() // 1_000_000).astype(np.int64),
+        gap=frame[GAP].fill_null(float("nan")).to_numpy().astype(np.float32),
+        label=label, scenario=scenario,
+        split=frame[SPLIT].to_numpy().astype(np.int8),
+        field_names=tok.field_names,
+    )
+
+
+def _profile(loaded: Loaded, users: pl.DataFrame) -> pl.DataFrame | None:
+    if loaded.profile is None:
+        return None
+    return users.select(USER_IDX, USER).join(loaded.profile, on=USER, how="left").sort(USER_IDX)
+
+
+def _labels(frame: pl.DataFrame) -> dict[str, Any]:
+    if LABEL not in frame.columns:
+        return {}
+    out: dict[str, Any] = {"positive": int((frame[LABEL] == 1).sum()),
+                           "unknown": int(frame[LABEL].is_null().sum())}
+    if SCENARIO in frame.columns:
+        sc = frame.filter(pl.col(SCENARIO) > 0).group_by(SCENARIO).len().sort(SCENARIO)
+        out["by_scenario"] = {str(s): int(n) for s, n in sc.iter_rows()}
+    return out
+
+
+def prepare(cfg: DatasetConfig, run_dir: str | Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    log.info("reading %s", cfg.source)
+    loaded = load_source(cfg)
+    dropped = dict(loaded.dropped)
+    frame = _drop_duplicate_ids(loaded.events, cfg.bad_rows, dropped)
+    frame = _order(frame, cfg, dropped)
+    if frame.height == 0:
+        raise DataError(f"no events left after dropping {dropped}")
+    frame = frame.with_columns(split_expr(cfg.split))
+    log.info("fitting the tokenizer on %d training events", int((frame[SPLIT] == TRAIN).sum()))
+    tok = StructuredTokenizer.from_config(cfg).fit(frame.filter(pl.col(SPLIT) == TRAIN))
+    encoded = tok.transform(frame)
+    users = _user_table(frame)
+    user_idx = np.repeat(users[USER_IDX].to_numpy(), users["events"].to_numpy())  # frame is user-major
+    frame = frame.with_columns(pl.Series(TOKEN, encoded.tokens), pl.Series(USER_IDX, user_idx))
+
+    log.info("writing %s", run)
+    tok.save(run / "tokenizer.json")
+    save_toml(cfg, run / "config.toml")
+    _sequences(frame, users, encoded.codes, tok).save(run / "sequences")
+    users.write_parquet(run / "users.parquet")
+    frame.drop(FILE, ROW).write_parquet(run / "events.parquet")
+    profile = _profile(loaded, users)
+    if profile is not None:
+        profile.write_parquet(run / "profile.parquet")
+
+    unk = frame.group_by(USER).agg((pl.col(TOKEN) == UNK).any().alias("u"))["u"]
+    report = {
+        "dataset": cfg.name,
+        "source": cfg.source,
+        "files": loaded.files,
+        "rows_read": loaded.rows_read,
+        "rows_kept": frame.height,
+        "rows_dropped": dropped,
+        "users": users.height,
+        "raw_combinations": tok.stats["raw_combinations"],
+        "vocab_size": tok.vocab_size,
+        "top_k": tok.top_k,
+        "token_fields": tok.token_fields,
+        "coverage": tok.coverage(encoded.tokens),
+        "coverage_by_split": {name: tok.coverage(encoded.tokens[frame[SPLIT].to_numpy() == i])
+                              for i, name in enumerate(("train", "valid", "test"))},
+        "unk_users": float(unk.mean()),
+        "k_for_96pct": tok.stats["k_for_96pct"],
+        "coverage_curve": tok.stats["coverage_curve"],
+        "field_sizes": dict(zip(tok.field_names, tok.field_sizes)),
+        "split": split_summary(frame, cfg.split),
+        "labels": _labels(frame),
+        "profile_fields": [] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)],
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    if report["rows_kept"] + sum(dropped.values()) != report["rows_read"]:
+        raise AssertionError(f"row counts do not reconcile: {report['rows_read']} read, "
+                             f"{report['rows_kept']} kept, {dropped} dropped")
+    (run / "prepare.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
