@@ -15,8 +15,10 @@ such rows are dropped and counted by reason, e.g. `not_a_number:TX_AMOUNT`.
 
 from __future__ import annotations
 
+import csv
 import difflib
 import glob
+import gzip
 import logging
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
@@ -167,7 +169,33 @@ def _first_bad(frame: pl.DataFrame, col: Column, reason: str) -> DataError:
                      value=row["_raw"])
 
 
-def canonicalize(lf: pl.LazyFrame, columns: list[Column], bad_rows: str) -> tuple[pl.DataFrame, int, dict]:
+def _ragged_row(path: Path, separator: str) -> tuple[int, int, int] | None:
+    """(row, fields, header fields) of the first CSV row whose field count differs from the header."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", newline="") as fh:
+        reader = csv.reader(fh, delimiter=separator)
+        header = next(reader, [])
+        for row, values in enumerate(reader, start=1):
+            if values and len(values) != len(header):
+                return row, len(values), len(header)
+    return None
+
+
+def explain_read_error(exc: Exception, files: list[Path], separator: str = ",") -> DataError:
+    """Turn a Polars parse failure into a DataError that names the file (and row when it can)."""
+    for path in files:
+        if _is_parquet(path, "auto"):
+            continue
+        found = _ragged_row(path, "\t" if path.name.endswith(".tsv") else separator)
+        if found:
+            row, n, m = found
+            return DataError(f"the row has {n} fields but the header has {m}", file=str(path), row=row)
+    where = str(files[0]) if len(files) == 1 else f"one of {len(files)} files"
+    return DataError(f"cannot read {where}: {str(exc).splitlines()[0]}")
+
+
+def canonicalize(lf: pl.LazyFrame, columns: list[Column], bad_rows: str,
+                 files: list[Path] | None = None) -> tuple[pl.DataFrame, int, dict]:
     """Parse text columns into canonical ones in one collect; handle bad values per `bad_rows`.
 
     Returns (frame with FILE, ROW and the canonical columns, rows read, dropped reason -> count).
@@ -179,7 +207,10 @@ def canonicalize(lf: pl.LazyFrame, columns: list[Column], bad_rows: str) -> tupl
         checks.append((col, bad.alias(f"_bad:{col.name}"), reason))
         if col.required:
             checks.append((col, _clean(col.source).is_null().alias(f"_empty:{col.name}"), "empty"))
-    frame = lf.with_columns([bad for _, bad, _ in checks]).collect()
+    try:
+        frame = lf.with_columns([bad for _, bad, _ in checks]).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise explain_read_error(exc, files or []) from None
     rows_read = frame.height
     dropped: dict[str, int] = {}
     keep = pl.Series([True] * frame.height) if frame.height else pl.Series([], dtype=pl.Boolean)
@@ -239,7 +270,7 @@ def load_profile_table(path: Path, key: str, fields: list[FieldConfig], bad_rows
                        fmt: str = "auto", separator: str | None = None) -> pl.DataFrame:
     lf = scan_files([path], [key, *[f.source for f in fields]], fmt, separator=separator)
     cols = [Column(USER, key, "str")] + [_field_column(f) for f in fields]
-    frame, _, _ = canonicalize(lf, cols, bad_rows)
+    frame, _, _ = canonicalize(lf, cols, bad_rows, [path])
     return frame.drop(FILE, ROW).unique(USER, keep="first", maintain_order=True)
 
 
@@ -247,7 +278,7 @@ def read_csv_source(cfg: DatasetConfig) -> Loaded:
     files = resolve_files(cfg.data)
     cols = event_columns(cfg)
     lf = scan_files(files, [c.source for c in cols], cfg.format)
-    frame, rows_read, dropped = canonicalize(lf, cols, cfg.bad_rows)
+    frame, rows_read, dropped = canonicalize(lf, cols, cfg.bad_rows, files)
     check_nonempty(frame, files)
     profile = None
     if cfg.profile.path:
@@ -304,7 +335,7 @@ def read_tabformer(cfg: DatasetConfig) -> Loaded:
     lf = lf.with_columns(stamp)
     if "Errors?" in needed:  # empty means "no error": a value of its own, not a missing one
         lf = lf.with_columns(pl.col("Errors?").fill_null("none"))
-    frame, rows_read, dropped = canonicalize(lf, cols, cfg.bad_rows)
+    frame, rows_read, dropped = canonicalize(lf, cols, cfg.bad_rows, files)
     check_nonempty(frame, files)
     profile = _tabformer_profile(users, cards, cfg) if users is not None else None
     if users is None:
@@ -355,7 +386,7 @@ def read_movielens(cfg: DatasetConfig) -> Loaded:
     cols = event_columns(cfg)
     require_columns(lf, inter, [c.source for c in cols])
     frame, rows_read, dropped = canonicalize(lf.select(FILE, ROW, *[c.source for c in cols]), cols,
-                                             cfg.bad_rows)
+                                             cfg.bad_rows, [inter])
     check_nonempty(frame, [inter])
     profile = None
     if ulf is not None:

@@ -1,0 +1,435 @@
+"""The built-in simulator of card-payment behaviour (SPEC §2): users, merchants, routines and fraud.
+
+Users have demographics (age, gender, region, income) and a hidden *persona* (commuter, family, student,
+retiree, traveller, online_shopper) drawn from the demographics with noise, so demographically similar users
+behave alike while demographics do not fix behaviour. Merchants have a category, a risk level and a region;
+each user has a few favourite merchants per category in their own region and mostly shops there.
+
+Genuine events come from routines whose mix and strength depend on the persona:
+- daily: on workdays, transport at the user's own commute hour, often coffee right after and the way back;
+- weekly: grocery on the user's preferred weekday, fuel on another, dinner out on Friday/Saturday evenings;
+- monthly: utilities on a fixed day of the month, for some users a subscription (same amount) on another;
+- background: Poisson purchases over a user-specific category mix, at category-typical hours.
+Amounts per (user, category) are lognormal around a user-specific level that grows with income; the channel
+depends on the category and the persona. Fraud (`SCENARIOS`) is injected by `simulate_fraud`.
+
+Everything is vectorised over events (Python loops only over routine kinds, scenarios and the few dozen
+(region, category) cells) and drawn from generators spawned from `SeedSequence(cfg.seed)`: the same config
+gives identical frames. About 2 events per user and day; 1M events take a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from pantherseq.data.schema import SimulateConfig
+from pantherseq.data.simulate_fraud import Compromise, inject_fraud
+from pantherseq.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SCENARIOS = {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant", 4: "account_takeover"}
+CATEGORIES = ("grocery", "fuel", "restaurant", "coffee", "transport", "utilities", "online_retail",
+              "electronics", "travel", "pharmacy", "entertainment", "cash_withdrawal")
+CHANNELS = ("chip", "contactless", "online", "swipe")
+RISKS = ("low", "medium", "high")
+REGIONS = ("north", "south", "east", "west", "central", "coastal")
+PERSONAS = ("commuter", "family", "student", "retiree", "traveller", "online_shopper")
+DAY = 86_400  # seconds
+EVENT_KEYS = ("user", "t", "merchant", "category", "amount", "channel", "scenario")
+
+_C = {name: i for i, name in enumerate(CATEGORIES)}
+_REGION_SHARE = np.array([0.2, 0.15, 0.15, 0.15, 0.2, 0.15])
+_REGION_INCOME = np.array([0.05, -0.15, 0.0, -0.05, 0.2, 0.1])  # log-income shift per region
+
+# Per category: typical amount (median at income 40k), its log-sd, income elasticity, share of merchants,
+# P(high risk), hour-of-day mixture (mean1, sd1, weight1, mean2, sd2), channel probabilities.
+_CAT = np.array([
+    # amt   sd  elast shops high  h1    s1   w1   h2    s2   chip cless online swipe
+    [45.0, .45, .5, 1.6, .03, 11.0, 2.0, .4, 18.0, 1.5, .45, .45, .05, .05],  # grocery
+    [50.0, .30, .3, 0.8, .05, 8.0, 1.5, .4, 17.5, 2.0, .60, .25, .00, .15],  # fuel
+    [35.0, .50, .7, 1.6, .05, 12.5, .8, .35, 19.5, 1.2, .45, .40, .10, .05],  # restaurant
+    [4.5, .25, .2, 1.2, .02, 8.0, 1.0, .7, 14.0, 1.5, .20, .75, .03, .02],  # coffee
+    [3.0, .30, .1, 0.6, .02, 8.0, 1.0, .5, 18.0, 1.0, .10, .75, .15, .00],  # transport
+    [90.0, .08, .4, 0.4, .02, 9.0, 2.0, 1., 9.0, 2.0, .00, .00, 1.0, .00],  # utilities
+    [40.0, .80, .7, 1.0, .25, 13.0, 3.0, .4, 21.0, 1.5, .00, .00, 1.0, .00],  # online_retail
+    [180., .90, .8, 0.6, .30, 14.0, 2.5, 1., 14.0, 2.5, .40, .20, .35, .05],  # electronics
+    [250., .80, .9, 0.5, .20, 12.0, 4.0, 1., 12.0, 4.0, .10, .05, .85, .00],  # travel
+    [18.0, .60, .2, 0.8, .03, 11.0, 2.0, .6, 17.0, 1.5, .50, .40, .05, .05],  # pharmacy
+    [25.0, .60, .6, 0.9, .20, 20.0, 1.5, .8, 15.0, 2.0, .30, .30, .35, .05],  # entertainment
+    [80.0, .50, .4, 0.5, .20, 12.0, 4.0, 1., 12.0, 4.0, .85, .05, .00, .10],  # cash_withdrawal
+])
+# Per persona: P(commute on a workday), P(coffee), P(way back) on a commute day, P(weekly grocery),
+# P(dinner out on a Friday/Saturday), P(weekly fuel), P(has a subscription), background purchases per day.
+_ROUTINE = np.array([
+    [.85, .80, .70, .70, .35, .30, .50, 1.1],  # commuter
+    [.35, .30, .50, .95, .30, .80, .60, 1.5],  # family
+    [.50, .70, .60, .50, .45, .10, .80, 1.3],  # student
+    [.03, .30, .30, .90, .20, .40, .30, 1.3],  # retiree
+    [.25, .60, .50, .50, .50, .40, .50, 1.6],  # traveller
+    [.30, .50, .50, .60, .20, .30, .90, 1.5],  # online_shopper
+])
+# Per persona: background category weights (CATEGORIES order).
+_BACKGROUND = np.array([
+    [1.0, .5, 2.0, 2.0, 1.0, .02, 1.5, .2, .2, .4, .8, .8],  # commuter
+    [1.5, 1., 1.5, .5, .5, .02, 2.0, .4, .3, 1.5, 1.5, .8],  # family
+    [1.0, .2, 2.5, 2.5, 2.0, .02, 2.0, .4, .2, .3, 3.0, 1.2],  # student
+    [2.0, .5, 1.5, 1.0, .5, .02, .3, .1, .5, 3.0, .5, 2.0],  # retiree
+    [1.0, 1., 3.5, 2.0, 2.0, .02, 1.5, .4, 3.0, .5, 2.0, 1.5],  # traveller
+    [1.0, .5, 1.0, 1.0, .5, .02, 6.0, 1.5, .3, .5, 1.5, .5],  # online_shopper
+])
+# Per persona: channel taste multipliers (chip, contactless, online, swipe).
+_TASTE = np.array([[1, 1.5, 1, .5], [1.2, 1, 1, 1], [.7, 1.8, 1.5, .3], [1.5, .4, .4, 2.5], [1, 1.2, 1.3, .5],
+                   [1, 1, 2.5, .5]])
+_CHANNEL_P = _CAT[None, :, 10:14] * _TASTE[:, None, :]
+_CHANNEL_CUM = np.cumsum(_CHANNEL_P / _CHANNEL_P.sum(-1, keepdims=True), -1).reshape(-1, 4)  # (P*C, 4)
+_ROUTINE_SLOTS = np.array([0.9, 0.97, 1.0])  # cumulative choice among favourite merchants, routines
+_BACKGROUND_SLOTS = np.array([0.55, 0.85, 1.0])  # ... and background purchases
+
+
+@dataclass
+class Simulation:
+    events: pl.DataFrame  # canonical events sorted by (user_id, timestamp), see `schema.py`
+    profile: pl.DataFrame  # one row per user: user_id, age, gender, region, income, persona
+    merchants: pl.DataFrame  # merchant_id, category, merchant_risk, region, compromised, compromised_from/_to
+
+
+@dataclass
+class World:
+    """The hidden state: users, merchants, where each user shops. Event dicts hold `EVENT_KEYS` arrays."""
+
+    days: int
+    age: np.ndarray  # (U,) int
+    female: np.ndarray  # (U,) bool
+    region: np.ndarray  # (U,) region index
+    income: np.ndarray  # (U,) float
+    persona: np.ndarray  # (U,) persona index
+    typical: np.ndarray  # (U, C) typical amount per category
+    merchant_cat: np.ndarray  # (M,)
+    merchant_region: np.ndarray  # (M,)
+    merchant_risk: np.ndarray  # (M,) index into RISKS
+    pool_members: np.ndarray  # merchants of every (region, category) cell, region len(REGIONS) = anywhere
+    pool_start: np.ndarray  # (R+1, C)
+    pool_count: np.ndarray  # (R+1, C)
+    favourites: np.ndarray | None = None  # (U, C, 3) favourite merchants per category
+
+    n_regions = len(REGIONS)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.persona)
+
+    @property
+    def n_merchants(self) -> int:
+        return len(self.merchant_cat)
+
+    @staticmethod
+    def cat_ids(*names: str) -> np.ndarray:
+        return np.array([_C[n] for n in names])
+
+    @staticmethod
+    def channel_id(name: str) -> int:
+        return CHANNELS.index(name)
+
+    def merchants_in(self, rng: np.random.Generator, region, cat, skew: float = 1.0) -> np.ndarray:
+        """Random merchants of category `cat` in `region` (arrays broadcast); skew > 1 favours popular ones."""
+        region, cat = np.broadcast_arrays(region, cat)
+        u = rng.random(cat.shape) ** skew
+        return self.pool_members[self.pool_start[region, cat] + (u * self.pool_count[region, cat]).astype(np.int64)]
+
+    def amounts(self, rng: np.random.Generator, user, cat, sigma: float | None = None) -> np.ndarray:
+        s = _CAT[cat, 1] if sigma is None else sigma
+        return self.typical[user, cat] * np.exp(s * rng.standard_normal(len(user)))
+
+    def channels(self, rng: np.random.Generator, user, cat) -> np.ndarray:
+        row = self.persona[user].astype(np.int64) * len(CATEGORIES) + cat
+        u = rng.random(len(user))
+        return sum((u > _CHANNEL_CUM[row, k]).astype(np.int8) for k in range(3))
+
+    def events(self, user, t, merchant, amount, channel, scenario: int = 0) -> dict[str, np.ndarray]:
+        """An event dict; amounts rounded to cents (cash to multiples of 20), times kept in the period."""
+        cat = self.merchant_cat[merchant]
+        cash = cat == _C["cash_withdrawal"]
+        amount = np.where(cash, np.maximum(20.0, np.round(amount / 20) * 20), np.maximum(0.01, np.round(amount, 2)))
+        return {"user": np.asarray(user, np.int32), "t": np.clip(t, 0, self.days * DAY - 1).astype(np.int64),
+                "merchant": np.asarray(merchant, np.int32), "category": cat.astype(np.int8), "amount": amount,
+                "channel": np.broadcast_to(np.asarray(channel, np.int8), cat.shape).copy(),
+                "scenario": np.full(len(cat), scenario, np.int8)}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in EVENT_KEYS}
+
+
+def _sorted(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Events sorted by (user, time), stable."""
+    order = np.lexsort((ev["t"], ev["user"]))
+    return {k: v[order] for k, v in ev.items()}
+
+
+def _bump(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    return np.exp(-(((x - center) / width) ** 2))
+
+
+def _demographics(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
+    age = (18 + rng.beta(1.6, 2.2, n) * 67.999).astype(np.int64)
+    female = rng.random(n) < 0.5
+    region = rng.choice(len(REGIONS), size=n, p=_REGION_SHARE)
+    log_income = (10.35 + 0.55 * _bump(age, 50, 16) - 0.25 * (age >= 67) + _REGION_INCOME[region]
+                  + 0.4 * rng.standard_normal(n))
+    return age, female, region, np.round(np.exp(log_income), -2)
+
+
+def _personas(rng: np.random.Generator, age: np.ndarray, region: np.ndarray, income: np.ndarray) -> np.ndarray:
+    """Persona = argmax of demographic scores plus Gumbel noise: predictable from demographics only partly."""
+    z = (np.log(income) - 10.6) / 0.45
+    scores = np.column_stack([
+        1.3 * _bump(age, 40, 14) + 0.7 * np.isin(region, (0, 4)),  # commuter: working age, urban
+        1.6 * _bump(age, 41, 9) + 0.4 * z,  # family
+        3.5 / (1 + np.exp((age - 25) / 2.0)) - 0.3 * z,  # student
+        3.5 / (1 + np.exp((64 - age) / 2.5)),  # retiree
+        0.9 * z + 0.8 * (region == 5) + 0.3 * _bump(age, 40, 15),  # traveller: well-off, coastal
+        1.2 * _bump(age, 30, 9) + 0.5 * (region == 3),  # online_shopper
+    ])
+    return np.argmax(scores + 0.8 * rng.gumbel(size=scores.shape), axis=1)
+
+
+def _merchants(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Category (each at least once), region and risk level of `n` merchants."""
+    shares = _CAT[:, 3] / _CAT[:, 3].sum()
+    cat = np.concatenate([np.arange(len(CATEGORIES)), rng.choice(len(CATEGORIES), n - len(CATEGORIES), p=shares)])
+    region = rng.integers(0, len(REGIONS), n)
+    u, high = rng.random(n), _CAT[cat, 4]
+    risk = np.where(u < high, 2, np.where(u < high + 0.3, 1, 0))
+    return cat, region, risk
+
+
+def _pools(cat: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merchants per (region, category) cell; the last region row is 'anywhere'; an empty cell falls back."""
+    shape = (len(REGIONS) + 1, len(CATEGORIES))
+    start, count, members = np.zeros(shape, np.int64), np.zeros(shape, np.int64), []
+    for r in range(shape[0]):
+        for c in range(shape[1]):
+            idx = np.flatnonzero((cat == c) & ((region == r) | (r == len(REGIONS))))
+            idx = idx if idx.size else np.flatnonzero(cat == c)
+            start[r, c], count[r, c] = sum(len(m) for m in members), len(idx)
+            members.append(idx)
+    return np.concatenate(members), start, count
+
+
+def _build_world(rng: np.random.Generator, cfg: SimulateConfig) -> World:
+    age, female, region, income = _demographics(rng, cfg.n_users)
+    persona = _personas(rng, age, region, income)
+    typical = (_CAT[:, 0] * (income[:, None] / 40_000) ** _CAT[:, 2]
+               * np.exp(0.25 * rng.standard_normal((cfg.n_users, len(CATEGORIES)))))
+    m_cat, m_region, m_risk = _merchants(rng, cfg.n_merchants)
+    world = World(cfg.days, age, female, region, income, persona, typical, m_cat, m_region, m_risk,
+                  *_pools(m_cat, m_region))
+    cells = np.broadcast_to(np.arange(len(CATEGORIES))[None, :, None], (cfg.n_users, len(CATEGORIES), 3))
+    world.favourites = world.merchants_in(rng, region[:, None, None], cells, skew=1.5).astype(np.int32)
+    return world
+
+
+@dataclass
+class _Habits:
+    """Per-user routine parameters (all arrays of length U)."""
+
+    strength: np.ndarray  # multiplies the persona's routine probabilities
+    commute_hour: np.ndarray
+    grocery_day: np.ndarray  # weekday 0 = Monday
+    grocery_hour: np.ndarray
+    fuel_day: np.ndarray
+    bill_day: np.ndarray  # day of month 1..28
+    sub_day: np.ndarray
+    subscribed: np.ndarray  # bool
+    activity: np.ndarray  # multiplies the background rate
+    chronotype: np.ndarray  # hour shift of background purchases
+
+
+def _category_hours(rng: np.random.Generator, cat: np.ndarray) -> np.ndarray:
+    first = rng.random(len(cat)) < _CAT[cat, 7]
+    mean, sd = np.where(first, _CAT[cat, 5], _CAT[cat, 8]), np.where(first, _CAT[cat, 6], _CAT[cat, 9])
+    return mean + sd * rng.standard_normal(len(cat))
+
+
+def _habits(rng: np.random.Generator, world: World) -> _Habits:
+    n = world.n_users
+    return _Habits(
+        strength=rng.uniform(0.7, 1.15, n), commute_hour=np.clip(rng.normal(7.8, 0.8, n), 5.5, 10.0),
+        grocery_day=rng.integers(0, 7, n), grocery_hour=_category_hours(rng, np.full(n, _C["grocery"])),
+        fuel_day=rng.integers(0, 7, n), bill_day=rng.integers(1, 29, n), sub_day=rng.integers(1, 29, n),
+        subscribed=rng.random(n) < _ROUTINE[world.persona, 6], activity=rng.lognormal(0.0, 0.35, n),
+        chronotype=rng.normal(0.0, 0.7, n))
+
+
+def _calendar(start: str, days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weekday (0 = Monday) and day of month of each simulated day."""
+    dates = np.datetime64(start, "D") + np.arange(days)
+    weekday = (dates.astype(np.int64) + 3) % 7
+    dom = (dates - dates.astype("datetime64[M]").astype("datetime64[D]")).astype(np.int64) + 1
+    return weekday, dom
+
+
+def _seconds(day: np.ndarray, hour: np.ndarray) -> np.ndarray:
+    return day.astype(np.int64) * DAY + ((hour % 24) * 3600).astype(np.int64)
+
+
+def _draw_days(rng: np.random.Generator, eligible: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(user, day) pairs of eligible days (a (U or 1, D) mask) on which a routine happens, P = p[user]."""
+    hit = eligible & (rng.random((len(p), eligible.shape[1]), dtype=np.float32) < p[:, None])
+    return np.nonzero(hit)
+
+
+def _pick_merchants(rng, world: World, user, cat, p_fav: float, slots: np.ndarray) -> np.ndarray:
+    """A favourite merchant with probability p_fav, else mostly a local one, sometimes one anywhere."""
+    u = rng.random(len(user))
+    fav = world.favourites[user, cat, np.searchsorted(slots, rng.random(len(user)))]
+    local = world.merchants_in(rng, world.region[user], cat)
+    anywhere = world.merchants_in(rng, world.n_regions, cat)
+    return np.where(u < p_fav, fav, np.where(u < p_fav + (1 - p_fav) * 0.8, local, anywhere))
+
+
+def _routine_events(rng, world: World, user, t, category: str, sigma=None, channel=None, scale=1.0):
+    cat = np.full(len(user), _C[category])
+    merchant = _pick_merchants(rng, world, user, cat, 0.92, _ROUTINE_SLOTS)
+    amount = world.amounts(rng, user, cat, sigma) * scale
+    ch = world.channels(rng, user, cat) if channel is None else world.channel_id(channel)
+    return world.events(user, t, merchant, amount, ch)
+
+
+def _daily(rng, world: World, habits: _Habits, weekday: np.ndarray) -> list[dict]:
+    p = _ROUTINE[world.persona]
+    u, d = _draw_days(rng, (weekday < 5)[None, :], np.minimum(p[:, 0] * habits.strength, 0.98))
+    hour = habits.commute_hour[u] + 0.15 * rng.standard_normal(len(u))
+    coffee, back = rng.random(len(u)) < p[u, 1], rng.random(len(u)) < p[u, 2]
+    return [_routine_events(rng, world, u, _seconds(d, hour), "transport"),
+            _routine_events(rng, world, u[coffee], _seconds(d[coffee], hour[coffee] + 0.3), "coffee"),
+            _routine_events(rng, world, u[back], _seconds(d[back], hour[back] + 9 + rng.normal(0, .5, back.sum())),
+                            "transport")]
+
+
+def _weekly(rng, world: World, habits: _Habits, weekday: np.ndarray) -> list[dict]:
+    p, s, out = _ROUTINE[world.persona], habits.strength, []
+    u, d = _draw_days(rng, weekday[None, :] == habits.grocery_day[:, None], np.minimum(p[:, 3] * s, 0.98))
+    out.append(_routine_events(rng, world, u, _seconds(d, habits.grocery_hour[u] + rng.normal(0, .7, len(u))),
+                               "grocery"))
+    u, d = _draw_days(rng, np.isin(weekday, (4, 5))[None, :], p[:, 4] * s)
+    out.append(_routine_events(rng, world, u, _seconds(d, rng.normal(19.8, 1.0, len(u))), "restaurant"))
+    u, d = _draw_days(rng, weekday[None, :] == habits.fuel_day[:, None], np.minimum(p[:, 5] * s, 0.98))
+    out.append(_routine_events(rng, world, u, _seconds(d, rng.normal(17.5, 1.5, len(u))), "fuel"))
+    return out
+
+
+def _monthly(rng, world: World, habits: _Habits, dom: np.ndarray) -> list[dict]:
+    n = world.n_users
+    u, d = _draw_days(rng, dom[None, :] == habits.bill_day[:, None], np.full(n, 0.97))
+    bills = _routine_events(rng, world, u, _seconds(d, rng.normal(9, 2, len(u))), "utilities", channel="online")
+    u, d = _draw_days(rng, dom[None, :] == habits.sub_day[:, None], np.where(habits.subscribed, 0.98, 0.0))
+    subs = _routine_events(rng, world, u, _seconds(d, rng.normal(6, .3, len(u))), "entertainment", sigma=0.0,
+                           channel="online", scale=0.4)
+    return [bills, subs]
+
+
+def _background(rng, world: World, habits: _Habits) -> dict:
+    n, c = world.n_users, len(CATEGORIES)
+    weights = _BACKGROUND[world.persona] * rng.gamma(2.0, 0.5, (n, c))
+    rate = _ROUTINE[world.persona, 7] * habits.activity * world.days
+    counts = rng.poisson(rate[:, None] * weights / weights.sum(1, keepdims=True))
+    cell = np.repeat(np.arange(n * c), counts.ravel())
+    user, cat = cell // c, cell % c
+    day = rng.integers(0, world.days, len(user))
+    t = _seconds(day, _category_hours(rng, cat) + habits.chronotype[user])
+    merchant = _pick_merchants(rng, world, user, cat, 0.75, _BACKGROUND_SLOTS)
+    return world.events(user, t, merchant, world.amounts(rng, user, cat), world.channels(rng, user, cat))
+
+
+def _ids(prefix: str, n: int, width: int) -> pl.Series:
+    width = max(width, len(str(max(n - 1, 0))))
+    return pl.Series([f"{prefix}{i:0{width}d}" for i in range(n)], dtype=pl.Utf8)
+
+
+def _event_frame(world: World, ev: dict[str, np.ndarray], start_us: int) -> pl.DataFrame:
+    width = max(8, len(str(len(ev["t"]))))
+    frame = pl.DataFrame({
+        "user_id": _ids("u", world.n_users, 6).gather(ev["user"]),
+        "timestamp": pl.Series(ev["t"] * 1_000_000 + start_us).cast(pl.Datetime("us")),
+        "amount": pl.Series(ev["amount"], dtype=pl.Float64),
+        "merchant_id": _ids("m", world.n_merchants, 5).gather(ev["merchant"]),
+        "category": pl.Series(CATEGORIES).gather(ev["category"]),
+        "channel": pl.Series(CHANNELS).gather(ev["channel"]),
+        "merchant_risk": pl.Series(RISKS).gather(world.merchant_risk[ev["merchant"]]),
+        "label": pl.Series((ev["scenario"] > 0).astype(np.int8)),
+        "scenario": pl.Series(ev["scenario"].astype(np.int16)),
+    })
+    event_id = pl.concat_str(pl.lit("e"), pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(width))
+    return frame.with_columns(event_id.alias("event_id"))
+
+
+def _profile_frame(world: World) -> pl.DataFrame:
+    return pl.DataFrame({
+        "user_id": _ids("u", world.n_users, 6),
+        "age": pl.Series(world.age, dtype=pl.Int64),
+        "gender": pl.Series(np.where(world.female, "F", "M"), dtype=pl.Utf8),
+        "region": pl.Series(REGIONS).gather(world.region),
+        "income": pl.Series(world.income, dtype=pl.Float64),
+        "persona": pl.Series(PERSONAS).gather(world.persona),
+    })
+
+
+def _merchant_frame(world: World, comp: Compromise, start_us: int) -> pl.DataFrame:
+    begin, end = np.zeros(world.n_merchants, np.int64), np.zeros(world.n_merchants, np.int64)
+    hit = np.zeros(world.n_merchants, bool)
+    begin[comp.merchant], end[comp.merchant], hit[comp.merchant] = comp.start, comp.end, True
+
+    def when(seconds: np.ndarray) -> pl.Series:
+        s = pl.Series(seconds * 1_000_000 + start_us).cast(pl.Datetime("us"))
+        return s.scatter(np.flatnonzero(~hit), None) if (~hit).any() else s
+
+    return pl.DataFrame({
+        "merchant_id": _ids("m", world.n_merchants, 5),
+        "category": pl.Series(CATEGORIES).gather(world.merchant_cat),
+        "merchant_risk": pl.Series(RISKS).gather(world.merchant_risk),
+        "region": pl.Series(REGIONS).gather(world.merchant_region),
+        "compromised": pl.Series(hit, dtype=pl.Boolean),
+        "compromised_from": when(begin),
+        "compromised_to": when(end),
+    })
+
+
+def _check(cfg: SimulateConfig) -> int:
+    """Validate `cfg`; return the start as microseconds since the epoch."""
+    if cfg.n_users < 1 or cfg.days < 1:
+        raise ConfigError(f"simulate: n_users ({cfg.n_users}) and days ({cfg.days}) must be >= 1")
+    if cfg.n_merchants < len(CATEGORIES):
+        raise ConfigError(f"simulate.n_merchants must be >= {len(CATEGORIES)} (one per category)")
+    for name in ("fraud_user_rate", "compromised_merchant_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"simulate.{name} must be within [0, 1], got {getattr(cfg, name)}")
+    try:
+        return int(np.datetime64(cfg.start, "us").astype(np.int64))
+    except ValueError:
+        raise ConfigError(f"simulate.start {cfg.start!r} is not an ISO date") from None
+
+
+def simulate(cfg: SimulateConfig) -> Simulation:
+    """Simulate `cfg.n_users` users over `cfg.days` days: events, profiles and merchants."""
+    start_us = _check(cfg)
+    seeds = np.random.SeedSequence(cfg.seed).spawn(4)
+    rng_world, rng_habits, rng_events = (np.random.default_rng(s) for s in seeds[:3])
+    world = _build_world(rng_world, cfg)
+    habits = _habits(rng_habits, world)
+    weekday, dom = _calendar(cfg.start, cfg.days)
+    parts = [*_daily(rng_events, world, habits, weekday), *_weekly(rng_events, world, habits, weekday),
+             *_monthly(rng_events, world, habits, dom), _background(rng_events, world, habits)]
+    genuine = _sorted(_concat(parts))
+    fraud = inject_fraud(seeds[3], world, genuine, cfg.fraud_user_rate, cfg.compromised_merchant_rate)
+    events = _sorted(_concat([{k: v[fraud.keep] for k, v in genuine.items()}, *fraud.parts]))
+    n_fraud = int((events["scenario"] > 0).sum())
+    logger.info("simulated %d events of %d users, %d fraudulent (%.2f%%)", len(events["t"]), world.n_users,
+                n_fraud, 100 * n_fraud / max(len(events["t"]), 1))
+    return Simulation(_event_frame(world, events, start_us), _profile_frame(world),
+                      _merchant_frame(world, fraud.compromise, start_us))

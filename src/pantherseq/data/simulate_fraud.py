@@ -1,0 +1,206 @@
+"""Fraud injected into the simulator's genuine events (SPEC §2): four scenarios with labels and scenario ids.
+
+`inject_fraud` hits about `fraud_user_rate` of the users, each with one scenario (shares `SHARES`):
+
+1 card_testing: 1–3 bursts of 3–10 online payments under 5, seconds to a minute or two apart, at 1–3
+  (mostly high-risk) online merchants; half of the bursts are followed within hours by one large online
+  purchase (electronics, online retail, travel).
+2 amount_spike: 1–4 payments at 5–20× the user's typical amount for a category they use, at one of their
+  merchants or another of the same category, hours to two days after one of their own payments.
+3 compromised_merchant: `compromised_rate` of the merchants (busy, physical ones) are compromised for
+  2–4 weeks. Of the users who paid there meanwhile, some get fraudulent payments from 2–10 days later on,
+  for 3–14 days: other merchants anywhere, risky categories, about 3× their usual amounts, mostly at night.
+  Only those later payments are fraud (scenario 3); the payment at the compromised merchant stays genuine.
+4 account_takeover: from some day on, for 3–10 days, the user's routine is replaced: their genuine events
+  in the window are dropped and an attacker pays at a few merchants of another region, in risky
+  categories (electronics, online retail, cash, travel), mostly at night, at about 2.5× the usual amounts.
+
+Scenario-3 victims are chosen first (they depend on who paid where); the other scenarios draw from the
+remaining users with at least 5 genuine events. With the default config, about 0.8% of events are fraud.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pantherseq.data.simulate import World
+
+logger = logging.getLogger(__name__)
+
+SHARES = {1: 0.25, 2: 0.1, 3: 0.3, 4: 0.35}  # share of the fraud users per scenario
+DAY = 86_400
+_RISKY = ("electronics", "online_retail", "cash_withdrawal", "travel")
+_RISKY_P = (0.35, 0.3, 0.25, 0.1)
+_TESTED = ("online_retail", "electronics", "entertainment", "travel")  # where card testers try a card
+_PHYSICAL = ("grocery", "fuel", "restaurant", "coffee", "pharmacy")  # where a card can be skimmed
+
+
+@dataclass
+class Compromise:
+    merchant: np.ndarray  # merchant index
+    start: np.ndarray  # window start, seconds since the simulation start
+    end: np.ndarray  # window end (exclusive)
+
+
+@dataclass
+class Fraud:
+    keep: np.ndarray  # bool over the genuine events: False = replaced by an account takeover
+    parts: list[dict[str, np.ndarray]]  # fraudulent event dicts
+    compromise: Compromise
+
+
+def _quotas(n_fraud: int) -> dict[int, int]:
+    quota = {s: int(round(n_fraud * share)) for s, share in SHARES.items()}
+    return {s: max(q, 1) for s, q in quota.items()} if n_fraud >= len(SHARES) else quota
+
+
+def _cumsum_within(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Cumulative sums of `x` restarted at every group of `counts` consecutive items."""
+    total = np.cumsum(x)
+    first = np.cumsum(counts) - counts
+    return total - np.repeat(total[first] - x[first], counts)
+
+
+def _risky_categories(rng: np.random.Generator, world: World, size) -> np.ndarray:
+    return world.cat_ids(*_RISKY)[rng.choice(len(_RISKY), size=size, p=_RISKY_P)]
+
+
+def _fraud_channels(rng: np.random.Generator, world: World, cat: np.ndarray, in_store: str) -> np.ndarray:
+    """Online for online retail and travel, `in_store` for cash, either for electronics."""
+    online, store = world.channel_id("online"), world.channel_id(in_store)
+    online_cat = np.isin(cat, world.cat_ids("online_retail", "travel"))
+    either = (cat == world.cat_ids("electronics")[0]) & (rng.random(len(cat)) < 0.5)
+    return np.where(online_cat | either, online, store).astype(np.int8)
+
+
+def _night_hours(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.where(rng.random(n) < 0.6, rng.uniform(0, 5, n), rng.uniform(0, 24, n))
+
+
+def _compromise(rng: np.random.Generator, world: World, genuine: dict, rate: float) -> Compromise:
+    """Busy physical merchants (chosen by traffic) compromised for 2–4 weeks each."""
+    traffic = np.bincount(genuine["merchant"], minlength=world.n_merchants).astype(float)
+    traffic *= np.isin(world.merchant_cat, world.cat_ids(*_PHYSICAL))
+    k = min(max(1, round(rate * world.n_merchants)) if rate > 0 else 0, int((traffic > 0).sum()))
+    merchant = rng.choice(world.n_merchants, size=k, replace=False, p=traffic / traffic.sum()) if k else \
+        np.zeros(0, np.int64)
+    length = rng.integers(14, 29, k) * DAY
+    latest = np.maximum(world.days * DAY - length - 8 * DAY, DAY)
+    start = (rng.integers(0, latest) // DAY) * DAY
+    return Compromise(merchant, start, np.minimum(start + length, world.days * DAY))
+
+
+def _compromised_victims(rng, world: World, genuine: dict, comp: Compromise, quota: int):
+    """Users who paid at a compromised merchant in its window; fraud starts 2–10 days after that payment."""
+    if quota == 0 or len(comp.merchant) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    slot = np.full(world.n_merchants, -1)
+    slot[comp.merchant] = np.arange(len(comp.merchant))
+    s = slot[genuine["merchant"]]
+    hit = (s >= 0) & (genuine["t"] >= comp.start[s]) & (genuine["t"] < comp.end[s])
+    users, first = np.unique(genuine["user"][hit], return_index=True)  # events sorted: first = earliest
+    fraud_start = genuine["t"][hit][first] + (rng.uniform(2, 10, len(users)) * DAY).astype(np.int64)
+    ok = fraud_start < (world.days - 1) * DAY
+    chosen = np.sort(rng.choice(np.flatnonzero(ok), size=min(quota, int(ok.sum())), replace=False))
+    logger.debug("compromised merchants: %d users exposed, %d victims", len(users), len(chosen))
+    return users[chosen], fraud_start[chosen]
+
+
+def _compromised_fraud(rng, world: World, users: np.ndarray, fraud_start: np.ndarray) -> dict:
+    first_day = fraud_start // DAY + 1
+    duration = np.minimum(rng.integers(3, 15, len(users)), world.days - first_day)
+    v = np.repeat(np.arange(len(users)), 1 + rng.poisson(5.0 * duration))
+    day = first_day[v] + (rng.random(len(v)) * duration[v]).astype(np.int64)
+    t = day * DAY + (_night_hours(rng, len(v)) * 3600).astype(np.int64)
+    cat = _risky_categories(rng, world, len(v))
+    merchant = world.merchants_in(rng, world.n_regions, cat)
+    amount = world.typical[users[v], cat] * rng.lognormal(np.log(3.0), 0.4, len(v))
+    return world.events(users[v], t, merchant, amount, _fraud_channels(rng, world, cat, "swipe"), 3)
+
+
+def _testing_merchants(rng, world: World, shape: tuple[int, ...]) -> np.ndarray:
+    """Mostly high-risk online merchants, else any merchant of a category card testers use."""
+    tested = np.flatnonzero(np.isin(world.merchant_cat, world.cat_ids(*_TESTED)))
+    risky = tested[world.merchant_risk[tested] == 2]
+    risky = risky if risky.size else tested
+    pick_risky = rng.random(shape) < 0.7
+    return np.where(pick_risky, risky[rng.integers(0, len(risky), shape)],
+                    tested[rng.integers(0, len(tested), shape)])
+
+
+def _card_testing(rng, world: World, users: np.ndarray) -> list[dict]:
+    burst_user = np.repeat(users, rng.choice(3, size=len(users), p=(0.4, 0.35, 0.25)) + 1)
+    n = len(burst_user)
+    t0 = rng.integers(0, max(world.days * DAY - 8 * 3600, 1), n)
+    size = rng.integers(3, 11, n)
+    shops, n_shops = _testing_merchants(rng, world, (n, 3)), rng.integers(1, 4, n)
+    b = np.repeat(np.arange(n), size)
+    t = t0[b] + _cumsum_within(rng.exponential(40.0, len(b)) + 5, size).astype(np.int64)
+    merchant = shops[b, (rng.random(len(b)) * n_shops[b]).astype(np.int64)]
+    online = world.channel_id("online")
+    small = world.events(burst_user[b], t, merchant, rng.uniform(0.5, 4.99, len(b)), online, 1)
+    big = rng.random(n) < 0.5
+    t_big = t[np.cumsum(size) - 1][big] + rng.integers(600, 6 * 3600, int(big.sum()))
+    cat = world.cat_ids("electronics", "online_retail", "travel")[rng.integers(0, 3, int(big.sum()))]
+    large = world.events(burst_user[big], t_big, world.merchants_in(rng, world.n_regions, cat),
+                         rng.lognormal(np.log(600.0), 0.5, len(cat)), online, 1)
+    return [small, large]
+
+
+def _amount_spike(rng, world: World, genuine: dict, users: np.ndarray) -> dict:
+    """Copies of random own payments, hours to days later, at 5–20× the user's typical amount."""
+    u = np.repeat(users, rng.choice(4, size=len(users), p=(0.4, 0.3, 0.2, 0.1)) + 1)
+    first = np.searchsorted(genuine["user"], u)
+    count = np.searchsorted(genuine["user"], u, side="right") - first
+    template = first + (rng.random(len(u)) * count).astype(np.int64)
+    cat = genuine["category"][template].astype(np.int64)
+    merchant = np.where(rng.random(len(u)) < 0.5, genuine["merchant"][template],
+                        world.merchants_in(rng, world.region[u], cat))
+    t = genuine["t"][template] + rng.integers(3600, 2 * DAY, len(u))
+    amount = world.typical[u, cat] * rng.uniform(5, 20, len(u))
+    return world.events(u, t, merchant, amount, genuine["channel"][template], 2)
+
+
+def _takeover(rng, world: World, genuine: dict, users: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The genuine events kept (those in a takeover window are not) and the attacker's events."""
+    n, days = len(users), world.days
+    first = min(max(1, days // 4), days - 1)
+    start_day = rng.integers(first, max(first + 1, days - 2), n)
+    end_day = np.minimum(start_day + rng.integers(3, 11, n), days)
+    window_start, window_end = np.full(world.n_users, -1), np.full(world.n_users, -1)
+    window_start[users], window_end[users] = start_day * DAY, end_day * DAY
+    owner = genuine["user"]
+    keep = ~((genuine["t"] >= window_start[owner]) & (genuine["t"] < window_end[owner]))
+    region = (world.region[users] + rng.integers(1, world.n_regions, n)) % world.n_regions
+    shops = world.merchants_in(rng, region[:, None], _risky_categories(rng, world, (n, 4)))
+    v = np.repeat(np.arange(n), 3 + rng.poisson(15.0 * (end_day - start_day)))
+    merchant = shops[v, rng.integers(0, 4, len(v))]
+    day = start_day[v] + (rng.random(len(v)) * (end_day - start_day)[v]).astype(np.int64)
+    hour = (rng.uniform(0, 4, n)[v] + rng.normal(0, 1.5, len(v))) % 24
+    t = day * DAY + (hour * 3600).astype(np.int64)
+    cat = world.merchant_cat[merchant]
+    amount = world.typical[users[v], cat] * rng.lognormal(np.log(2.5), 0.5, len(v))
+    return keep, world.events(users[v], t, merchant, amount, _fraud_channels(rng, world, cat, "chip"), 4)
+
+
+def inject_fraud(seed: np.random.SeedSequence, world: World, genuine: dict[str, np.ndarray],
+                 fraud_user_rate: float, compromised_rate: float) -> Fraud:
+    """Fraud for the genuine events `genuine` (sorted by user, then time)."""
+    rngs = [np.random.default_rng(s) for s in seed.spawn(6)]
+    quota = _quotas(round(fraud_user_rate * world.n_users))
+    comp = _compromise(rngs[0], world, genuine, compromised_rate)
+    victims3, fraud_start = _compromised_victims(rngs[1], world, genuine, comp, quota[3])
+    active = np.flatnonzero(np.bincount(genuine["user"], minlength=world.n_users) >= 5)
+    free = rngs[2].permutation(np.setdiff1d(active, victims3))
+    cut = np.cumsum([quota[1], quota[2], quota[4]])
+    victims1, victims2, victims4 = free[:cut[0]], free[cut[0]:cut[1]], free[cut[1]:cut[2]]
+    keep, takeover = _takeover(rngs[3], world, genuine, victims4)
+    parts = [*_card_testing(rngs[4], world, victims1), _amount_spike(rngs[5], world, genuine, victims2),
+             _compromised_fraud(rngs[1], world, victims3, fraud_start), takeover]
+    logger.debug("fraud users per scenario: %s", [len(v) for v in (victims1, victims2, victims3, victims4)])
+    return Fraud(keep, parts, comp)
