@@ -184,11 +184,18 @@ class BucketEncoder(FieldEncoder):
         self._edges = np.asarray(self.edges, dtype=np.float64)
 
 
+def _epoch_us(frame: pl.DataFrame) -> np.ndarray:
+    """The timestamp column as int64 microseconds since the epoch (no copy when already datetime[us])."""
+    return frame[TIME].dt.cast_time_unit("us").to_numpy().view(np.int64)
+
+
 class LogGapEncoder(BucketEncoder):
     """Seconds since the user's previous event, bucketed on log1p(seconds); first event -> code 0."""
 
     def values(self, frame: pl.DataFrame) -> np.ndarray:
-        return np.log1p(frame[GAP].cast(pl.Float64).fill_null(float("nan")).clip(0).to_numpy())
+        gap = frame[GAP].cast(pl.Float64).to_numpy()  # nulls come out as NaN
+        with np.errstate(invalid="ignore"):
+            return np.log1p(np.maximum(gap, 0.0))
 
     def value_one(self, event: dict[str, Any]) -> float | None:
         gap = event.get(GAP)
@@ -222,7 +229,7 @@ class HourEncoder(FieldEncoder):
         pass
 
     def codes(self, frame: pl.DataFrame) -> np.ndarray:
-        hour = frame[TIME].dt.hour().to_numpy().astype(np.int32)
+        hour = (_epoch_us(frame) // 3_600_000_000 % 24).astype(np.int32)
         return hour // self.width + 1
 
     def code_one(self, event: dict[str, Any]) -> int:
@@ -246,7 +253,8 @@ class WeekdayEncoder(FieldEncoder):
         pass
 
     def codes(self, frame: pl.DataFrame) -> np.ndarray:
-        return frame[TIME].dt.weekday().to_numpy().astype(np.int32)  # Polars: Monday = 1 .. Sunday = 7
+        days = _epoch_us(frame) // 86_400_000_000
+        return ((days + 3) % 7 + 1).astype(np.int32)  # 1970-01-01 was a Thursday; Monday = 1
 
     def code_one(self, event: dict[str, Any]) -> int:
         ts = event[TIME]

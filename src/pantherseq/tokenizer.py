@@ -33,6 +33,7 @@ PAD, UNK, BOS, PROFILE = 0, 1, 2, 3
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[PROFILE]")
 N_SPECIAL = len(SPECIAL_TOKENS)
 FORMAT_VERSION = 1
+LUT_MAX = 1 << 23  # key spaces up to 8M combinations get a dense lookup table (32 MB at most)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class StructuredTokenizer:
         self._sorted_keys = np.zeros(0, dtype=np.int64)
         self._sorted_ids = np.zeros(0, dtype=np.int32)
         self._key_to_id: dict[int, int] = {}
+        self._lut: np.ndarray | None = None  # dense key -> id table when the key space is small
+        self._radix_vals: list[int] = []  # mixed-radix place values of the token fields (set by fit/load)
 
     @classmethod
     def from_config(cls, cfg: Any) -> StructuredTokenizer:
@@ -96,13 +99,18 @@ class StructuredTokenizer:
         return np.stack(cols, axis=1) if cols else np.zeros((frame.height, 0), np.int32)
 
     def _keys(self, codes: np.ndarray) -> np.ndarray:
-        return codes[:, self._token_idx].astype(np.int64) @ self._radix()
+        radix = self._radix_vals
+        keys = codes[:, self._token_idx[0]].astype(np.int64) * radix[0]
+        for j, r in zip(self._token_idx[1:], radix[1:]):
+            keys += codes[:, j].astype(np.int64) * r
+        return keys
 
     def fit(self, frame: pl.DataFrame) -> StructuredTokenizer:
         if frame.height == 0:
             raise DataError("cannot fit the tokenizer: the training period has no events")
         for enc in self.encoders:
             enc.fit(frame)
+        self._radix_vals = [int(r) for r in self._radix()]
         keys, counts = np.unique(self._keys(self.field_codes(frame)), return_counts=True)
         order = np.lexsort((keys, -counts))  # most frequent first, ties by key: deterministic
         keys, counts = keys[order], counts[order]
@@ -126,9 +134,16 @@ class StructuredTokenizer:
         self._sorted_keys = self.keys[order]
         self._sorted_ids = (order + N_SPECIAL).astype(np.int32)
         self._key_to_id = {int(k): i + N_SPECIAL for i, k in enumerate(self.keys.tolist())}
+        space = int(np.prod([self.encoders[i].size for i in self._token_idx], dtype=np.float64))
+        self._lut = None
+        if space <= LUT_MAX:
+            self._lut = np.full(space, UNK, dtype=np.int32)
+            self._lut[self.keys] = np.arange(N_SPECIAL, N_SPECIAL + len(self.keys), dtype=np.int32)
 
     def tokens_from_codes(self, codes: np.ndarray) -> np.ndarray:
         keys = self._keys(codes)
+        if self._lut is not None:
+            return self._lut[keys]
         pos = np.searchsorted(self._sorted_keys, keys)
         pos = np.minimum(pos, max(len(self._sorted_keys) - 1, 0))
         if len(self._sorted_keys) == 0:
@@ -144,26 +159,19 @@ class StructuredTokenizer:
         """One event (field values + `timestamp`, + `gap_s` if used) -> (token id, per-field codes)."""
         codes = [enc.code_one(event) for enc in self.encoders]
         key = 0
-        for i, r in zip(self._token_idx, self._radix_list):
+        for i, r in zip(self._token_idx, self._radix_vals):
             key += codes[i] * r
         return self._key_to_id.get(key, UNK), codes
 
     def transform_one(self, event: dict[str, Any]) -> int:
         return self.encode_one(event)[0]
 
-    @property
-    def _radix_list(self) -> list[int]:
-        radix = self.__dict__.get("_radix_cache")
-        if radix is None:
-            radix = self.__dict__["_radix_cache"] = [int(r) for r in self._radix()]
-        return radix
-
     # -- decode ------------------------------------------------------------------------------
     def token_codes(self, token: int) -> list[int]:
         """The token-field codes of a regular token."""
         key = int(self.keys[token - N_SPECIAL])
         out = []
-        for r in self._radix_list:
+        for r in self._radix_vals:
             out.append(key // r)
             key %= r
         return out
@@ -217,8 +225,8 @@ class StructuredTokenizer:
         tok = cls(fields, data["token_fields"], data["top_k"])
         for enc, state in zip(tok.encoders, data["fields"]):
             enc.load_state(state)
-        radix = tok._radix()
-        keys = [int(np.dot(t["codes"], radix)) for t in data["tokens"]]
+        radix = tok._radix_vals = [int(r) for r in tok._radix()]
+        keys = [sum(c * r for c, r in zip(t["codes"], radix)) for t in data["tokens"]]
         tok._set_vocab(np.asarray(keys, dtype=np.int64), np.asarray([t["count"] for t in data["tokens"]]))
         tok.stats = data.get("stats", {})
         return tok

@@ -166,8 +166,8 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _sorted(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Events sorted by (user, time), stable."""
-    order = np.lexsort((ev["t"], ev["user"]))
+    """Events sorted by (user, time), stable (ties keep their order)."""
+    order = np.argsort(ev["user"].astype(np.int64) * (ev["t"].max(initial=0) + 1) + ev["t"], kind="stable")
     return {k: v[order] for k, v in ev.items()}
 
 

@@ -1,0 +1,240 @@
+"""The simulator: the frame contract, determinism, and that each modelled behaviour is really there."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pantherseq.data.schema import SimulateConfig
+from pantherseq.data.simulate import CATEGORIES, SCENARIOS, simulate
+from pantherseq.errors import ConfigError
+
+EVENT_SCHEMA = {
+    "user_id": pl.Utf8, "timestamp": pl.Datetime("us"), "amount": pl.Float64, "merchant_id": pl.Utf8,
+    "category": pl.Utf8, "channel": pl.Utf8, "merchant_risk": pl.Utf8, "label": pl.Int8, "scenario": pl.Int16,
+    "event_id": pl.Utf8,
+}
+PROFILE_SCHEMA = {"user_id": pl.Utf8, "age": pl.Int64, "gender": pl.Utf8, "region": pl.Utf8,
+                  "income": pl.Float64, "persona": pl.Utf8}
+SMALL = SimulateConfig(n_users=150, days=40, n_merchants=120, fraud_user_rate=0.1, seed=3)
+MODEST = SimulateConfig(n_users=600, days=90, n_merchants=200, fraud_user_rate=0.1,
+                        compromised_merchant_rate=0.02, seed=7)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate(MODEST)
+
+
+@pytest.fixture(scope="module")
+def events(sim):
+    return sim.events.with_columns(hour=pl.col("timestamp").dt.hour())
+
+
+@pytest.fixture(scope="module")
+def genuine(events):
+    return events.filter(pl.col("label") == 0)
+
+
+def _fraud(events: pl.DataFrame, scenario: int) -> pl.DataFrame:
+    return events.filter(pl.col("scenario") == scenario)
+
+
+def test_same_seed_gives_identical_frames():
+    a, b = simulate(SMALL), simulate(SMALL)
+    assert a.events.equals(b.events) and a.profile.equals(b.profile) and a.merchants.equals(b.merchants)
+
+
+def test_different_seed_gives_different_data():
+    a = simulate(SMALL)
+    b = simulate(SimulateConfig(**{**SMALL.__dict__, "seed": SMALL.seed + 1}))
+    assert not a.events.equals(b.events)
+    assert not a.profile.equals(b.profile)
+
+
+def test_columns_and_dtypes(sim):
+    assert dict(sim.events.schema) == EVENT_SCHEMA
+    assert dict(sim.profile.schema) == PROFILE_SCHEMA
+    m = sim.merchants.schema
+    assert {"merchant_id": pl.Utf8, "category": pl.Utf8, "merchant_risk": pl.Utf8, "compromised": pl.Boolean,
+            "compromised_from": pl.Datetime("us"), "compromised_to": pl.Datetime("us")}.items() <= dict(m).items()
+    assert SCENARIOS == {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant",
+                         4: "account_takeover"}
+
+
+def test_values_are_well_formed(sim):
+    ev, prof = sim.events, sim.profile
+    assert ev["user_id"].str.contains(r"^u\d{6}$").all() and ev["merchant_id"].str.contains(r"^m\d{5}$").all()
+    assert set(ev["channel"].unique()) == {"chip", "contactless", "online", "swipe"}
+    assert set(ev["merchant_risk"].unique()) == {"low", "medium", "high"}
+    assert set(ev["category"].unique()) == set(CATEGORIES)
+    assert (ev["amount"] > 0).all() and ((ev["amount"] * 100).round() - ev["amount"] * 100).abs().max() < 1e-6
+    assert ev["user_id"].n_unique() > 0.95 * MODEST.n_users and prof.height == MODEST.n_users
+    assert prof["age"].min() >= 18 and prof["age"].max() <= 85 and set(prof["gender"]) == {"F", "M"}
+    assert prof["region"].n_unique() == 6 and prof["persona"].n_unique() == 6 and (prof["income"] > 0).all()
+    assert set(ev["merchant_id"]) <= set(sim.merchants["merchant_id"])
+    by_merchant = ev.select("merchant_id", "category", "merchant_risk").unique()
+    assert by_merchant.height == ev["merchant_id"].n_unique()  # category and risk are static per merchant
+
+
+def test_sorted_unique_ids_and_time_range(sim):
+    ev = sim.events
+    assert ev.select("user_id", "timestamp").equals(ev.select("user_id", "timestamp").sort("user_id", "timestamp"))
+    assert ev["event_id"].n_unique() == ev.height and ev["event_id"].is_sorted()
+    start = datetime.fromisoformat(MODEST.start)
+    assert ev["timestamp"].min() >= start and ev["timestamp"].max() < start + timedelta(days=MODEST.days)
+
+
+def test_every_scenario_present_and_labels_consistent(sim):
+    ev = sim.events
+    assert set(ev["scenario"].unique()) == set(SCENARIOS)
+    assert (ev["label"] == (ev["scenario"] > 0).cast(pl.Int8)).all()
+    users = ev.filter(pl.col("label") == 1).group_by("user_id").agg(pl.col("scenario").n_unique())
+    assert (users["scenario"] == 1).all()  # one scenario per fraud user
+    assert 0.05 < users.height / MODEST.n_users < 0.15
+
+
+def test_default_scale_and_fraud_rate():
+    ev = simulate(SimulateConfig()).events
+    per_user_day = ev.height / (2_000 * 120)
+    assert 2.0 < per_user_day < 3.0
+    assert 0.005 < ev["label"].mean() < 0.02
+    assert set(ev["scenario"].unique()) == set(SCENARIOS)
+
+
+def test_card_testing_is_bursts_of_small_online_payments(events):
+    ct = _fraud(events, 1).with_columns(
+        burst=(pl.col("timestamp").diff().over("user_id").fill_null(timedelta(days=1)) > timedelta(minutes=30))
+        .cum_sum())
+    small = ct.filter(pl.col("amount") < 5)
+    bursts = small.group_by("burst").agg(n=pl.len(), span=pl.col("timestamp").max() - pl.col("timestamp").min(),
+                                         online=(pl.col("channel") == "online").all())
+    assert bursts.height >= 5
+    assert (bursts["n"] >= 3).all() and (bursts["span"] < timedelta(minutes=30)).all() and bursts["online"].all()
+    assert (small["merchant_risk"] == "high").mean() > 0.5
+    large = ct.filter(pl.col("amount") >= 5)
+    assert large.height > 0 and (large["amount"] > 50).mean() > 0.9
+    assert large.group_by("burst").len()["len"].max() == 1  # at most one large payment after a burst
+
+
+def _ratio_to_user_median(rows: pl.DataFrame, genuine: pl.DataFrame) -> pl.Series:
+    med = genuine.group_by("user_id", "category").agg(med=pl.col("amount").median(), n=pl.len())
+    joined = rows.join(med.filter(pl.col("n") >= 3), on=["user_id", "category"])
+    return joined["amount"] / joined["med"]
+
+
+def test_amount_spikes_are_far_above_the_users_usual_amount(events, genuine):
+    spikes = _fraud(events, 2)
+    ratio = _ratio_to_user_median(spikes, genuine)
+    assert ratio.len() >= 0.8 * spikes.height and ratio.len() >= 5
+    assert (ratio >= 3).mean() > 0.9
+    own = genuine.filter(pl.col("user_id").is_in(spikes["user_id"].unique()))
+    assert (_ratio_to_user_median(own, genuine) >= 3).mean() < 0.05
+
+
+def test_compromised_merchant_fraud_follows_a_payment_in_the_window(sim, events, genuine):
+    bad = sim.merchants.filter(pl.col("compromised"))
+    assert bad.height >= 1 and (bad["compromised_to"] > bad["compromised_from"]).all()
+    exposures = genuine.join(bad.select("merchant_id", "compromised_from", "compromised_to"), on="merchant_id") \
+        .filter(pl.col("timestamp").is_between("compromised_from", "compromised_to", closed="left")) \
+        .group_by("user_id").agg(first_exposure=pl.col("timestamp").min())
+    cm = _fraud(events, 3)
+    first_fraud = cm.group_by("user_id").agg(first_fraud=pl.col("timestamp").min())
+    checked = first_fraud.join(exposures, on="user_id", how="left")
+    assert checked.height >= 3 and checked["first_exposure"].is_not_null().all()
+    assert (checked["first_fraud"] - checked["first_exposure"] >= timedelta(days=1)).all()
+    assert not cm["merchant_id"].is_in(bad["merchant_id"]).any()
+    assert (events.filter(pl.col("merchant_id").is_in(bad["merchant_id"]))["label"] == 0).all()
+    assert (cm["hour"] < 6).mean() > 0.4 and _ratio_to_user_median(cm, genuine).median() > 1.5
+
+
+def test_account_takeover_changes_the_routine(sim, events, genuine):
+    ato = _fraud(events, 4)
+    window = ato.group_by("user_id").agg(t0=pl.col("timestamp").min(), t1=pl.col("timestamp").max())
+    before = genuine.join(window, on="user_id").filter(pl.col("timestamp") < pl.col("t0"))
+    during = genuine.join(window, on="user_id").filter(pl.col("timestamp").is_between("t0", "t1"))
+    assert window.height >= 5 and during.height == 0  # the user's own routine is replaced
+    known = before.select("user_id", "merchant_id").unique().with_columns(known=pl.lit(True))
+    seen = ato.join(known, on=["user_id", "merchant_id"], how="left")["known"].fill_null(False)
+    assert seen.mean() < 0.2
+    assert set(ato["category"].unique()) <= {"electronics", "online_retail", "cash_withdrawal", "travel"}
+    assert (ato["hour"] < 6).mean() > 0.5 and (before["hour"] < 6).mean() < 0.15
+    region = ato.join(sim.merchants.select("merchant_id", merchant_region="region"), on="merchant_id") \
+        .join(sim.profile.select("user_id", "region"), on="user_id")
+    assert (region["merchant_region"] != region["region"]).mean() > 0.7
+
+
+def test_users_shop_at_their_favourite_local_merchants(sim, genuine):
+    local = genuine.join(sim.merchants.select("merchant_id", merchant_region="region"), on="merchant_id") \
+        .join(sim.profile.select("user_id", "region"), on="user_id")
+    assert (local["merchant_region"] == local["region"]).mean() > 0.85
+    counts = genuine.group_by("user_id", "category", "merchant_id").len()
+    top = counts.sort("len", descending=True).group_by("user_id", "category").agg(pl.col("len").head(3).sum())
+    assert top["len"].sum() / genuine.height > 0.85
+
+
+def _category_histograms(genuine: pl.DataFrame, profile: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    wide = genuine.group_by("user_id", "category").len().pivot(on="category", index="user_id", values="len") \
+        .fill_null(0).join(profile.select("user_id", "persona"), on="user_id").sort("user_id")
+    hist = wide.select(CATEGORIES).to_numpy().astype(float)
+    return hist / np.linalg.norm(hist, axis=1, keepdims=True), wide["persona"].to_numpy()
+
+
+def test_same_persona_users_have_similar_category_mix(sim, genuine):
+    hist, persona = _category_histograms(genuine, sim.profile)
+    sim_matrix = hist @ hist.T
+    same = persona[:, None] == persona[None, :]
+    off_diagonal = ~np.eye(len(persona), dtype=bool)
+    within, between = sim_matrix[same & off_diagonal].mean(), sim_matrix[~same].mean()
+    assert within > between + 0.05
+
+
+def test_persona_follows_demographics_only_partly(sim):
+    prof = sim.profile.with_columns(
+        age_band=pl.col("age").cut([30, 60]), income_band=pl.col("income").qcut(3))
+    majority = prof.group_by("age_band", "income_band", "persona").len() \
+        .group_by("age_band", "income_band").agg(pl.col("len").max())
+    accuracy = majority["len"].sum() / prof.height
+    assert 0.3 < accuracy < 0.9
+    ages = prof.group_by("persona").agg(pl.col("age").mean()).sort("persona")
+    age = dict(zip(ages["persona"], ages["age"]))
+    assert age["retiree"] > age["student"] + 20
+
+
+def _modal_share(rows: pl.DataFrame, key: pl.Expr) -> float:
+    per_user = rows.with_columns(key=key).group_by("user_id", "key").len() \
+        .group_by("user_id").agg(top=pl.col("len").max(), n=pl.col("len").sum()).filter(pl.col("n") >= 3)
+    return float((per_user["top"] / per_user["n"]).mean())
+
+
+def test_monthly_and_weekly_periodicity(genuine):
+    utilities = genuine.filter(pl.col("category") == "utilities")
+    assert _modal_share(utilities, pl.col("timestamp").dt.day()) > 0.85
+    grocery = genuine.filter(pl.col("category") == "grocery")
+    assert _modal_share(grocery, pl.col("timestamp").dt.weekday()) > 0.45
+    shopping = genuine.filter(pl.col("category") == "online_retail")
+    assert _modal_share(shopping, pl.col("timestamp").dt.weekday()) < 0.4  # no weekly routine there
+    commute = genuine.filter((pl.col("category") == "transport") & (pl.col("hour") < 12))
+    spread = commute.group_by("user_id").agg(sd=(pl.col("timestamp").dt.hour().cast(pl.Float64)
+                                                 + pl.col("timestamp").dt.minute() / 60).std())
+    assert spread["sd"].median() < 0.6  # a personal commute hour, not the population's spread
+
+
+def test_no_fraud_when_the_rate_is_zero():
+    ev = simulate(SimulateConfig(n_users=50, days=20, fraud_user_rate=0.0, seed=1)).events
+    assert ev.height > 0 and (ev["label"] == 0).all()
+
+
+def test_tiny_world_works():
+    sim = simulate(SimulateConfig(n_users=1, days=1, n_merchants=12))
+    assert sim.profile.height == 1 and dict(sim.events.schema) == EVENT_SCHEMA
+
+
+@pytest.mark.parametrize("change", [{"n_merchants": 5}, {"days": 0}, {"start": "not a date"},
+                                    {"fraud_user_rate": 1.5}])
+def test_bad_config_raises(change):
+    with pytest.raises(ConfigError):
+        simulate(SimulateConfig(**{**SimulateConfig().__dict__, **change}))
