@@ -1,6 +1,8 @@
 """The `pantherseq` command: one entry point, subcommands are verbs.
 
     pantherseq prepare --dataset NAME [--data PATH] [--config FILE] [--set key=value ...] --out RUN_DIR
+    pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
+    pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
     pantherseq demo [--out RUN_DIR]
 
 Every user error (bad input, bad config) ends with one line on stderr and exit code 2, never a traceback.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,53 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_pretrain_config(file: str | None, overrides: list[str] | None):
+    from pantherseq.config import apply_overrides, build_config, load_toml
+    from pantherseq.train.loop import PretrainConfig
+
+    raw = load_toml(file) if file else {}
+    return build_config(PretrainConfig, apply_overrides(raw, overrides), str(file) if file else "config")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pantherseq.config import save_toml
+    from pantherseq.train.checkpoint import model_dir
+    from pantherseq.train.loop import train
+
+    cfg = load_pretrain_config(args.config, args.set)
+    _check_run(args.run)
+    out = model_dir(args.run, args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_toml(cfg, out / "pretrain.toml")
+    metrics = train(args.run, args.model, cfg, resume=args.resume)
+    v = metrics["valid"]
+    print(f"trained {args.model} on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
+          f"{metrics['train_events_per_s']:,.0f} events/s, peak {metrics['peak_mb']:.0f} MB\n"
+          f"  valid HR@1 {v['hr@1']:.4f}  HR@10 {v['hr@10']:.4f}  NDCG@10 {v['ndcg@10']:.4f}  "
+          f"MRR {v['mrr']:.4f}  (n = {v['n']:,})\n  -> {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pantherseq.eval.nextevent import evaluate_run, format_table
+
+    _check_run(args.run)
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    splits = tuple(s for s in args.split.split(",") if s)
+    results = evaluate_run(args.run, models, splits)
+    for split in splits:
+        print(f"{split}:\n{format_table(results, split)}")
+    print(f"-> {Path(args.run) / 'eval.json'}")
+    return 0
+
+
+def _check_run(run: str) -> None:
+    from pantherseq.errors import ConfigError
+
+    if not (Path(run) / "prepare.json").is_file():
+        raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the built-in simulator. For now: prepare and its report (later: the full chain)."""
     from pantherseq.data.schema import load_dataset_config
@@ -95,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run directory to write")
     p.set_defaults(func=cmd_prepare)
 
+    t = sub.add_parser("pretrain", help="train one next-behaviour model on a prepared run",
+                       description="Train a registry model on RUN_DIR's training period, validate each epoch "
+                                   "(early stopping on NDCG@10) and write RUN_DIR/models/NAME/ (checkpoint.pt, "
+                                   "last.pt, train_log.jsonl, metrics.json, pretrain.toml). Works under "
+                                   "torchrun for data-parallel training.")
+    t.add_argument("--run", required=True, help="a run directory written by `pantherseq prepare`")
+    t.add_argument("--model", default="panther",
+                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular")
+    t.add_argument("--config", help="a TOML file with [model] and [train] tables")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one key, e.g. --set model.d_model=128 --set train.epochs=5 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from models/NAME/last.pt")
+    t.set_defaults(func=cmd_pretrain)
+
+    e = sub.add_parser("evaluate", help="evaluate trained models side by side",
+                       description="Rank every target event of a split over the whole vocabulary with each "
+                                   "trained model; write RUN_DIR/eval.json and print the table.")
+    e.add_argument("--run", required=True, help="a prepared run directory with trained models")
+    e.add_argument("--models", help="comma-separated model names (default: every trained model)")
+    e.add_argument("--split", default="test", help="comma-separated splits: valid, test (default: test)")
+    e.set_defaults(func=cmd_evaluate)
+
     d = sub.add_parser("demo", help="run the main job on the built-in simulator",
                        description="Run the pipeline on the built-in simulator and print its report.")
     d.add_argument("--out", default="runs/demo", help="the run directory (default: runs/demo)")
@@ -105,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP busy-waiting collapses 2-thread torch under load (docs/BENCHMARKS.md); set before torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

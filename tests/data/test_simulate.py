@@ -58,9 +58,10 @@ def test_different_seed_gives_different_data():
 def test_columns_and_dtypes(sim):
     assert dict(sim.events.schema) == EVENT_SCHEMA
     assert dict(sim.profile.schema) == PROFILE_SCHEMA
-    m = sim.merchants.schema
-    assert {"merchant_id": pl.Utf8, "category": pl.Utf8, "merchant_risk": pl.Utf8, "compromised": pl.Boolean,
-            "compromised_from": pl.Datetime("us"), "compromised_to": pl.Datetime("us")}.items() <= dict(m).items()
+    merchants = {"merchant_id": pl.Utf8, "category": pl.Utf8, "merchant_risk": pl.Utf8,
+                 "compromised": pl.Boolean, "compromised_from": pl.Datetime("us"),
+                 "compromised_to": pl.Datetime("us")}
+    assert merchants.items() <= dict(sim.merchants.schema).items()
     assert SCENARIOS == {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant",
                          4: "account_takeover"}
 
@@ -82,7 +83,8 @@ def test_values_are_well_formed(sim):
 
 def test_sorted_unique_ids_and_time_range(sim):
     ev = sim.events
-    assert ev.select("user_id", "timestamp").equals(ev.select("user_id", "timestamp").sort("user_id", "timestamp"))
+    keys = ev.select("user_id", "timestamp")
+    assert keys.equals(keys.sort("user_id", "timestamp"))
     assert ev["event_id"].n_unique() == ev.height and ev["event_id"].is_sorted()
     start = datetime.fromisoformat(MODEST.start)
     assert ev["timestamp"].min() >= start and ev["timestamp"].max() < start + timedelta(days=MODEST.days)
@@ -106,14 +108,13 @@ def test_default_scale_and_fraud_rate():
 
 
 def test_card_testing_is_bursts_of_small_online_payments(events):
-    ct = _fraud(events, 1).with_columns(
-        burst=(pl.col("timestamp").diff().over("user_id").fill_null(timedelta(days=1)) > timedelta(minutes=30))
-        .cum_sum())
+    gap = pl.col("timestamp").diff().over("user_id").fill_null(timedelta(days=1))
+    ct = _fraud(events, 1).with_columns(burst=(gap > timedelta(minutes=30)).cum_sum())
     small = ct.filter(pl.col("amount") < 5)
-    bursts = small.group_by("burst").agg(n=pl.len(), span=pl.col("timestamp").max() - pl.col("timestamp").min(),
-                                         online=(pl.col("channel") == "online").all())
-    assert bursts.height >= 5
-    assert (bursts["n"] >= 3).all() and (bursts["span"] < timedelta(minutes=30)).all() and bursts["online"].all()
+    span = pl.col("timestamp").max() - pl.col("timestamp").min()
+    bursts = small.group_by("burst").agg(n=pl.len(), span=span, online=(pl.col("channel") == "online").all())
+    assert bursts.height >= 5 and (bursts["n"] >= 3).all() and bursts["online"].all()
+    assert (bursts["span"] < timedelta(minutes=30)).all()
     assert (small["merchant_risk"] == "high").mean() > 0.5
     large = ct.filter(pl.col("amount") >= 5)
     assert large.height > 0 and (large["amount"] > 50).mean() > 0.9
@@ -131,14 +132,15 @@ def test_amount_spikes_are_far_above_the_users_usual_amount(events, genuine):
     ratio = _ratio_to_user_median(spikes, genuine)
     assert ratio.len() >= 0.8 * spikes.height and ratio.len() >= 5
     assert (ratio >= 3).mean() > 0.9
-    own = genuine.filter(pl.col("user_id").is_in(spikes["user_id"].unique()))
+    own = genuine.join(spikes.select("user_id").unique(), on="user_id", how="semi")
     assert (_ratio_to_user_median(own, genuine) >= 3).mean() < 0.05
 
 
 def test_compromised_merchant_fraud_follows_a_payment_in_the_window(sim, events, genuine):
     bad = sim.merchants.filter(pl.col("compromised"))
     assert bad.height >= 1 and (bad["compromised_to"] > bad["compromised_from"]).all()
-    exposures = genuine.join(bad.select("merchant_id", "compromised_from", "compromised_to"), on="merchant_id") \
+    windows = bad.select("merchant_id", "compromised_from", "compromised_to")
+    exposures = genuine.join(windows, on="merchant_id") \
         .filter(pl.col("timestamp").is_between("compromised_from", "compromised_to", closed="left")) \
         .group_by("user_id").agg(first_exposure=pl.col("timestamp").min())
     cm = _fraud(events, 3)
@@ -146,8 +148,7 @@ def test_compromised_merchant_fraud_follows_a_payment_in_the_window(sim, events,
     checked = first_fraud.join(exposures, on="user_id", how="left")
     assert checked.height >= 3 and checked["first_exposure"].is_not_null().all()
     assert (checked["first_fraud"] - checked["first_exposure"] >= timedelta(days=1)).all()
-    assert not cm["merchant_id"].is_in(bad["merchant_id"]).any()
-    assert (events.filter(pl.col("merchant_id").is_in(bad["merchant_id"]))["label"] == 0).all()
+    assert set(cm["merchant_id"]).isdisjoint(bad["merchant_id"])  # the skimming payment itself is genuine
     assert (cm["hour"] < 6).mean() > 0.4 and _ratio_to_user_median(cm, genuine).median() > 1.5
 
 
@@ -217,10 +218,10 @@ def test_monthly_and_weekly_periodicity(genuine):
     assert _modal_share(grocery, pl.col("timestamp").dt.weekday()) > 0.45
     shopping = genuine.filter(pl.col("category") == "online_retail")
     assert _modal_share(shopping, pl.col("timestamp").dt.weekday()) < 0.4  # no weekly routine there
-    commute = genuine.filter((pl.col("category") == "transport") & (pl.col("hour") < 12))
-    spread = commute.group_by("user_id").agg(sd=(pl.col("timestamp").dt.hour().cast(pl.Float64)
-                                                 + pl.col("timestamp").dt.minute() / 60).std())
-    assert spread["sd"].median() < 0.6  # a personal commute hour, not the population's spread
+    commute = genuine.filter((pl.col("category") == "transport") & (pl.col("hour") < 12)) \
+        .with_columns(h=pl.col("hour") + pl.col("timestamp").dt.minute() / 60)
+    per_user = commute.group_by("user_id").agg(pl.col("h").std())
+    assert per_user["h"].median() < 0.7 * commute["h"].std()  # a personal commute hour
 
 
 def test_no_fraud_when_the_rate_is_zero():

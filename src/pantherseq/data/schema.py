@@ -150,6 +150,19 @@ class SimulateConfig:
     fraud_user_rate: float = 0.04  # share of users hit by some fraud in the period
     compromised_merchant_rate: float = 0.01
 
+    def validate(self, where: str) -> None:
+        if self.n_users < 1 or self.days < 1:
+            raise ConfigError(f"{where}: n_users ({self.n_users}) and days ({self.days}) must be >= 1")
+        if self.n_merchants < 12:
+            raise ConfigError(f"{where}.n_merchants must be >= 12 (one per merchant category)")
+        for name in ("fraud_user_rate", "compromised_merchant_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{where}.{name} must be within [0, 1], got {getattr(self, name)}")
+        try:
+            datetime.fromisoformat(self.start)
+        except ValueError:
+            raise ConfigError(f"{where}.start {self.start!r} is not an ISO date") from None
+
 
 @dataclass
 class DatasetConfig:

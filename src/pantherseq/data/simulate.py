@@ -15,24 +15,26 @@ depends on the category and the persona. Fraud (`SCENARIOS`) is injected by `sim
 
 Everything is vectorised over events (Python loops only over routine kinds, scenarios and the few dozen
 (region, category) cells) and drawn from generators spawned from `SeedSequence(cfg.seed)`: the same config
-gives identical frames. About 2 events per user and day; 1M events take a few seconds.
+gives identical frames. About 2.3 events per user and day (the simulated days start at `cfg.start`);
+on 2 cores 1M events take about 1 s, 10M about 13 s and 2.3 GB of memory.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import polars as pl
 
 from pantherseq.data.schema import SimulateConfig
 from pantherseq.data.simulate_fraud import Compromise, inject_fraud
-from pantherseq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant", 4: "account_takeover"}
+SCENARIOS = {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant",
+             4: "account_takeover"}
 CATEGORIES = ("grocery", "fuel", "restaurant", "coffee", "transport", "utilities", "online_retail",
               "electronics", "travel", "pharmacy", "entertainment", "cash_withdrawal")
 CHANNELS = ("chip", "contactless", "online", "swipe")
@@ -136,10 +138,10 @@ class World:
         return CHANNELS.index(name)
 
     def merchants_in(self, rng: np.random.Generator, region, cat, skew: float = 1.0) -> np.ndarray:
-        """Random merchants of category `cat` in `region` (arrays broadcast); skew > 1 favours popular ones."""
+        """Random merchants of category `cat` in `region` (broadcast); skew > 1 favours popular ones."""
         region, cat = np.broadcast_arrays(region, cat)
-        u = rng.random(cat.shape) ** skew
-        return self.pool_members[self.pool_start[region, cat] + (u * self.pool_count[region, cat]).astype(np.int64)]
+        offset = (rng.random(cat.shape) ** skew * self.pool_count[region, cat]).astype(np.int64)
+        return self.pool_members[self.pool_start[region, cat] + offset]
 
     def amounts(self, rng: np.random.Generator, user, cat, sigma: float | None = None) -> np.ndarray:
         s = _CAT[cat, 1] if sigma is None else sigma
@@ -154,7 +156,8 @@ class World:
         """An event dict; amounts rounded to cents (cash to multiples of 20), times kept in the period."""
         cat = self.merchant_cat[merchant]
         cash = cat == _C["cash_withdrawal"]
-        amount = np.where(cash, np.maximum(20.0, np.round(amount / 20) * 20), np.maximum(0.01, np.round(amount, 2)))
+        amount = np.where(cash, np.maximum(20.0, np.round(amount / 20) * 20),
+                          np.maximum(0.01, np.round(amount, 2)))
         return {"user": np.asarray(user, np.int32), "t": np.clip(t, 0, self.days * DAY - 1).astype(np.int64),
                 "merchant": np.asarray(merchant, np.int32), "category": cat.astype(np.int8), "amount": amount,
                 "channel": np.broadcast_to(np.asarray(channel, np.int8), cat.shape).copy(),
@@ -184,7 +187,7 @@ def _demographics(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
     return age, female, region, np.round(np.exp(log_income), -2)
 
 
-def _personas(rng: np.random.Generator, age: np.ndarray, region: np.ndarray, income: np.ndarray) -> np.ndarray:
+def _personas(rng: np.random.Generator, age, region, income) -> np.ndarray:
     """Persona = argmax of demographic scores plus Gumbel noise: predictable from demographics only partly."""
     z = (np.log(income) - 10.6) / 0.45
     scores = np.column_stack([
@@ -201,7 +204,7 @@ def _personas(rng: np.random.Generator, age: np.ndarray, region: np.ndarray, inc
 def _merchants(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Category (each at least once), region and risk level of `n` merchants."""
     shares = _CAT[:, 3] / _CAT[:, 3].sum()
-    cat = np.concatenate([np.arange(len(CATEGORIES)), rng.choice(len(CATEGORIES), n - len(CATEGORIES), p=shares)])
+    cat = np.concatenate([np.arange(len(shares)), rng.choice(len(shares), n - len(shares), p=shares)])
     region = rng.integers(0, len(REGIONS), n)
     u, high = rng.random(n), _CAT[cat, 4]
     risk = np.where(u < high, 2, np.where(u < high + 0.3, 1, 0))
@@ -240,7 +243,7 @@ class _Habits:
 
     strength: np.ndarray  # multiplies the persona's routine probabilities
     commute_hour: np.ndarray
-    grocery_day: np.ndarray  # weekday 0 = Monday
+    grocery_day: np.ndarray  # weekday, 0 = Monday
     grocery_hour: np.ndarray
     fuel_day: np.ndarray
     bill_day: np.ndarray  # day of month 1..28
@@ -266,7 +269,7 @@ def _habits(rng: np.random.Generator, world: World) -> _Habits:
         chronotype=rng.normal(0.0, 0.7, n))
 
 
-def _calendar(start: str, days: int) -> tuple[np.ndarray, np.ndarray]:
+def _calendar(start: np.datetime64, days: int) -> tuple[np.ndarray, np.ndarray]:
     """Weekday (0 = Monday) and day of month of each simulated day."""
     dates = np.datetime64(start, "D") + np.arange(days)
     weekday = (dates.astype(np.int64) + 3) % 7
@@ -278,7 +281,7 @@ def _seconds(day: np.ndarray, hour: np.ndarray) -> np.ndarray:
     return day.astype(np.int64) * DAY + ((hour % 24) * 3600).astype(np.int64)
 
 
-def _draw_days(rng: np.random.Generator, eligible: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _draw_days(rng: np.random.Generator, eligible: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
     """(user, day) pairs of eligible days (a (U or 1, D) mask) on which a routine happens, P = p[user]."""
     hit = eligible & (rng.random((len(p), eligible.shape[1]), dtype=np.float32) < p[:, None])
     return np.nonzero(hit)
@@ -306,28 +309,29 @@ def _daily(rng, world: World, habits: _Habits, weekday: np.ndarray) -> list[dict
     u, d = _draw_days(rng, (weekday < 5)[None, :], np.minimum(p[:, 0] * habits.strength, 0.98))
     hour = habits.commute_hour[u] + 0.15 * rng.standard_normal(len(u))
     coffee, back = rng.random(len(u)) < p[u, 1], rng.random(len(u)) < p[u, 2]
+    back_hour = hour[back] + rng.normal(9, 0.5, back.sum())
     return [_routine_events(rng, world, u, _seconds(d, hour), "transport"),
             _routine_events(rng, world, u[coffee], _seconds(d[coffee], hour[coffee] + 0.3), "coffee"),
-            _routine_events(rng, world, u[back], _seconds(d[back], hour[back] + 9 + rng.normal(0, .5, back.sum())),
-                            "transport")]
+            _routine_events(rng, world, u[back], _seconds(d[back], back_hour), "transport")]
 
 
 def _weekly(rng, world: World, habits: _Habits, weekday: np.ndarray) -> list[dict]:
-    p, s, out = _ROUTINE[world.persona], habits.strength, []
-    u, d = _draw_days(rng, weekday[None, :] == habits.grocery_day[:, None], np.minimum(p[:, 3] * s, 0.98))
-    out.append(_routine_events(rng, world, u, _seconds(d, habits.grocery_hour[u] + rng.normal(0, .7, len(u))),
-                               "grocery"))
-    u, d = _draw_days(rng, np.isin(weekday, (4, 5))[None, :], p[:, 4] * s)
-    out.append(_routine_events(rng, world, u, _seconds(d, rng.normal(19.8, 1.0, len(u))), "restaurant"))
-    u, d = _draw_days(rng, weekday[None, :] == habits.fuel_day[:, None], np.minimum(p[:, 5] * s, 0.98))
-    out.append(_routine_events(rng, world, u, _seconds(d, rng.normal(17.5, 1.5, len(u))), "fuel"))
-    return out
+    p = np.minimum(_ROUTINE[world.persona] * habits.strength[:, None], 0.98)
+    u, d = _draw_days(rng, weekday[None, :] == habits.grocery_day[:, None], p[:, 3])
+    grocery = _routine_events(rng, world, u, _seconds(d, habits.grocery_hour[u] + rng.normal(0, .7, len(u))),
+                              "grocery")
+    u, d = _draw_days(rng, np.isin(weekday, (4, 5))[None, :], p[:, 4])
+    dinner = _routine_events(rng, world, u, _seconds(d, rng.normal(19.8, 1.0, len(u))), "restaurant")
+    u, d = _draw_days(rng, weekday[None, :] == habits.fuel_day[:, None], p[:, 5])
+    fuel = _routine_events(rng, world, u, _seconds(d, rng.normal(17.5, 1.5, len(u))), "fuel")
+    return [grocery, dinner, fuel]
 
 
 def _monthly(rng, world: World, habits: _Habits, dom: np.ndarray) -> list[dict]:
     n = world.n_users
     u, d = _draw_days(rng, dom[None, :] == habits.bill_day[:, None], np.full(n, 0.97))
-    bills = _routine_events(rng, world, u, _seconds(d, rng.normal(9, 2, len(u))), "utilities", channel="online")
+    bills = _routine_events(rng, world, u, _seconds(d, rng.normal(9, 2, len(u))), "utilities",
+                            channel="online")
     u, d = _draw_days(rng, dom[None, :] == habits.sub_day[:, None], np.where(habits.subscribed, 0.98, 0.0))
     subs = _routine_events(rng, world, u, _seconds(d, rng.normal(6, .3, len(u))), "entertainment", sigma=0.0,
                            channel="online", scale=0.4)
@@ -381,48 +385,24 @@ def _profile_frame(world: World) -> pl.DataFrame:
 
 
 def _merchant_frame(world: World, comp: Compromise, start_us: int) -> pl.DataFrame:
-    begin, end = np.zeros(world.n_merchants, np.int64), np.zeros(world.n_merchants, np.int64)
-    hit = np.zeros(world.n_merchants, bool)
-    begin[comp.merchant], end[comp.merchant], hit[comp.merchant] = comp.start, comp.end, True
-
-    def when(seconds: np.ndarray) -> pl.Series:
-        s = pl.Series(seconds * 1_000_000 + start_us).cast(pl.Datetime("us"))
-        return s.scatter(np.flatnonzero(~hit), None) if (~hit).any() else s
-
     return pl.DataFrame({
         "merchant_id": _ids("m", world.n_merchants, 5),
         "category": pl.Series(CATEGORIES).gather(world.merchant_cat),
         "merchant_risk": pl.Series(RISKS).gather(world.merchant_risk),
         "region": pl.Series(REGIONS).gather(world.merchant_region),
-        "compromised": pl.Series(hit, dtype=pl.Boolean),
-        "compromised_from": when(begin),
-        "compromised_to": when(end),
+        **comp.columns(world.n_merchants, start_us),
     })
-
-
-def _check(cfg: SimulateConfig) -> int:
-    """Validate `cfg`; return the start as microseconds since the epoch."""
-    if cfg.n_users < 1 or cfg.days < 1:
-        raise ConfigError(f"simulate: n_users ({cfg.n_users}) and days ({cfg.days}) must be >= 1")
-    if cfg.n_merchants < len(CATEGORIES):
-        raise ConfigError(f"simulate.n_merchants must be >= {len(CATEGORIES)} (one per category)")
-    for name in ("fraud_user_rate", "compromised_merchant_rate"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ConfigError(f"simulate.{name} must be within [0, 1], got {getattr(cfg, name)}")
-    try:
-        return int(np.datetime64(cfg.start, "us").astype(np.int64))
-    except ValueError:
-        raise ConfigError(f"simulate.start {cfg.start!r} is not an ISO date") from None
 
 
 def simulate(cfg: SimulateConfig) -> Simulation:
     """Simulate `cfg.n_users` users over `cfg.days` days: events, profiles and merchants."""
-    start_us = _check(cfg)
+    cfg.validate("simulate")
+    start = np.datetime64(datetime.fromisoformat(cfg.start), "us")
     seeds = np.random.SeedSequence(cfg.seed).spawn(4)
     rng_world, rng_habits, rng_events = (np.random.default_rng(s) for s in seeds[:3])
     world = _build_world(rng_world, cfg)
     habits = _habits(rng_habits, world)
-    weekday, dom = _calendar(cfg.start, cfg.days)
+    weekday, dom = _calendar(start, cfg.days)
     parts = [*_daily(rng_events, world, habits, weekday), *_weekly(rng_events, world, habits, weekday),
              *_monthly(rng_events, world, habits, dom), _background(rng_events, world, habits)]
     genuine = _sorted(_concat(parts))
@@ -431,5 +411,6 @@ def simulate(cfg: SimulateConfig) -> Simulation:
     n_fraud = int((events["scenario"] > 0).sum())
     logger.info("simulated %d events of %d users, %d fraudulent (%.2f%%)", len(events["t"]), world.n_users,
                 n_fraud, 100 * n_fraud / max(len(events["t"]), 1))
+    start_us = int(start.astype(np.int64))
     return Simulation(_event_frame(world, events, start_us), _profile_frame(world),
                       _merchant_frame(world, fraud.compromise, start_us))

@@ -5,7 +5,7 @@
 1 card_testing: 1–3 bursts of 3–10 online payments under 5, seconds to a minute or two apart, at 1–3
   (mostly high-risk) online merchants; half of the bursts are followed within hours by one large online
   purchase (electronics, online retail, travel).
-2 amount_spike: 1–4 payments at 5–20× the user's typical amount for a category they use, at one of their
+2 amount_spike: 1–5 payments at 5–20× the user's typical amount for a category they use, at one of their
   merchants or another of the same category, hours to two days after one of their own payments.
 3 compromised_merchant: `compromised_rate` of the merchants (busy, physical ones) are compromised for
   2–4 weeks. Of the users who paid there meanwhile, some get fraudulent payments from 2–10 days later on,
@@ -16,7 +16,7 @@
   categories (electronics, online retail, cash, travel), mostly at night, at about 2.5× the usual amounts.
 
 Scenario-3 victims are chosen first (they depend on who paid where); the other scenarios draw from the
-remaining users with at least 5 genuine events. With the default config, about 0.8% of events are fraud.
+remaining users with at least 5 genuine events. With the default config, about 0.7% of events are fraud.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import polars as pl
 
 if TYPE_CHECKING:
     from pantherseq.data.simulate import World
 
 logger = logging.getLogger(__name__)
 
-SHARES = {1: 0.25, 2: 0.1, 3: 0.3, 4: 0.35}  # share of the fraud users per scenario
+SHARES = {1: 0.25, 2: 0.15, 3: 0.25, 4: 0.35}  # share of the fraud users per scenario
 DAY = 86_400
 _RISKY = ("electronics", "online_retail", "cash_withdrawal", "travel")
 _RISKY_P = (0.35, 0.3, 0.25, 0.1)
@@ -46,6 +47,17 @@ class Compromise:
     start: np.ndarray  # window start, seconds since the simulation start
     end: np.ndarray  # window end (exclusive)
 
+    def columns(self, n_merchants: int, start_us: int) -> dict[str, pl.Series]:
+        """`compromised`, `compromised_from`, `compromised_to` (null if never) for every merchant."""
+        hit = np.zeros(n_merchants, bool)
+        hit[self.merchant] = True
+        out: dict[str, pl.Series] = {"compromised": pl.Series(hit)}
+        for name, seconds in (("compromised_from", self.start), ("compromised_to", self.end)):
+            us = np.zeros(n_merchants, np.int64)
+            us[self.merchant] = seconds * 1_000_000 + start_us
+            out[name] = pl.Series(us).cast(pl.Datetime("us")).scatter(np.flatnonzero(~hit), None)
+        return out
+
 
 @dataclass
 class Fraud:
@@ -55,7 +67,7 @@ class Fraud:
 
 
 def _quotas(n_fraud: int) -> dict[int, int]:
-    quota = {s: int(round(n_fraud * share)) for s, share in SHARES.items()}
+    quota = {s: round(n_fraud * share) for s, share in SHARES.items()}
     return {s: max(q, 1) for s, q in quota.items()} if n_fraud >= len(SHARES) else quota
 
 
@@ -154,7 +166,7 @@ def _card_testing(rng, world: World, users: np.ndarray) -> list[dict]:
 
 def _amount_spike(rng, world: World, genuine: dict, users: np.ndarray) -> dict:
     """Copies of random own payments, hours to days later, at 5–20× the user's typical amount."""
-    u = np.repeat(users, rng.choice(4, size=len(users), p=(0.4, 0.3, 0.2, 0.1)) + 1)
+    u = np.repeat(users, rng.choice(5, size=len(users), p=(0.25, 0.25, 0.2, 0.15, 0.15)) + 1)
     first = np.searchsorted(genuine["user"], u)
     count = np.searchsorted(genuine["user"], u, side="right") - first
     template = first + (rng.random(len(u)) * count).astype(np.int64)

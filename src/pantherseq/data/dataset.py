@@ -1,0 +1,190 @@
+"""Batches for training and evaluation, cut from a prepared run's memory-mapped sequences.
+
+`RunData.load(run_dir)` opens the sequences, encodes the profile and derives the model's `DataInfo`.
+
+- Training (`train_batches`): windows of up to max_len + 1 training-period events (`Sequences.windows`);
+  inputs are the first max_len events, targets the same events shifted by one.
+- Evaluation (`eval_batches`, SPEC §6): every event of the evaluated split is a target, predicted from
+  its user's earlier events (all splits), with at least max_len // 2 of them as context when the user
+  has that many: a user's targets are cut into chunks of `chunk` consecutive events and each chunk is
+  predicted in one causal pass over the window that ends just before its last target. A user's very
+  first event has no history and is not a target.
+
+Targets that are UNK (an event outside the vocabulary) are never targets, in training or evaluation:
+predicting "something rare" is not a behaviour. Their events stay in the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+
+from pantherseq.config import build_config, load_toml
+from pantherseq.data.schema import DatasetConfig
+from pantherseq.data.sequences import Sequences
+from pantherseq.data.split import SPLIT_NAMES
+from pantherseq.model.base import GAP_BUCKETS, PAD, Batch, DataInfo
+from pantherseq.tokenizer import UNK, StructuredTokenizer
+
+
+def gap_buckets(gap_s: np.ndarray) -> np.ndarray:
+    """Seconds since the previous event -> 1..GAP_BUCKETS-1 on a log2 scale; NaN (first event) -> 0."""
+    with np.errstate(invalid="ignore"):
+        b = 1 + np.floor(np.log2(1.0 + np.maximum(np.nan_to_num(gap_s, nan=0.0), 0.0)) / 1.5)
+    b = np.clip(b, 1, GAP_BUCKETS - 1).astype(np.int64)
+    b[np.isnan(gap_s)] = 0
+    return b
+
+
+@dataclass
+class Profile:
+    """Per-user profile tensors in user-index order, and the raw values the pair rule compares."""
+
+    cat: torch.Tensor  # (U, Pc) int64 codes, 0 = unknown
+    num: torch.Tensor  # (U, Pn) float32 standardised, 0 = unknown
+    rule_values: list[np.ndarray]  # one (U,) array per contrastive field (codes or raw numbers)
+    rule_tolerance: list[float | None]  # None = must be equal (categorical)
+    cat_sizes: list[int]
+
+    @classmethod
+    def empty(cls, n_users: int) -> Profile:
+        return cls(torch.zeros(n_users, 0, dtype=torch.long), torch.zeros(n_users, 0), [], [], [])
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, cfg: DatasetConfig) -> Profile:
+        cats, nums, sizes, raw = [], [], [], {}
+        for f in cfg.profile.fields:
+            col = frame[f.name]
+            if f.kind == "numeric":
+                x = col.cast(pl.Float64).to_numpy().astype(np.float64)
+                raw[f.name] = x
+                ok = np.isfinite(x)
+                mu, sd = (x[ok].mean(), x[ok].std() or 1.0) if ok.any() else (0.0, 1.0)
+                nums.append(np.where(ok, (x - mu) / sd, 0.0))
+            else:
+                values = col.cast(pl.Utf8).drop_nulls().value_counts(sort=True)[f.name].to_list()
+                index = {v: i + 1 for i, v in enumerate(values)}
+                codes = np.array([index.get(v, 0) for v in col.cast(pl.Utf8).to_list()], dtype=np.int64)
+                raw[f.name] = codes
+                cats.append(codes)
+                sizes.append(len(values) + 1)
+        n = frame.height
+        cat = torch.from_numpy(np.stack(cats, 1)) if cats else torch.zeros(n, 0, dtype=torch.long)
+        num = torch.from_numpy(np.stack(nums, 1).astype(np.float32)) if nums else torch.zeros(n, 0)
+        kinds = {f.name: f.kind for f in cfg.profile.fields}
+        rule = list(cfg.contrastive.items())
+        return cls(cat, num, [raw[k] for k, _ in rule],
+                   [float(t) if kinds[k] == "numeric" else None for k, t in rule], sizes)
+
+    def positives(self, users: np.ndarray) -> torch.Tensor:
+        """(B, B) bool: pairs of distinct users satisfying every contrastive rule; missing never matches."""
+        b = len(users)
+        if not self.rule_values:
+            return torch.zeros(b, b, dtype=torch.bool)
+        ok = ~np.eye(b, dtype=bool)
+        for values, tol in zip(self.rule_values, self.rule_tolerance):
+            v = values[users]
+            if tol is None:
+                ok &= (v[:, None] == v[None, :]) & (v[:, None] > 0)
+            else:
+                with np.errstate(invalid="ignore"):
+                    ok &= np.abs(v[:, None] - v[None, :]) <= tol
+        return torch.from_numpy(ok)
+
+
+class RunData:
+    """A prepared run opened for training / evaluation."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run = Path(run_dir)
+        self.cfg = build_config(DatasetConfig, load_toml(self.run / "config.toml"), "config.toml")
+        self.seq = Sequences.load(self.run / "sequences")
+        self.tokenizer = StructuredTokenizer.load(self.run / "tokenizer.json")
+        path = self.run / "profile.parquet"
+        if path.is_file() and self.cfg.profile.fields:
+            self.profile = Profile.from_frame(pl.read_parquet(path).sort("user_idx"), self.cfg)
+        else:
+            self.profile = Profile.empty(self.seq.n_users)
+        self.gap_bucket = gap_buckets(np.asarray(self.seq.gap))
+        self.user_of = np.repeat(np.arange(self.seq.n_users), np.diff(self.seq.offsets))
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(vocab_size=self.tokenizer.vocab_size, field_sizes=self.tokenizer.field_sizes,
+                        profile_cat_sizes=list(self.profile.cat_sizes),
+                        profile_num=int(self.profile.num.shape[1]))
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _batch(self, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray | None = None
+               ) -> Batch:
+        """Windows [start, start + length) of inputs; targets = the next events (masked as described)."""
+        T = int(lengths.max())
+        idx = starts[:, None] + np.arange(T)[None, :]  # (B, T)
+        real = np.arange(T)[None, :] < lengths[:, None]
+        idx = np.where(real, idx, 0)
+        seq = self.seq
+        tokens = np.where(real, seq.tokens[idx], PAD)
+        nxt = np.minimum(idx + 1, seq.n_events - 1)
+        targets = np.where(real, seq.tokens[nxt], PAD)
+        targets[targets == UNK] = PAD
+        if target_from is not None:  # evaluation: only targets at or after target_from
+            targets[(idx + 1) < target_from[:, None]] = PAD
+        codes = np.where(real[..., None], seq.codes[idx], 0)
+        gaps = np.where(real, self.gap_bucket[idx], 0)
+        users = self.user_of[starts]
+        return Batch(
+            tokens=torch.from_numpy(tokens.astype(np.int64)), targets=torch.from_numpy(targets.astype(np.int64)),
+            codes=torch.from_numpy(codes.astype(np.int64)), gap_bucket=torch.from_numpy(gaps),
+            profile_cat=self.profile.cat[users], profile_num=self.profile.num[users],
+            positives=self.profile.positives(users), users=torch.from_numpy(users.astype(np.int64)),
+        )
+
+    def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+                      ) -> Iterator[Batch]:
+        """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th."""
+        win = self.seq.windows(max_len + 1, split="train")
+        order = np.random.default_rng(seed).permutation(len(win))
+        n_batches = math.ceil(len(order) / batch_size)
+        if world > 1:  # every rank must take the same number of steps: drop the remainder
+            n_batches = n_batches // world * world
+        for b in range(rank, n_batches, world):
+            w = win[order[b * batch_size:(b + 1) * batch_size]]
+            if len(w):
+                yield self._batch(w[:, 0], w[:, 1] - w[:, 0] - 1)
+
+    def n_train_targets(self, max_len: int) -> int:
+        win = self.seq.windows(max_len + 1, split="train")
+        return int((win[:, 1] - win[:, 0] - 1).sum())
+
+    def eval_windows(self, split: str, max_len: int, chunk: int | None = None,
+                     max_users: int | None = None, seed: int = 0) -> np.ndarray:
+        """(N, 3) [window start, window length, first target] for every target chunk of `split`."""
+        chunk = chunk or max(max_len // 2, 1)
+        code = SPLIT_NAMES.index(split)
+        seq = self.seq
+        users = np.arange(seq.n_users)
+        if max_users is not None and max_users < seq.n_users:
+            users = np.sort(np.random.default_rng(seed).choice(seq.n_users, max_users, replace=False))
+        split_arr = np.asarray(seq.split)
+        rows = []
+        for u in users.tolist():
+            s, e = int(seq.offsets[u]), int(seq.offsets[u + 1])
+            hits = np.flatnonzero(split_arr[s:e] == code) + s
+            hits = hits[hits > s]  # the first event has no history
+            for c in range(0, len(hits), chunk):
+                c0, c1 = int(hits[c]), int(hits[min(c + chunk, len(hits)) - 1]) + 1
+                w0 = max(s, c1 - 1 - max_len)
+                rows.append((w0, c1 - 1 - w0, c0))
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+    def eval_batches(self, windows: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        for i in range(0, len(windows), batch_size):
+            w = windows[i:i + batch_size]
+            yield self._batch(w[:, 0], w[:, 1], target_from=w[:, 2])
+

@@ -1,0 +1,87 @@
+"""Next-behaviour evaluation (SPEC §6): full ranking over the vocabulary, per example, sum and count.
+
+One function serves in-training validation and the final `pantherseq evaluate`: `evaluate_split`
+ranks every target of a split (or of a seeded subset of users) with any registry model, and under
+torchrun each rank takes every world-th window and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pantherseq.data.dataset import RunData
+from pantherseq.eval.metrics import MetricSum, ranks
+from pantherseq.model.base import SequenceModel
+
+SCORE_BUDGET = 40_000_000  # score-matrix entries per evaluation batch (~160 MB of float32)
+
+
+def eval_batch_size(vocab_size: int, max_len: int) -> int:
+    """Windows per evaluation batch so that targets x vocabulary stays within SCORE_BUDGET."""
+    return max(1, SCORE_BUDGET // (vocab_size * max(max_len // 2, 1)))
+
+
+@torch.no_grad()
+def evaluate_split(model: SequenceModel, data: RunData, split: str, max_len: int,
+                   max_users: int | None = None, seed: int = 0, rank: int = 0, world: int = 1,
+                   progress: bool = False) -> dict[str, float]:
+    """HR@1/5/10, NDCG@5/10, MRR and n over the targets of `split` (see data/dataset.py)."""
+    was_training = model.training
+    model.eval()
+    windows = data.eval_windows(split, max_len, max_users=max_users, seed=seed)[rank::world]
+    size = eval_batch_size(data.info.vocab_size, max_len)
+    acc = MetricSum()
+    batches = data.eval_batches(windows, size)
+    total = int(np.ceil(len(windows) / size))
+    for batch in tqdm(batches, total=total, desc=f"evaluate {split}", disable=not progress, leave=False):
+        scores, targets = model.target_scores(batch)
+        if targets.numel():
+            acc.add(ranks(scores, targets))
+    if world > 1:
+        t = acc.tensor()
+        dist.all_reduce(t)
+        acc = MetricSum.from_tensor(t)
+    model.train(was_training)
+    return acc.result()
+
+
+def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ...] = ("test",),
+                 progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluate every trained model (or `models`) of a run on `splits`; merge into RUN_DIR/eval.json."""
+    import json
+    from pathlib import Path
+
+    from pantherseq.errors import ConfigError
+    from pantherseq.train.checkpoint import load_model
+
+    run = Path(run_dir)
+    trained = sorted(p.name for p in (run / "models").glob("*") if (p / "checkpoint.pt").is_file())
+    names = models or trained
+    missing = [m for m in names if m not in trained]
+    if missing:
+        raise ConfigError(f"no trained model {missing} in {run}/models (trained: {trained or 'none'})")
+    data = RunData(run)
+    path = run / "eval.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for name in names:
+        model, ckpt = load_model(run, name)
+        max_len = ckpt["model_config"]["max_len"]
+        for split in splits:
+            results.setdefault(name, {})[split] = evaluate_split(model, data, split, max_len, progress=progress)
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def format_table(results: dict, split: str = "test") -> str:
+    from pantherseq.eval.metrics import METRICS
+
+    head = f"{'model':<14}" + "".join(f"{m:>9}" for m in METRICS) + f"{'n':>9}"
+    lines = [head, "-" * len(head)]
+    for name, by_split in results.items():
+        r = by_split.get(split)
+        if r:
+            lines.append(f"{name:<14}" + "".join(f"{r[m]:>9.4f}" for m in METRICS) + f"{r['n']:>9,}")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""What every next-behaviour model shares: the batch, the config, the data sizes, the output layer and loss.
+
+A `Batch` holds right-padded windows of events (PAD = 0):
+
+    tokens       (B, T)    int64   input token ids
+    targets      (B, T)    int64   the next token at each position, PAD (0) where there is none
+    codes        (B, T, F) int64   per-field codes of the input events (0 = the field's UNK, and padding)
+    gap_bucket   (B, T)    int64   log time-gap bucket of the input events (0 = first event / padding)
+    profile_cat  (B, Pc)   int64   categorical profile codes (0 = unknown); Pc may be 0
+    profile_num  (B, Pn)   float32 standardised numeric profile values (0 = unknown); Pn may be 0
+    positives    (B, B)    bool    contrastive positive pairs (profile rule), False on the diagonal
+    users        (B,)      int64   user index
+
+Neural models subclass `NeuralModel` and implement `hidden(batch) -> (B, T, D)`; the output layer
+(tied to the token embedding or not), the loss (full, chunked or sampled softmax), `scores` for
+evaluation and `embed` for user embeddings live here, so every model is trained and evaluated by the
+same code. Count models (`markov`, `popular`) subclass `CountModel`: `observe(batch)` instead of
+gradient steps, the same `scores` interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD = 0  # the one definition used by models; equals tokenizer.PAD
+GAP_BUCKETS = 16  # log2-second time-gap buckets: 1 = same second ... 15 = months; 0 = first / padding
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    codes: torch.Tensor
+    gap_bucket: torch.Tensor
+    profile_cat: torch.Tensor
+    profile_num: torch.Tensor
+    positives: torch.Tensor
+    users: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T) bool: real (non-padding) input positions."""
+        return self.tokens != PAD
+
+
+@dataclass
+class DataInfo:
+    """Sizes a model needs from the prepared run; derived once, never written twice."""
+
+    vocab_size: int
+    field_sizes: list[int] = field(default_factory=list)
+    profile_cat_sizes: list[int] = field(default_factory=list)
+    profile_num: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """One config for every model in the registry; a model ignores the knobs it has no use for."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    max_len: int = 128
+    dropout: float = 0.1
+    tie_weights: bool = True
+    loss: Literal["auto", "full", "chunked", "sampled"] = "auto"
+    n_negatives: int = 1024  # sampled softmax
+    auto_full_max_vocab: int = 20_000  # "auto" uses the full softmax up to this vocabulary size
+    field_embeddings: bool = False  # add per-field embeddings to the token embedding (SPEC §3)
+    time_gap: bool = False  # add a log time-gap bucket embedding
+    # PANTHER (paper §3.3-3.4)
+    sprm: bool = True
+    sprm_kernels: list[list[int]] = field(default_factory=lambda: [[3, 1], [3, 2], [3, 4]])
+    n_prototypes: int = 64
+    profile_mode: Literal["positional", "first_token", "none"] = "positional"
+    contrastive_lambda: float = 0.1
+    contrastive_tau: float = 1.0
+    # count models
+    markov_backoff: float = 1.0  # weight of the popularity prior added to transition counts
+
+
+class SequenceModel(nn.Module):
+    """The interface the trainer and evaluation use."""
+
+    trainable = True
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """(B, T, V) next-token scores at every position (higher = more likely)."""
+        raise NotImplementedError
+
+    def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (N, V) and targets (N,) at the positions that have a target, in row-major order."""
+        keep = batch.targets != PAD
+        return self.scores(batch)[keep], batch.targets[keep]
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+class NeuralModel(SequenceModel):
+    def __init__(self, cfg: ModelConfig, info: DataInfo):
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        self.token_emb = nn.Embedding(info.vocab_size, cfg.d_model, padding_idx=PAD)
+        self.out_bias = nn.Parameter(torch.zeros(info.vocab_size))
+        self.out_proj = None if cfg.tie_weights else nn.Linear(cfg.d_model, info.vocab_size, bias=False)
+
+    # -- to implement -------------------------------------------------------------------------
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """(B, T, D) causal states: position t sees inputs <= t only."""
+        raise NotImplementedError
+
+    def extra_loss(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """Model-specific terms (PANTHER's contrastive loss); (None, {}) when there are none."""
+        return None, {}
+
+    # -- shared -------------------------------------------------------------------------------
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.token_emb.weight if self.out_proj is None else self.out_proj.weight
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        return self.logits(self.hidden(batch))
+
+    def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = batch.targets != PAD
+        return self.logits(self.hidden(batch)[keep]), batch.targets[keep]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V)."""
+        return h @ self.output_weight.t() + self.out_bias
+
+    def loss_kind(self) -> str:
+        kind = self.cfg.loss
+        if kind == "auto":
+            return "full" if self.info.vocab_size <= self.cfg.auto_full_max_vocab else "sampled"
+        return kind
+
+    def generative_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions with a target."""
+        keep = targets != PAD
+        h, y = h[keep], targets[keep]  # (N, D), (N,)
+        kind = self.loss_kind()
+        if kind == "full":
+            return F.cross_entropy(self.logits(h), y)
+        if kind == "chunked":
+            return chunked_cross_entropy(h, y, self.output_weight, self.out_bias)
+        return sampled_softmax_loss(h, y, self.output_weight, self.out_bias, self.cfg.n_negatives)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        h = self.hidden(batch)
+        gen = self.generative_loss(h, batch.targets)
+        extra, parts = self.extra_loss(batch, h)
+        parts = {"gen": float(gen.detach()), **parts}
+        if extra is None:
+            return gen, parts
+        lam = self.cfg.contrastive_lambda
+        return (1 - lam) * gen + lam * extra, parts
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """(B, D) user embedding: the mean of the causal states over real positions."""
+        h = self.hidden(batch)
+        m = batch.mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def chunked_cross_entropy(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          chunk: int = 2048) -> torch.Tensor:
+    """Exact full-softmax cross-entropy, computed `chunk` positions at a time to bound memory."""
+    total = h.new_zeros(())
+    for i in range(0, h.shape[0], chunk):
+        logits = h[i:i + chunk] @ weight.t() + bias
+        total = total + F.cross_entropy(logits, y[i:i + chunk], reduction="sum")
+    return total / max(h.shape[0], 1)
+
+
+def sampled_softmax_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         n_negatives: int) -> torch.Tensor:
+    """Sampled softmax: the target against `n_negatives` ids drawn uniformly (shared by the batch).
+
+    Uniform sampling makes the log-Q correction a constant, so it cancels; a negative equal to a
+    row's target (an accidental hit) is masked out. Special ids (< 4) are never drawn.
+    """
+    vocab = weight.shape[0]
+    neg = torch.randint(4, vocab, (min(n_negatives, max(vocab - 4, 1)),), device=h.device)
+    pos_logit = (h * weight[y]).sum(-1, keepdim=True) + bias[y].unsqueeze(-1)  # (N, 1)
+    neg_logit = h @ weight[neg].t() + bias[neg]  # (N, K)
+    neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), -math.inf)
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(y))
+
+
+class CountModel(SequenceModel):
+    """A model fitted by counting: `observe(batch)` once per training batch, no gradients."""
+
+    trainable = False
+
+    def __init__(self, cfg: ModelConfig, info: DataInfo):
+        super().__init__()
+        self.cfg, self.info = cfg, info
+
+    def observe(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of the current counts (for logging only: count models take no steps)."""
+        s = self.scores(batch)
+        keep = batch.targets != PAD
+        logp = torch.log_softmax(s[keep], dim=-1)
+        nll = -logp.gather(1, batch.targets[keep].unsqueeze(1)).mean()
+        return nll, {"gen": float(nll)}

@@ -1,0 +1,77 @@
+"""PANTHER (Li et al., NeurIPS 2025, arXiv 2510.10102, §3.3-3.4) and its Transformer baseline.
+
+    InputEmbedding (+ e_u) -> n_layers × Block(attention ∥ SPRM, FFN) -> LayerNorm -> shared output layer
+
+Profile modes (paper §3.4), used only when the data has profile fields (otherwise silently `none`):
+- `positional`: e_u is added to every position's input embedding (the paper's better variant);
+- `first_token`: e_u occupies an extra position prepended at the front, so every event, the first
+  included, can attend to it; that position has no position embedding of its own (e_u is learned,
+  a second vector would be redundant), events keep positions 0..T-1, and its output is dropped so
+  `hidden` stays aligned with `batch.tokens`;
+- `none`.
+With cfg.contrastive_lambda > 0 and a profile in use, `extra_loss` adds the contrastive term on e_u
+(see profile.py); the trainer mixes L = (1−λ)·L_gen + λ·L_CL (base.NeuralModel.loss).
+
+`Transformer` is the same backbone with SPRM, profile and contrastive loss switched off: the paper's
+"Transformer" baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from pantherseq.model.base import Batch, DataInfo, ModelConfig, NeuralModel
+from pantherseq.model.layers import Block, InputEmbedding, init_weights
+from pantherseq.model.profile import ProfileEncoder, contrastive_loss, has_profile
+from pantherseq.model.sprm import SPRM
+
+PROFILE_MODES = ("positional", "first_token", "none")
+
+
+class Panther(NeuralModel):
+    def __init__(self, cfg: ModelConfig, info: DataInfo):
+        super().__init__(cfg, info)
+        if cfg.profile_mode not in PROFILE_MODES:
+            raise ValueError(f"unknown profile_mode {cfg.profile_mode!r}; valid: {', '.join(PROFILE_MODES)}")
+        self.profile_mode = cfg.profile_mode if has_profile(info) else "none"
+        self.embedding = InputEmbedding(cfg, info, self.token_emb)
+        self.profile = ProfileEncoder(cfg, info) if self.profile_mode != "none" else None
+        self.blocks = nn.ModuleList(Block(cfg, SPRM(cfg) if cfg.sprm else None) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(init_weights)
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """-> (B, T, D) causal states aligned with batch.tokens."""
+        e_u = self.profile(batch) if self.profile is not None else None  # (B, D)
+        x = self.embedding(batch, e_u if self.profile_mode == "positional" else None)  # (B, T, D)
+        first = self.profile_mode == "first_token"
+        if first:
+            x = torch.cat([e_u.unsqueeze(1), x], dim=1)  # (B, 1 + T, D)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        return x[:, 1:] if first else x
+
+    def extra_loss(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        if self.profile is None or self.cfg.contrastive_lambda <= 0:
+            return None, {}
+        cl = contrastive_loss(self.profile(batch), batch.positives, self.cfg.contrastive_tau)
+        return cl, {"cl": float(cl.detach())}
+
+    def prototype_attention(self) -> torch.Tensor | None:
+        """(B, T, M) prototype weights of the last SPRM layer from the latest forward (None without SPRM)."""
+        sprms = [b.parallel for b in self.blocks if isinstance(b.parallel, SPRM)]
+        if not sprms or sprms[-1].last_attention is None:
+            return None
+        att = sprms[-1].last_attention
+        return att[:, 1:] if self.profile_mode == "first_token" else att
+
+
+class Transformer(Panther):
+    """The paper's "Transformer" baseline: PANTHER's backbone without SPRM, profile or contrastive loss."""
+
+    def __init__(self, cfg: ModelConfig, info: DataInfo):
+        super().__init__(dataclasses.replace(cfg, sprm=False, profile_mode="none", contrastive_lambda=0.0), info)

@@ -1,0 +1,91 @@
+"""SPRM, the Sequence Pattern Recognition Module (PANTHER paper §3.3, SPEC §4).
+
+Runs in parallel with self-attention inside each block, on the same normalised input H (B, T, D):
+
+(i) local pattern aggregation: for every (kernel w, dilation r) in cfg.sprm_kernels a depthwise
+    causal dilated 1-D convolution (left padding (w-1)·r, groups = D), e.g. (3, 1) for immediate
+    clusters and (3, 2), (3, 4) for periodic ones; the outputs are concatenated (D·#pairs) and
+    projected back to D, giving H_p (B, T, D).
+(ii) prototype matching: M learnable prototypes P (M, D); Q = H_p W_Q, K = P W_K, V = P W_V,
+    X_p = softmax(Q Kᵀ / √d_k) V  (B, T, D), at cost O(T·M) instead of O(T²).
+
+Decisions the paper leaves open: one attention head with d_k = D (so the weights (B, T, M) are one
+map per position, as plotted in the paper's Fig. 3); no output projection after X_p (W_V already maps
+into the residual stream). The last forward's weights are kept, detached, in `last_attention`.
+
+`reference_sprm` is a plain loop implementation of the same maths, used by the tests to check the
+fast path and to prove causality independently of the conv padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pantherseq.model.base import ModelConfig
+
+
+class SPRM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.kernels = [(int(w), int(r)) for w, r in cfg.sprm_kernels]
+        if not self.kernels or any(w < 1 or r < 1 for w, r in self.kernels):
+            raise ValueError(f"sprm_kernels must be non-empty [kernel, dilation] pairs >= 1, got {cfg.sprm_kernels}")
+        self.convs = nn.ModuleList(nn.Conv1d(D, D, w, dilation=r, groups=D) for w, r in self.kernels)
+        self.merge = nn.Linear(D * len(self.kernels), D)
+        self.prototypes = nn.Parameter(torch.randn(cfg.n_prototypes, D))  # (M, D), on the scale of LayerNorm outputs
+        self.w_q = nn.Linear(D, D, bias=False)
+        self.w_k = nn.Linear(D, D, bias=False)
+        self.w_v = nn.Linear(D, D, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.last_attention: torch.Tensor | None = None  # (B, T, M), set by forward
+
+    def local_patterns(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> H_p (B, T, D): causal dilated depthwise convolutions, concatenated, projected."""
+        x = h.transpose(1, 2)  # (B, D, T)
+        outs = [conv(F.pad(x, ((w - 1) * r, 0))) for conv, (w, r) in zip(self.convs, self.kernels)]  # each (B, D, T)
+        return self.merge(torch.cat(outs, dim=1).transpose(1, 2))  # (B, T, D·#pairs) -> (B, T, D)
+
+    def prototype_attention(self, hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """H_p (B, T, D) -> X_p (B, T, D) and the weights (B, T, M)."""
+        q = self.w_q(hp)  # (B, T, D)
+        k = self.w_k(self.prototypes)  # (M, D)
+        v = self.w_v(self.prototypes)  # (M, D)
+        att = torch.softmax(q @ k.t() / math.sqrt(q.shape[-1]), dim=-1)  # (B, T, M)
+        return att @ v, att
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); position t depends on h[:, :t+1] only."""
+        xp, att = self.prototype_attention(self.local_patterns(h))
+        self.last_attention = att.detach()
+        return self.drop(xp)
+
+
+def reference_sprm(m: SPRM, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop version of SPRM.forward (no dropout): explicit taps over the past, one position at a time.
+
+    Returns X_p (B, T, D) and the prototype weights (B, T, M).
+    """
+    B, T, D = h.shape
+    k = m.prototypes @ m.w_k.weight.t()  # (M, D)
+    v = m.prototypes @ m.w_v.weight.t()  # (M, D)
+    xs, atts = [], []
+    for t in range(T):
+        parts = []
+        for conv, (w, r) in zip(m.convs, m.kernels):
+            acc = conv.bias.expand(B, D).clone()  # (B, D)
+            for j in range(w):  # tap j looks back (w-1-j)·r steps; before the start counts as zero
+                src = t - (w - 1 - j) * r
+                if src >= 0:
+                    acc = acc + h[:, src, :] * conv.weight[:, 0, j]
+            parts.append(acc)
+        hp = torch.cat(parts, dim=1) @ m.merge.weight.t() + m.merge.bias  # (B, D)
+        q = hp @ m.w_q.weight.t()  # (B, D)
+        att = torch.softmax(q @ k.t() / math.sqrt(D), dim=-1)  # (B, M)
+        xs.append(att @ v)
+        atts.append(att)
+    return torch.stack(xs, dim=1), torch.stack(atts, dim=1)

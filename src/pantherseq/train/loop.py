@@ -1,0 +1,259 @@
+"""The one trainer for every registry model (SPEC §5).
+
+AdamW (weight decay on matrices only), warm-up + cosine, gradient clipping, seeded (python, numpy, torch;
+the epoch's batch order is a function of (seed, epoch), so a resumed run sees the same batches), early
+stopping on validation NDCG@10 (the best weights are kept), resume from `last.pt`, a wall-clock budget,
+a progress bar with loss and events/s, and a JSON-lines log. Count models take one counting pass over
+the same batches instead of gradient steps.
+
+Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel over gloo, each rank
+takes every world-th batch and every world-th evaluation window, metric sums are all-reduced, and only
+rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pantherseq.data.dataset import RunData
+from pantherseq.eval.nextevent import evaluate_split
+from pantherseq.model.base import PAD, ModelConfig, SequenceModel
+from pantherseq.model.registry import build_model
+from pantherseq.train.checkpoint import load_checkpoint, model_dir, save_checkpoint
+from pantherseq.train.schedule import get_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    seed: int = 0
+    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    eval_max_users: int | None = 1000  # validate each epoch on a seeded subset of users (None = all)
+    time_budget_s: float | None = None  # stop after the step that exceeds this training wall time
+    threads: int | None = None  # torch threads (None = torch's default)
+    log_every: int = 50
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class Logger:
+    """JSON lines on rank 0; nothing elsewhere."""
+
+    def __init__(self, path: Path, enabled: bool, append: bool):
+        self.fh = open(path, "a" if append else "w") if enabled else None
+
+    def __call__(self, **record: Any) -> None:
+        if self.fh:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+
+
+@dataclass
+class State:
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    train_s: float = 0.0
+    targets: int = 0
+    history: list = field(default_factory=list)
+
+
+def _fit_counts(model: SequenceModel, data: RunData, cfg: PretrainConfig) -> State:
+    state = State()
+    started = time.perf_counter()
+    for batch in data.train_batches(cfg.model.max_len, cfg.train.batch_size, cfg.train.seed):
+        model.observe(batch)
+        state.targets += int((batch.targets != PAD).sum())
+    state.train_s, state.epoch = time.perf_counter() - started, 1
+    return state
+
+
+def _epoch(model, core, opt, data, cfg: PretrainConfig, state: State, total_steps: int, rank: int,
+           world: int, logger: Logger, deadline: float | None) -> bool:
+    """One pass over the training batches; returns False when the time budget ran out."""
+    tc = cfg.train
+    batches = data.train_batches(cfg.model.max_len, tc.batch_size, tc.seed * 1000 + state.epoch, rank, world)
+    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", disable=rank != 0, leave=False, mininterval=1.0)
+    t0, n0 = time.perf_counter(), state.targets
+    for batch in bar:
+        lr = get_lr(state.step, total_steps, tc.lr, tc.warmup_steps, tc.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, parts = core.loss(batch) if world == 1 else model(batch)  # DDP all-reduces the gradients
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        state.step += 1
+        state.targets += int((batch.targets != PAD).sum()) * world
+        rate = (state.targets - n0) / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{float(loss):.4f}", ev_s=f"{rate:,.0f}")
+        if state.step % tc.log_every == 0:
+            logger(kind="step", step=state.step, epoch=state.epoch, lr=lr, loss=float(loss), **parts,
+                   events_per_s=rate)
+        if deadline is not None and state.train_s + time.perf_counter() - t0 > deadline:
+            state.train_s += time.perf_counter() - t0
+            return False
+    state.train_s += time.perf_counter() - t0
+    return True
+
+
+class _LossModule(torch.nn.Module):
+    """DDP needs forward(): this makes forward() = loss() of the wrapped model."""
+
+    def __init__(self, core: SequenceModel):
+        super().__init__()
+        self.core = core
+
+    def forward(self, batch):
+        return self.core.loss(batch)
+
+
+def _validate(core, data, cfg: PretrainConfig, rank: int, world: int) -> dict:
+    return evaluate_split(core, data, "valid", cfg.model.max_len, max_users=cfg.train.eval_max_users,
+                          seed=cfg.train.seed, rank=rank, world=world)
+
+
+def _resume(path: Path, core, opt, state: State) -> dict | None:
+    ckpt = load_checkpoint(path)
+    core.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    for key, value in ckpt["trainer_state"].items():
+        setattr(state, key, value)
+    log.info("resumed from %s at epoch %d", path, state.epoch)
+    return ckpt.get("best_state_dict")
+
+
+def train(run_dir: str | Path, name: str, cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train registry model `name` on a prepared run; writes RUN_DIR/models/NAME/. Returns metrics."""
+    run = Path(run_dir)
+    rank, world = _dist()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    data = RunData(run)
+    info = data.info
+    core = build_model(name, cfg.model, info)
+    out = model_dir(run, name)
+    out.mkdir(parents=True, exist_ok=True)
+    logger = Logger(out / "train_log.jsonl", rank == 0, append=resume)
+    if not core.trainable:
+        state = _fit_counts(core, data, cfg)
+        best_state = None
+    else:
+        state, best_state = _train_neural(core, data, cfg, run, name, rank, world, logger, resume)
+    if best_state is not None:
+        core.load_state_dict(best_state)
+    valid = _validate(core, data, cfg, rank, world)
+    metrics = {
+        "model": name, "valid": valid, "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
+        "steps": state.step, "train_s": round(state.train_s, 2),
+        "train_events_per_s": round(state.targets / max(state.train_s, 1e-9), 1),
+        "train_targets": state.targets, "peak_mb": round(peak_mb(), 1), "world_size": world,
+        "n_params": sum(p.numel() for p in core.parameters()),
+    }
+    logger(kind="final", **metrics)
+    logger.close()
+    if rank == 0:
+        save_checkpoint(out / "checkpoint.pt", core, name, cfg.model, info, run, cfg.train, metrics)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if world > 1:
+        dist.barrier()
+    return metrics
+
+
+def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, rank: int, world: int,
+                  logger: Logger, resume: bool):
+    tc = cfg.train
+    model = core
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(_LossModule(core), find_unused_parameters=True)
+    opt = _optimizer(core, tc)
+    state = State()
+    best_state = None
+    last = model_dir(run, name) / "last.pt"
+    if resume and last.is_file():
+        best_state = _resume(last, core, opt, state)
+    steps_per_epoch = max(1, int(np.ceil(len(data.seq.windows(cfg.model.max_len + 1)) / tc.batch_size)) // world)
+    total_steps = tc.epochs * steps_per_epoch
+    while state.epoch < tc.epochs:
+        finished = _epoch(model, core, opt, data, cfg, state, total_steps, rank, world, logger,
+                          tc.time_budget_s)
+        state.epoch += 1
+        valid = _validate(core, data, cfg, rank, world)
+        score = valid["ndcg@10"]
+        improved = score > state.best
+        if improved:
+            state.best, state.best_epoch, state.bad_epochs = score, state.epoch - 1, 0
+            best_state = copy.deepcopy(core.state_dict())
+        else:
+            state.bad_epochs += 1
+        state.history.append({"epoch": state.epoch, **valid})
+        logger(kind="epoch", epoch=state.epoch, step=state.step, train_s=round(state.train_s, 2),
+               valid=valid, best_epoch=state.best_epoch + 1)
+        if rank == 0:
+            log.info("%s epoch %d: valid NDCG@10 %.4f HR@10 %.4f (best %.4f at epoch %d)", name, state.epoch,
+                     score, valid["hr@10"], state.best, state.best_epoch + 1)
+            save_checkpoint(last, core, name, cfg.model, data.info, run, tc, valid, extra={
+                "optimizer": opt.state_dict(), "best_state_dict": best_state,
+                "trainer_state": {k: v for k, v in vars(state).items()}})
+        if not finished or state.bad_epochs >= tc.patience:
+            break
+    return state, best_state
