@@ -78,12 +78,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_pretrain_config(args.config, args.set)
     _check_run(args.run)
-    out = model_dir(args.run, args.model)
+    name = args.name or args.model
+    out = model_dir(args.run, name)
     out.mkdir(parents=True, exist_ok=True)
     save_toml(cfg, out / "pretrain.toml")
-    metrics = train(args.run, args.model, cfg, resume=args.resume)
+    metrics = train(args.run, args.model, cfg, resume=args.resume, name=name)
     v = metrics["valid"]
-    print(f"trained {args.model} on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
+    print(f"trained {name} ({args.model}) on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
           f"{metrics['train_events_per_s']:,.0f} events/s, peak {metrics['peak_mb']:.0f} MB\n"
           f"  valid HR@1 {v['hr@1']:.4f}  HR@10 {v['hr@10']:.4f}  NDCG@10 {v['ndcg@10']:.4f}  "
           f"MRR {v['mrr']:.4f}  (n = {v['n']:,})\n  -> {out}")
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a TOML file with [model] and [train] tables")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one key, e.g. --set model.d_model=128 --set train.epochs=5 (repeatable)")
+    t.add_argument("--name", help="output name under RUN_DIR/models/ (default: the model name)")
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/last.pt")
     t.set_defaults(func=cmd_pretrain)
 

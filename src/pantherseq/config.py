@@ -4,7 +4,7 @@
 an unknown key raises `ConfigError` naming the valid keys, a wrong type names the expected one.
 `load_toml` reads a file, `merge` deep-merges dicts (a user file over a built-in one) and
 `apply_overrides` applies `a.b.c=value` strings whose values are parsed as TOML (`bins=20`,
-`name="x"`, `fields=["a","b"]`; a bare word is taken as a string).
+`name="x"`, `fields=["a","b"]`; a bare word is taken as a string, `none` / `null` as None).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_value(text: str) -> Any:
+    if text.lower() in ("none", "null"):  # TOML has no null; an override may unset an optional key
+        return None
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -36,7 +36,7 @@ def evaluate_split(model: SequenceModel, data: RunData, split: str, max_len: int
     acc = MetricSum()
     batches = data.eval_batches(windows, size)
     total = int(np.ceil(len(windows) / size))
-    for batch in tqdm(batches, total=total, desc=f"evaluate {split}", disable=not progress, leave=False):
+    for batch in tqdm(batches, total=total, desc=f"evaluate {split}", disable=None if progress else True, leave=False):
         scores, targets = model.target_scores(batch)
         if targets.numel():
             acc.add(ranks(scores, targets))

@@ -211,6 +211,9 @@ class CountModel(SequenceModel):
     def observe(self, batch: Batch) -> None:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Called once after the counting pass (e.g. to compact the counts)."""
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy of the current counts (for logging only: count models take no steps)."""
         s = self.scores(batch)

@@ -1,7 +1,9 @@
 """Count baselines: `popular` (global frequency) and `markov` (first-order transitions with back-off).
 
 Fitted by counting the same training batches the neural models see (`observe`), one pass; no gradients.
-Counts are buffers, so they travel in the state_dict like any weight.
+Counts are buffers, so they travel in the state_dict like any weight. The transition table is sparse
+(sorted (current, next) keys with counts), so a 60,000-token vocabulary costs memory in proportion to the
+transitions actually seen, not V².
 """
 
 from __future__ import annotations
@@ -22,45 +24,12 @@ class Popular(CountModel):
         y = batch.targets[batch.targets != PAD]
         self.counts += torch.bincount(y, minlength=self.info.vocab_size).double()
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        B, T = batch.tokens.shape
-        return torch.log1p(self.counts).float().expand(B, T, -1)
-
-    def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = batch.targets != PAD
-        n = int(keep.sum())
-        return torch.log1p(self.counts).float().expand(n, -1), batch.targets[keep]
-
-
-class Markov(Popular):
-    """P(next | current) from transition counts, backed off to popularity: counts[cur] + w * prior.
-
-    A dense V x V table; for vocabularies too large for that (V > 20,000) it refuses to build.
-    """
-
-    MAX_VOCAB = 20_000
-
-    def __init__(self, cfg: ModelConfig, info: DataInfo):
-        if info.vocab_size > self.MAX_VOCAB:
-            raise ValueError(f"markov keeps a dense {info.vocab_size}^2 table: vocabulary above "
-                             f"{self.MAX_VOCAB:,} is too large; lower tokenizer.top_k")
-        super().__init__(cfg, info)
-        self.register_buffer("transitions", torch.zeros(info.vocab_size, info.vocab_size))
-
-    def observe(self, batch: Batch) -> None:
-        super().observe(batch)
-        keep = batch.targets != PAD
-        cur, nxt = batch.tokens[keep], batch.targets[keep]
-        flat = cur * self.info.vocab_size + nxt
-        self.transitions.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    def prior(self) -> torch.Tensor:
+        """(V,) float32 training frequency of each token as a target."""
+        return (self.counts / self.counts.sum().clamp_min(1)).float()
 
     def _from_current(self, current: torch.Tensor) -> torch.Tensor:
-        """(...,) current tokens -> (..., V) log P(next | current), backed off to popularity."""
-        prior = (self.counts / self.counts.sum().clamp_min(1)).float()  # (V,)
-        rows = self.transitions[current]  # (..., V)
-        total = rows.sum(-1, keepdim=True)
-        w = self.cfg.markov_backoff
-        return torch.log((rows + w * prior) / (total + w))
+        return torch.log1p(self.counts).float().expand(*current.shape, -1)
 
     def scores(self, batch: Batch) -> torch.Tensor:
         return self._from_current(batch.tokens)
@@ -68,3 +37,54 @@ class Markov(Popular):
     def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         keep = batch.targets != PAD
         return self._from_current(batch.tokens[keep]), batch.targets[keep]
+
+
+class Markov(Popular):
+    """log P(next | current) = log((count(current, next) + w · prior(next)) / (count(current) + w))."""
+
+    def __init__(self, cfg: ModelConfig, info: DataInfo):
+        super().__init__(cfg, info)
+        self.register_buffer("keys", torch.zeros(0, dtype=torch.long))  # sorted current * V + next
+        self.register_buffer("pair_counts", torch.zeros(0))
+        self._pending: list[torch.Tensor] = []
+
+    def observe(self, batch: Batch) -> None:
+        super().observe(batch)
+        keep = batch.targets != PAD
+        self._pending.append(batch.tokens[keep] * self.info.vocab_size + batch.targets[keep])
+
+    def finish(self) -> None:
+        self._merge()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("keys", "pair_counts"):  # their size is the number of distinct transitions
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        keys = torch.cat([self.keys.repeat_interleave(self.pair_counts.long()), *self._pending])
+        self._pending = []
+        self.keys, counts = torch.unique(keys, sorted=True, return_counts=True)
+        self.pair_counts = counts.float()
+
+    def _from_current(self, current: torch.Tensor) -> torch.Tensor:
+        self._merge()
+        V = self.info.vocab_size
+        flat = current.reshape(-1)  # (N,)
+        rows = self.cfg.markov_backoff * self.prior().expand(flat.numel(), V).clone()  # (N, V)
+        row_of_key = self.keys // V
+        lo = torch.searchsorted(row_of_key, flat)
+        hi = torch.searchsorted(row_of_key, flat, right=True)
+        n = hi - lo
+        totals = torch.zeros(flat.numel())
+        if int(n.sum()):
+            which = torch.repeat_interleave(torch.arange(flat.numel()), n)  # row of each entry
+            offset = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            entry = torch.repeat_interleave(lo, n) + offset
+            rows[which, self.keys[entry] % V] += self.pair_counts[entry]
+            totals.index_add_(0, which, self.pair_counts[entry])
+        out = torch.log(rows / (totals + self.cfg.markov_backoff).unsqueeze(1))
+        return out.reshape(*current.shape, V)

@@ -120,6 +120,7 @@ def _fit_counts(model: SequenceModel, data: RunData, cfg: PretrainConfig) -> Sta
     for batch in data.train_batches(cfg.model.max_len, cfg.train.batch_size, cfg.train.seed):
         model.observe(batch)
         state.targets += int((batch.targets != PAD).sum())
+    model.finish()
     state.train_s, state.epoch = time.perf_counter() - started, 1
     return state
 
@@ -129,7 +130,7 @@ def _epoch(model, core, opt, data, cfg: PretrainConfig, state: State, total_step
     """One pass over the training batches; returns False when the time budget ran out."""
     tc = cfg.train
     batches = data.train_batches(cfg.model.max_len, tc.batch_size, tc.seed * 1000 + state.epoch, rank, world)
-    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", disable=rank != 0, leave=False, mininterval=1.0)
+    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", disable=None if rank == 0 else True, leave=False, mininterval=1.0)
     t0, n0 = time.perf_counter(), state.targets
     for batch in bar:
         lr = get_lr(state.step, total_steps, tc.lr, tc.warmup_steps, tc.schedule)
@@ -144,9 +145,9 @@ def _epoch(model, core, opt, data, cfg: PretrainConfig, state: State, total_step
         state.step += 1
         state.targets += int((batch.targets != PAD).sum()) * world
         rate = (state.targets - n0) / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{float(loss):.4f}", ev_s=f"{rate:,.0f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", ev_s=f"{rate:,.0f}")
         if state.step % tc.log_every == 0:
-            logger(kind="step", step=state.step, epoch=state.epoch, lr=lr, loss=float(loss), **parts,
+            logger(kind="step", step=state.step, epoch=state.epoch, lr=lr, loss=loss.item(), **parts,
                    events_per_s=rate)
         if deadline is not None and state.train_s + time.perf_counter() - t0 > deadline:
             state.train_s += time.perf_counter() - t0
@@ -181,8 +182,11 @@ def _resume(path: Path, core, opt, state: State) -> dict | None:
     return ckpt.get("best_state_dict")
 
 
-def train(run_dir: str | Path, name: str, cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train registry model `name` on a prepared run; writes RUN_DIR/models/NAME/. Returns metrics."""
+def train(run_dir: str | Path, model: str, cfg: PretrainConfig, resume: bool = False,
+          name: str | None = None) -> dict[str, Any]:
+    """Train registry model `model` on a prepared run; writes RUN_DIR/models/NAME/ (NAME defaults to the
+    model: give another to keep variants, e.g. ablations, side by side). Returns the metrics."""
+    name = name or model
     run = Path(run_dir)
     rank, world = _dist()
     if cfg.train.threads:
@@ -190,7 +194,7 @@ def train(run_dir: str | Path, name: str, cfg: PretrainConfig, resume: bool = Fa
     seed_everything(cfg.train.seed)
     data = RunData(run)
     info = data.info
-    core = build_model(name, cfg.model, info)
+    core = build_model(model, cfg.model, info)
     out = model_dir(run, name)
     out.mkdir(parents=True, exist_ok=True)
     logger = Logger(out / "train_log.jsonl", rank == 0, append=resume)
@@ -198,12 +202,12 @@ def train(run_dir: str | Path, name: str, cfg: PretrainConfig, resume: bool = Fa
         state = _fit_counts(core, data, cfg)
         best_state = None
     else:
-        state, best_state = _train_neural(core, data, cfg, run, name, rank, world, logger, resume)
+        state, best_state = _train_neural(core, data, cfg, run, name, model, rank, world, logger, resume)
     if best_state is not None:
         core.load_state_dict(best_state)
     valid = _validate(core, data, cfg, rank, world)
     metrics = {
-        "model": name, "valid": valid, "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
+        "model": model, "name": name, "valid": valid, "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
         "steps": state.step, "train_s": round(state.train_s, 2),
         "train_events_per_s": round(state.targets / max(state.train_s, 1e-9), 1),
         "train_targets": state.targets, "peak_mb": round(peak_mb(), 1), "world_size": world,
@@ -212,15 +216,15 @@ def train(run_dir: str | Path, name: str, cfg: PretrainConfig, resume: bool = Fa
     logger(kind="final", **metrics)
     logger.close()
     if rank == 0:
-        save_checkpoint(out / "checkpoint.pt", core, name, cfg.model, info, run, cfg.train, metrics)
+        save_checkpoint(out / "checkpoint.pt", core, model, cfg.model, info, run, cfg.train, metrics)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if world > 1:
         dist.barrier()
     return metrics
 
 
-def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, rank: int, world: int,
-                  logger: Logger, resume: bool):
+def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, model_name: str, rank: int,
+                  world: int, logger: Logger, resume: bool):
     tc = cfg.train
     model = core
     if world > 1:
@@ -251,7 +255,7 @@ def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, rank: i
         if rank == 0:
             log.info("%s epoch %d: valid NDCG@10 %.4f HR@10 %.4f (best %.4f at epoch %d)", name, state.epoch,
                      score, valid["hr@10"], state.best, state.best_epoch + 1)
-            save_checkpoint(last, core, name, cfg.model, data.info, run, tc, valid, extra={
+            save_checkpoint(last, core, model_name, cfg.model, data.info, run, tc, valid, extra={
                 "optimizer": opt.state_dict(), "best_state_dict": best_state,
                 "trainer_state": {k: v for k, v in vars(state).items()}})
         if not finished or state.bad_epochs >= tc.patience:

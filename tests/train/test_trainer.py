@@ -1,0 +1,133 @@
+"""The trainer, checkpoints, resume, evaluation protocol and torchrun, on a small simulated run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pantherseq.cli import main
+from pantherseq.data.dataset import RunData
+from pantherseq.data.schema import load_dataset_config
+from pantherseq.eval.nextevent import evaluate_run, evaluate_split
+from pantherseq.model.base import PAD, SequenceModel
+from pantherseq.prepare import prepare
+from pantherseq.train.checkpoint import load_model
+from pantherseq.train.loop import PretrainConfig, TrainConfig, train
+from pantherseq.model.base import ModelConfig
+
+SMALL = ["simulate.n_users=120", "simulate.days=40", "split.t1=\"2024-01-28\"", "split.t2=\"2024-02-03\""]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sim") / "run"
+    prepare(load_dataset_config("simulated", overrides=SMALL), run)
+    return run
+
+
+def small_cfg(**train) -> PretrainConfig:
+    model = ModelConfig(d_model=32, n_layers=1, n_heads=2, max_len=32, n_prototypes=8)
+    return PretrainConfig(model=model, train=TrainConfig(**{"epochs": 1, "batch_size": 32, "warmup_steps": 5,
+                                                             "eval_max_users": None, **train}))
+
+
+class Oracle(SequenceModel):
+    """Scores the true next token highest: evaluation must give HR@1 = 1."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def target_scores(self, batch):
+        keep = batch.targets != PAD
+        y = batch.targets[keep]
+        return torch.nn.functional.one_hot(y, self.vocab).float(), y
+
+
+def test_an_oracle_scores_hr1_of_one(run_dir):
+    data = RunData(run_dir)
+    res = evaluate_split(Oracle(data.info.vocab_size), data, "test", max_len=16)
+    assert res["n"] > 100 and res["hr@1"] == 1.0 and res["mrr"] == 1.0 and res["ndcg@10"] == 1.0
+
+
+def test_every_eval_target_once_with_enough_context(run_dir):
+    data = RunData(run_dir)
+    seq = data.seq
+    max_len = 16
+    win = data.eval_windows("test", max_len)
+    seen = []
+    for start, length, first in win.tolist():
+        batch = data._batch(np.array([start]), np.array([length]), target_from=np.array([first]))
+        pos = np.flatnonzero(batch.targets[0].numpy() != PAD)
+        for p in pos.tolist():
+            target = start + p + 1
+            user = data.user_of[target]
+            context = p + 1
+            assert context >= min(max_len // 2, target - seq.offsets[user])
+            seen.append(target)
+    expected = [i for i in np.flatnonzero(np.asarray(seq.split) == 2).tolist()
+                if i not in set(seq.offsets[:-1].tolist()) and seq.tokens[i] != 1]
+    assert sorted(seen) == expected
+
+
+def test_train_checkpoint_round_trip_and_resume(run_dir):
+    cfg = small_cfg(epochs=1)
+    metrics = train(run_dir, "transformer", cfg)
+    out = run_dir / "models" / "transformer"
+    assert {"checkpoint.pt", "last.pt", "train_log.jsonl", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert metrics["epochs"] == 1 and metrics["train_events_per_s"] > 0 and 0 < metrics["valid"]["hr@10"] <= 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and dicts only
+    assert ckpt["model_name"] == "transformer" and ckpt["model_config"]["d_model"] == 32
+    model, _ = load_model(run_dir, "transformer")
+    again, _ = load_model(run_dir, "transformer")
+    batch = next(RunData(run_dir).train_batches(32, 8, seed=0))
+    assert torch.equal(model.scores(batch), again.scores(batch))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], ckpt["state_dict"][k]) for k in state)
+    # resume: one more epoch continues from last.pt
+    cfg2 = small_cfg(epochs=2)
+    resumed = train(run_dir, "transformer", cfg2, resume=True)
+    assert resumed["epochs"] == 2 and resumed["steps"] == 2 * metrics["steps"]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_count_models_and_evaluate_writes_the_table(run_dir, capsys):
+    for name in ("popular", "markov"):
+        train(run_dir, name, small_cfg())
+    assert main(["evaluate", "--run", str(run_dir), "--models", "popular,markov", "--split", "valid,test"]) == 0
+    out = capsys.readouterr().out
+    assert "popular" in out and "markov" in out and "ndcg@10" in out
+    res = json.loads((run_dir / "eval.json").read_text())
+    assert set(res["markov"]) == {"valid", "test"}
+    # on routine-driven data the transition model beats global popularity
+    assert res["markov"]["test"]["hr@10"] > res["popular"]["test"]["hr@10"]
+    assert res["markov"]["test"]["n"] == res["popular"]["test"]["n"]
+
+
+def test_unknown_model_and_missing_run_are_clear_errors(run_dir, tmp_path, capsys):
+    assert main(["pretrain", "--run", str(run_dir), "--model", "gpt9"]) == 2
+    assert "gpt9" in capsys.readouterr().err
+    assert main(["pretrain", "--run", str(tmp_path), "--model", "popular"]) == 2
+    assert "not a prepared run" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(run_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `--` ends torchrun's own options (its parser would take --run for --run-path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pantherseq.cli", "--", "pretrain", "--run", str(run_dir), "--model", "sasrec",
+           "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.max_len=32",
+           "--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.eval_max_users=40"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "models" / "sasrec" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] > 0
+    model, _ = load_model(run_dir, "sasrec")
+    assert sum(p.numel() for p in model.parameters()) == metrics["n_params"]
