@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-env lint clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,16 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q
 
-bench: setup
+# RecBole (the peer we compare with) needs numpy<2 and old pandas: its own venv, .venv-bench
+bench-env: setup
+	bash benchmarks/bench-env.sh
+
+bench: setup bench-env
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/nextevent.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-bench runs .pytest_cache

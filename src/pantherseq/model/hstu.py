@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pantherseq.model.base import Batch, DataInfo, ModelConfig, NeuralModel
-from pantherseq.model.layers import InputEmbedding, init_weights, padding_mask, token_scale
+from pantherseq.model.layers import InputEmbedding, init_weights, padding_mask, split_heads, token_scale
 
 
 class HSTULayer(nn.Module):
@@ -44,7 +44,7 @@ class HSTULayer(nn.Module):
         """(B, T, D) -> (B, T, D)."""
         B, T, D = x.shape
         u, v, q, k = F.silu(self.f1(self.ln_in(x))).split(D, dim=2)  # each (B, T, D)
-        q, k, v = (z.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (split_heads(z, self.n_heads) for z in (q, k, v))  # (B, nh, T, hs)
         pos = torch.arange(T, device=x.device)
         rel = (pos.unsqueeze(1) - pos.unsqueeze(0)).clamp_min(0)  # (T, T) i − j
         causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # (T, T)
@@ -57,7 +57,7 @@ class HSTULayer(nn.Module):
 class HSTU(NeuralModel):
     def __init__(self, cfg: ModelConfig, info: DataInfo):
         super().__init__(cfg, info)
-        self.embedding = InputEmbedding(cfg, info, self.token_emb, scale=token_scale(cfg))
+        self.embedding = InputEmbedding(cfg, info, scale=token_scale(cfg))
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.apply(init_weights)
@@ -65,7 +65,7 @@ class HSTU(NeuralModel):
     def hidden(self, batch: Batch) -> torch.Tensor:
         """-> (B, T, D) causal states."""
         keep = padding_mask(batch)  # (B, T, 1)
-        x = self.embedding(batch) * keep
+        x = self.embedding(batch, self.token_emb) * keep
         for layer in self.layers:
             x = layer(x) * keep
         return self.ln_f(x)

@@ -34,6 +34,12 @@ def init_weights(module: nn.Module) -> None:
                 module.weight[module.padding_idx].zero_()
 
 
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, D) -> (B, nh, T, hs)."""
+    B, T, D = x.shape
+    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -48,7 +54,7 @@ class CausalSelfAttention(nn.Module):
         """(B, T, D) -> (B, T, D)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (z.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (split_heads(z, self.n_heads) for z in (q, k, v))  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, D)
@@ -96,27 +102,30 @@ class Block(nn.Module):
 class InputEmbedding(nn.Module):
     """Event embeddings: scale·token + position [+ Σ field embeddings] [+ time gap] [+ profile].
 
-    `token_emb` is the model's own table from `NeuralModel` (shared with the output layer when tied),
-    passed in, not created here. Field embeddings (cfg.field_embeddings, one table per field, sizes
-    from DataInfo.field_sizes) let an [UNK] token still carry its amount, channel, category (SPEC §3).
+    The token table is the model's own `NeuralModel.token_emb` (shared with the output layer when
+    tied), passed to `forward` rather than held here, so the state_dict holds it once. Field
+    embeddings (cfg.field_embeddings, one table per field, sizes from DataInfo.field_sizes) let an
+    [UNK] token still carry its amount, channel and category (SPEC §3).
     """
 
-    def __init__(self, cfg: ModelConfig, info: DataInfo, token_emb: nn.Embedding, scale: float = 1.0):
+    def __init__(self, cfg: ModelConfig, info: DataInfo, scale: float = 1.0):
         super().__init__()
-        self.token_emb, self.scale, self.max_len = token_emb, scale, cfg.max_len
+        self.scale, self.max_len = scale, cfg.max_len
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         use_fields = cfg.field_embeddings and len(info.field_sizes) > 0
-        self.field_embs = nn.ModuleList(nn.Embedding(n, cfg.d_model) for n in info.field_sizes) if use_fields else None
+        self.field_embs = (nn.ModuleList(nn.Embedding(n, cfg.d_model) for n in info.field_sizes)
+                           if use_fields else None)
         self.gap_emb = nn.Embedding(GAP_BUCKETS, cfg.d_model) if cfg.time_gap else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, batch: Batch, profile: torch.Tensor | None = None) -> torch.Tensor:
-        """-> (B, T, D); `profile` (B, D), when given, is added at every position (PANTHER positional mode)."""
+    def forward(self, batch: Batch, token_emb: nn.Embedding,
+                profile: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (B, T, D); `profile` (B, D), if given, is added at every position (positional mode)."""
         tokens = batch.tokens  # (B, T)
         T = tokens.shape[1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")
-        x = self.token_emb(tokens) * self.scale + self.pos_emb(torch.arange(T, device=tokens.device))
+        x = token_emb(tokens) * self.scale + self.pos_emb(torch.arange(T, device=tokens.device))
         if self.field_embs is not None:
             for f, emb in enumerate(self.field_embs):
                 x = x + emb(batch.codes[:, :, f])

@@ -37,7 +37,7 @@ class Panther(NeuralModel):
         if cfg.profile_mode not in PROFILE_MODES:
             raise ValueError(f"unknown profile_mode {cfg.profile_mode!r}; valid: {', '.join(PROFILE_MODES)}")
         self.profile_mode = cfg.profile_mode if has_profile(info) else "none"
-        self.embedding = InputEmbedding(cfg, info, self.token_emb)
+        self.embedding = InputEmbedding(cfg, info)
         self.profile = ProfileEncoder(cfg, info) if self.profile_mode != "none" else None
         self.blocks = nn.ModuleList(Block(cfg, SPRM(cfg) if cfg.sprm else None) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -46,7 +46,8 @@ class Panther(NeuralModel):
     def hidden(self, batch: Batch) -> torch.Tensor:
         """-> (B, T, D) causal states aligned with batch.tokens."""
         e_u = self.profile(batch) if self.profile is not None else None  # (B, D)
-        x = self.embedding(batch, e_u if self.profile_mode == "positional" else None)  # (B, T, D)
+        added = e_u if self.profile_mode == "positional" else None
+        x = self.embedding(batch, self.token_emb, added)  # (B, T, D)
         first = self.profile_mode == "first_token"
         if first:
             x = torch.cat([e_u.unsqueeze(1), x], dim=1)  # (B, 1 + T, D)
@@ -74,4 +75,5 @@ class Transformer(Panther):
     """The paper's "Transformer" baseline: PANTHER's backbone without SPRM, profile or contrastive loss."""
 
     def __init__(self, cfg: ModelConfig, info: DataInfo):
-        super().__init__(dataclasses.replace(cfg, sprm=False, profile_mode="none", contrastive_lambda=0.0), info)
+        cfg = dataclasses.replace(cfg, sprm=False, profile_mode="none", contrastive_lambda=0.0)
+        super().__init__(cfg, info)

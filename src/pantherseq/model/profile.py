@@ -4,7 +4,7 @@
 categorical field (code 0 = unknown), summed, plus a linear projection of the standardised numeric
 fields. `contrastive_loss` pulls together users that share demographics (SPEC Eq. 5):
 
-    L_CL = −(1/|Pos|) Σ_{(i,j)∈Pos} log [ exp(−‖e_i−e_j‖²/τ) / Σ_{k≠i} exp(−‖e_i−e_k‖²/τ) ]
+    L_CL = −(1/|Pos|) Σ_{(i,j)∈Pos} log[ exp(−‖e_i−e_j‖²/τ) / Σ_{k≠i} exp(−‖e_i−e_k‖²/τ) ]
 
 Normalisation (the paper writes a plain sum): we divide by the number of ordered positive pairs
 |Pos|, so the loss is an average log-probability, its scale does not grow with the batch size, and

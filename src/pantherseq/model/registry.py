@@ -3,7 +3,9 @@ and its baselines, so they share the data path, trainer and evaluation)."""
 
 from __future__ import annotations
 
+from pantherseq.errors import ConfigError
 from pantherseq.model.base import DataInfo, ModelConfig, SequenceModel
+from pantherseq.model.counts import Markov, Popular
 from pantherseq.model.hstu import HSTU
 from pantherseq.model.panther import Panther, Transformer
 from pantherseq.model.sasrec import SASRec
@@ -14,11 +16,17 @@ MODELS: dict[str, type[SequenceModel]] = {
     "transformer": Transformer,
     "sasrec": SASRec,
     "hstu": HSTU,
-    # count models (CountModel subclasses from model/counts.py): "markov", "popular"
+    # count models (CountModel subclasses, fitted by one counting pass over the same batches)
+    "markov": Markov,
+    "popular": Popular,
 }
+
+
+class UnknownModelError(ConfigError, ValueError):
+    """A model name not in MODELS: a user-fixable config error (the CLI exits 2)."""
 
 
 def build_model(name: str, cfg: ModelConfig, info: DataInfo) -> SequenceModel:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+        raise UnknownModelError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
     return MODELS[name](cfg, info)

@@ -22,7 +22,7 @@ from pantherseq.model.layers import MLP, Block, InputEmbedding, init_weights, pa
 class SASRec(NeuralModel):
     def __init__(self, cfg: ModelConfig, info: DataInfo):
         super().__init__(cfg, info)
-        self.embedding = InputEmbedding(cfg, info, self.token_emb, scale=token_scale(cfg))
+        self.embedding = InputEmbedding(cfg, info, scale=token_scale(cfg))
         self.blocks = nn.ModuleList(Block(cfg, mlp=MLP(cfg, hidden=cfg.d_model, act=nn.ReLU))
                                     for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -31,7 +31,7 @@ class SASRec(NeuralModel):
     def hidden(self, batch: Batch) -> torch.Tensor:
         """-> (B, T, D) causal states."""
         keep = padding_mask(batch)  # (B, T, 1)
-        x = self.embedding(batch) * keep
+        x = self.embedding(batch, self.token_emb) * keep
         for block in self.blocks:
             x = block(x) * keep
         return self.ln_f(x)

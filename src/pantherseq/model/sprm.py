@@ -34,10 +34,11 @@ class SPRM(nn.Module):
         D = cfg.d_model
         self.kernels = [(int(w), int(r)) for w, r in cfg.sprm_kernels]
         if not self.kernels or any(w < 1 or r < 1 for w, r in self.kernels):
-            raise ValueError(f"sprm_kernels must be non-empty [kernel, dilation] pairs >= 1, got {cfg.sprm_kernels}")
+            raise ValueError(f"sprm_kernels must be non-empty [kernel, dilation] pairs >= 1, "
+                             f"got {cfg.sprm_kernels}")
         self.convs = nn.ModuleList(nn.Conv1d(D, D, w, dilation=r, groups=D) for w, r in self.kernels)
         self.merge = nn.Linear(D * len(self.kernels), D)
-        self.prototypes = nn.Parameter(torch.randn(cfg.n_prototypes, D))  # (M, D), on the scale of LayerNorm outputs
+        self.prototypes = nn.Parameter(torch.randn(cfg.n_prototypes, D))  # (M, D), LayerNorm-output scale
         self.w_q = nn.Linear(D, D, bias=False)
         self.w_k = nn.Linear(D, D, bias=False)
         self.w_v = nn.Linear(D, D, bias=False)
@@ -47,7 +48,8 @@ class SPRM(nn.Module):
     def local_patterns(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> H_p (B, T, D): causal dilated depthwise convolutions, concatenated, projected."""
         x = h.transpose(1, 2)  # (B, D, T)
-        outs = [conv(F.pad(x, ((w - 1) * r, 0))) for conv, (w, r) in zip(self.convs, self.kernels)]  # each (B, D, T)
+        outs = [conv(F.pad(x, ((w - 1) * r, 0)))  # (B, D, T): left padding only, so causal
+                for conv, (w, r) in zip(self.convs, self.kernels)]
         return self.merge(torch.cat(outs, dim=1).transpose(1, 2))  # (B, T, D·#pairs) -> (B, T, D)
 
     def prototype_attention(self, hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
