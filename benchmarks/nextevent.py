@@ -70,7 +70,7 @@ ABLATIONS = {
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     print("+", " ".join(cmd), flush=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    res = subprocess.run(cmd, text=True, capture_output=True, env=env, **kw)
+    res = subprocess.run(cmd, text=True, capture_output=True, env=env, check=False, **kw)
     if res.returncode != 0:
         raise SystemExit(f"command failed ({res.returncode}):\n{res.stderr[-4000:]}")
     return res

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pantherseq.config import apply_overrides, save_toml, load_toml
+from pantherseq.config import apply_overrides, load_toml, save_toml
 from pantherseq.data.schema import DATASETS, DatasetConfig, load_dataset_config
 from pantherseq.errors import ConfigError
 

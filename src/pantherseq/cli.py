@@ -11,7 +11,6 @@ Every user error (bad input, bad config) ends with one line on stderr and exit c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

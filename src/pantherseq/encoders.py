@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ def _fmt_seconds(s: float) -> str:
 def _to_epoch_s(ts: Any) -> float:
     if isinstance(ts, datetime):
         if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=timezone.utc)
+            ts = ts.replace(tzinfo=UTC)
         return ts.timestamp()
     if isinstance(ts, str):
         return _to_epoch_s(datetime.fromisoformat(ts))
@@ -259,7 +259,7 @@ class WeekdayEncoder(FieldEncoder):
     def code_one(self, event: dict[str, Any]) -> int:
         ts = event[TIME]
         if not isinstance(ts, datetime):
-            ts = datetime.fromtimestamp(_to_epoch_s(ts), tz=timezone.utc)
+            ts = datetime.fromtimestamp(_to_epoch_s(ts), tz=UTC)
         return ts.weekday() + 1
 
     def label(self, code: int) -> str:

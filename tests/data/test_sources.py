@@ -13,7 +13,6 @@ from conftest import HANDBOOK_HEADER, handbook_rows, write_lines
 from pantherseq.cli import main
 from pantherseq.data.schema import load_dataset_config
 from pantherseq.data.sources import load_source, recbole_ml100k
-from pantherseq.errors import DataError
 
 CANONICAL = {"user_id": pl.Utf8, "timestamp": pl.Datetime("us")}
 
@@ -47,7 +46,7 @@ def test_handbook_reads_gzip_parts_from_a_folder(handbook_dir, tmp_path):
 
 
 def test_handbook_glob_of_one_real_part(handbook_dir):
-    part = sorted(handbook_dir.glob("*.csv.gz"))[0]
+    part = min(handbook_dir.glob("*.csv.gz"))
     loaded = _load("handbook", str(handbook_dir / (part.name[:-12] + "*.csv.gz")))
     assert loaded.files == [str(part)]
     assert loaded.rows_read == loaded.events.height > 200_000

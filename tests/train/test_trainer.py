@@ -14,12 +14,11 @@ import torch
 from pantherseq.cli import main
 from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import load_dataset_config
-from pantherseq.eval.nextevent import evaluate_run, evaluate_split
-from pantherseq.model.base import PAD, SequenceModel
+from pantherseq.eval.nextevent import evaluate_split
+from pantherseq.model.base import PAD, ModelConfig, SequenceModel
 from pantherseq.prepare import prepare
 from pantherseq.train.checkpoint import load_model
 from pantherseq.train.loop import PretrainConfig, TrainConfig, train
-from pantherseq.model.base import ModelConfig
 
 SMALL = ["simulate.n_users=120", "simulate.days=40", "split.t1=\"2024-01-28\"", "split.t2=\"2024-02-03\""]
 
@@ -127,7 +126,7 @@ def test_torchrun_two_processes(run_dir, tmp_path):
            "-m", "pantherseq.cli", "--", "pretrain", "--run", str(run_dir), "--model", "sasrec",
            "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.max_len=32",
            "--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.eval_max_users=40"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "models" / "sasrec" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] > 0

@@ -17,9 +17,9 @@ predicting "something rare" is not a behaviour. Their events stay in the inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import polars as pl

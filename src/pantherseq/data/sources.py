@@ -20,10 +20,10 @@ import difflib
 import glob
 import gzip
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
@@ -351,7 +351,7 @@ def recbole_ml100k() -> Path | None:
     spec = importlib_util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+    path = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
     return path if path.is_dir() else None
 
 

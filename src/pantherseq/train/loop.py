@@ -90,7 +90,7 @@ class Logger:
     """JSON lines on rank 0; nothing elsewhere."""
 
     def __init__(self, path: Path, enabled: bool, append: bool):
-        self.fh = open(path, "a" if append else "w") if enabled else None
+        self.fh = open(path, "a" if append else "w") if enabled else None  # noqa: SIM115 (closed by close())
 
     def __call__(self, **record: Any) -> None:
         if self.fh:
