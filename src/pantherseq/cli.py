@@ -193,5 +193,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
+                  "/usr/lib64/libtcmalloc.so.4", "/usr/lib/libtcmalloc.so.4")
+HEAVY = {"pretrain", "evaluate", "demo"}
+
+
+def _preload_tcmalloc(argv: list[str]) -> None:
+    """Re-exec once with tcmalloc preloaded for training/evaluation: PyTorch's many small CPU allocations
+    run 1.1-1.5x faster with it than with glibc malloc (docs/BENCHMARKS.md). PANTHERSEQ_MALLOC=system
+    turns it off; it is skipped silently when the library is not installed."""
+    if os.environ.get("PANTHERSEQ_MALLOC", "tcmalloc") != "tcmalloc" or not HEAVY & set(argv):
+        return
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+    if lib:
+        os.environ["LD_PRELOAD"] = ":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")]))
+        os.execv(sys.executable, [sys.executable, "-m", "pantherseq.cli", *argv])
+
+
+def run() -> None:
+    """The console-script entry point (tests call `main` directly, which never re-execs)."""
+    argv = sys.argv[1:]
+    _preload_tcmalloc(argv)
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
