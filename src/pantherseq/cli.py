@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_run(args.run)
     models = [m for m in args.models.split(",") if m] if args.models else None
     splits = tuple(s for s in args.split.split(",") if s)
-    results = evaluate_run(args.run, models, splits)
+    results = evaluate_run(args.run, models, splits, max_users=args.max_users, seed=args.seed)
     for split in splits:
         print(f"{split}:\n{format_table(results, split)}")
     print(f"-> {Path(args.run) / 'eval.json'}")
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="a prepared run directory with trained models")
     e.add_argument("--models", help="comma-separated model names (default: every trained model)")
     e.add_argument("--split", default="test", help="comma-separated splits: valid, test (default: test)")
+    e.add_argument("--max-users", type=int, help="evaluate a seeded subset of this many users (default: all)")
+    e.add_argument("--seed", type=int, default=0, help="seed of that subset (default: 0)")
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="run the main job on the built-in simulator",

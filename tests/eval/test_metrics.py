@@ -14,9 +14,11 @@ def test_ranks_by_hand():
     # ids 0..3 are special and never candidates; candidates are ids 4..7
     scores = torch.tensor([[9.0, 9, 9, 9, 0.1, 0.5, 0.3, 0.2],   # target 5 is the best -> rank 1
                            [9.0, 9, 9, 9, 0.1, 0.5, 0.3, 0.2],   # target 4 is the worst -> rank 4
-                           [0.0, 0, 0, 0, 0.5, 0.5, 0.5, 0.1]])  # ties 4,5,6: target 6 -> 3 (id order)
-    r = ranks(scores, torch.tensor([5, 4, 6]))
+                           [0.0, 0, 0, 0, 0.5, 0.5, 0.5, 0.1]])  # ties 4,5,6 count against: 3
+    r = ranks(scores, torch.tensor([5, 4, 4]))
     assert r.tolist() == [1, 4, 3]
+    # a constant scorer ranks every target last: ties never help
+    assert ranks(torch.zeros(2, 8), torch.tensor([4, 7])).tolist() == [4, 4]
 
 
 def test_per_example_values_by_hand():

@@ -1,8 +1,8 @@
 """Next-behaviour metrics (SPEC §6): pure functions of per-example ranks, aggregated by sum and count.
 
-A rank is 1-based: 1 + the number of candidates scored strictly higher than the target, + the number
-scored equal with a smaller id (a deterministic tie-break, as a stable sort by descending score would
-give). Special tokens (PAD, UNK, BOS, PROFILE) are never candidates.
+A rank is 1-based and pessimistic about ties: the number of candidates scored at least as high as the
+target, the target included. No model gains from ties (a constant scorer ranks every target last), and
+it takes one pass over the score matrix. Special tokens (PAD, UNK, BOS, PROFILE) are never candidates.
 """
 
 from __future__ import annotations
@@ -17,13 +17,8 @@ N_SPECIAL = 4  # equals tokenizer.N_SPECIAL
 
 def ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: int = N_SPECIAL) -> torch.Tensor:
     """scores (N, V), targets (N,) -> (N,) int64 1-based ranks of the targets among ids >= exclude."""
-    s = scores.float().clone()
-    s[:, :exclude] = -torch.inf
-    t = s.gather(1, targets.unsqueeze(1))  # (N, 1)
-    higher = (s > t).sum(1)
-    ids = torch.arange(s.shape[1], device=s.device).unsqueeze(0)
-    ties = ((s == t) & (ids < targets.unsqueeze(1))).sum(1)
-    return 1 + higher + ties
+    t = scores.gather(1, targets.unsqueeze(1))  # (N, 1)
+    return (scores[:, exclude:] >= t).sum(1)
 
 
 def per_example(r: torch.Tensor) -> dict[str, torch.Tensor]:

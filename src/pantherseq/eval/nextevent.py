@@ -49,8 +49,11 @@ def evaluate_split(model: SequenceModel, data: RunData, split: str, max_len: int
 
 
 def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ...] = ("test",),
-                 progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-    """Evaluate every trained model (or `models`) of a run on `splits`; merge into RUN_DIR/eval.json."""
+                 progress: bool = True, max_users: int | None = None, seed: int = 0
+                 ) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluate every trained model (or `models`) of a run on `splits`; merge into RUN_DIR/eval.json.
+
+    `max_users` evaluates the targets of a seeded subset of users (the same subset for every model)."""
     import json
     from pathlib import Path
 
@@ -70,7 +73,8 @@ def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ..
         model, ckpt = load_model(run, name)
         max_len = ckpt["model_config"]["max_len"]
         for split in splits:
-            results.setdefault(name, {})[split] = evaluate_split(model, data, split, max_len, progress=progress)
+            res = evaluate_split(model, data, split, max_len, max_users=max_users, seed=seed, progress=progress)
+            results.setdefault(name, {})[split] = {**res, "users": max_users or data.seq.n_users}
     path.write_text(json.dumps(results, indent=1))
     return results
 
