@@ -157,6 +157,28 @@ def print_table(title: str, rows: dict) -> None:
               + f"{r['train_events_per_s']:>12,}{r['peak_mb']:>7}{r['epochs']:>7}")
 
 
+def markdown(results: dict) -> str:
+    """The results file as the markdown tables of docs/BENCHMARKS.md (no hand transcription)."""
+    cols = [*METRICS, "train_events_per_s", "peak_mb", "epochs"]
+    out = []
+
+    def table(title: str, rows: dict) -> None:
+        out.append(f"\n**{title}**\n")
+        out.append("| model | " + " | ".join(c.replace("train_events_per_s", "train events/s") for c in cols) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
+        for name, r in rows.items():
+            if r:
+                cells = [f"{r[c]:.4f}" if c in METRICS else f"{r[c]:,}" for c in cols]
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    for ds in ("handbook", "movielens100k"):
+        if ds in results:
+            table(f"{ds}: {results[ds]['protocol']}; budget: {results[ds]['budget']}", results[ds]["models"])
+    for ds, rows in results.get("ablations", {}).items():
+        table(f"PANTHER ablations on {ds} (same budget as its main table)", rows)
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short budgets, for a smoke test")
@@ -164,7 +186,11 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-nextevent"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nextevent.json"))
     parser.add_argument("--only", default="handbook,movielens100k,ablations")
+    parser.add_argument("--markdown", action="store_true", help="print --out's tables as markdown and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))

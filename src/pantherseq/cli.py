@@ -103,6 +103,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fraud(args: argparse.Namespace) -> int:
+    from pantherseq.fraud.pipeline import format_fraud_table, load_fraud_config, run_fraud
+
+    cfg = load_fraud_config(args.config, args.set)
+    _check_run(args.run)
+    report = run_fraud(args.run, args.model, cfg)
+    print(f"fraud risk models on {args.run} with {args.model}: {report['rows']['test']:,} test transactions, "
+          f"{report['rows']['test_frauds']:,} frauds\n{format_fraud_table(report)}\n"
+          f"-> {report['out']}")
+    return 0
+
+
 def _check_run(run: str) -> None:
     from pantherseq.errors import ConfigError
 
@@ -110,15 +122,30 @@ def _check_run(run: str) -> None:
         raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the built-in simulator. For now: prepare and its report (later: the full chain)."""
-    from pantherseq.data.schema import load_dataset_config
-    from pantherseq.prepare import prepare
+DEMO_MODELS = ("panther", "transformer", "markov")
+DEMO_TRAIN = ["model.max_len=64", "train.epochs=20", "train.patience=2", "train.eval_max_users=400"]
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the built-in simulator: prepare -> pretrain (panther, transformer, markov) ->
+    evaluate, with a summary table. Later stages (fraud, embed, serve, report) join as they land."""
+    from pantherseq.data.schema import load_dataset_config
+    from pantherseq.eval.nextevent import evaluate_run, format_table
+    from pantherseq.prepare import prepare
+    from pantherseq.train.loop import train
+
+    run = Path(args.out)
     cfg = load_dataset_config("simulated", None, args.set)
-    report = prepare(cfg, Path(args.out))
-    print(f"demo run in {args.out}\n{format_prepare_report(report)}")
-    print(f"\nfull report: {Path(args.out) / 'prepare.json'}")
+    report = prepare(cfg, run)
+    print(f"[1/3] prepared {run}\n{format_prepare_report(report)}", flush=True)
+    sets = [*DEMO_TRAIN, f"train.time_budget_s={args.budget}"]
+    for i, name in enumerate(DEMO_MODELS, 1):
+        log.info("[2/3] pretraining %s (%d of %d, budget %d s)", name, i, len(DEMO_MODELS), args.budget)
+        train(run, name, load_pretrain_config(None, sets))
+    results = evaluate_run(run, list(DEMO_MODELS), ("test",))
+    print(f"\n[3/3] next-behaviour prediction on the test period (full ranking over "
+          f"{report['vocab_size']} tokens):\n{format_table(results, 'test')}")
+    print(f"\nrun directory: {run} (prepare.json, eval.json, models/*/metrics.json)")
     return 0
 
 
@@ -170,8 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of that subset (default: 0)")
     e.set_defaults(func=cmd_evaluate)
 
+    f = sub.add_parser("fraud", help="train and measure the hybrid fraud risk model",
+                       description="Build baseline, deviation and user-state features from a trained generative "
+                                   "model for the labelled transactions of two time periods, train LightGBM risk "
+                                   "models on the first, score the second and write RUN_DIR/fraud/ (fraud.json, "
+                                   "risk models, scores.parquet, merchant_risk.parquet, importances.parquet).")
+    f.add_argument("--run", required=True, help="a prepared run directory with labels and a trained model")
+    f.add_argument("--model", default="panther", help="the trained model's name under RUN_DIR/models/")
+    f.add_argument("--config", help="a TOML file with the fraud settings (periods, features, [lgbm])")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one key, e.g. --set test_start=2018-08-08 --set lgbm.max_rounds=500")
+    f.set_defaults(func=cmd_fraud)
+
     d = sub.add_parser("demo", help="run the main job on the built-in simulator",
-                       description="Run the pipeline on the built-in simulator and print its report.")
+                       description="Run the pipeline on the built-in simulator: prepare, pretrain PANTHER, the "
+                                   "transformer baseline and a Markov baseline under a time budget, evaluate "
+                                   "them side by side and print the table.")
+    d.add_argument("--budget", type=int, default=90, help="training seconds per neural model (default: 90)")
     d.add_argument("--out", default="runs/demo", help="the run directory (default: runs/demo)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a simulator config key, e.g. --set simulate.n_users=500")

@@ -1,0 +1,152 @@
+"""Benchmark of `pantherseq fraud` (issue 4) on the Fraud Detection Handbook data.
+
+    .venv/bin/python benchmarks/fraud.py [--dataset handbook|simulated] [--data DIR] [--work runs/fraud-DATASET]
+        [--backbones panther,transformer] [--pretrain-budget-s 150] [--out benchmarks/results/fraud.json]
+
+Handbook protocol (docs/FRAUD.md): `prepare` with train < 2018-06-24 <= valid < 2018-07-01 <= test, so the
+generative models learn from April 1 .. June 23 and early-stop on June 24-30; the risk models train on
+July (2018-07-01 .. 07-31, deviation features out-of-sample), a one-week gap (the label delay), test
+2018-08-08 .. 2018-09-30. `--dataset simulated` does the same on the built-in simulator (default
+config, 120 days from 2024-01-01): generative models before 2024-02-22, risk model March, test
+2024-04-08 .. 04-30, where account takeover changes the routine. Each backbone is pretrained then
+scored in its own process, one thread each, the backbones side by side (the machine has two cores).
+Prints the table and writes benchmarks/results/fraud.json (fraud-simulated.json for the simulator),
+after each backbone finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+# per dataset: the prepare split (generative model: train < t1, early stopping until t2) and the fraud periods
+SETUPS = {
+    "handbook": {
+        "split": {"t1": "2018-06-24", "t2": "2018-07-01"},
+        "fraud": {"train_start": "2018-07-01", "train_end": "2018-08-01", "test_start": "2018-08-08",
+                  "test_end": "2018-10-01"},
+        "out": RESULTS / "fraud.json",
+    },
+    # the simulator's 120 default days from 2024-01-01: its account-takeover / routine-change fraud
+    "simulated": {
+        "split": {"t1": "2024-02-22", "t2": "2024-03-01"},
+        "fraud": {"train_start": "2024-03-01", "train_end": "2024-04-01", "test_start": "2024-04-08",
+                  "test_end": "2024-05-01"},
+        "out": RESULTS / "fraud-simulated.json",
+    },
+}
+FRAUD = {
+    "delay_days": 7, "context": 100, "embedding_dims": 8, "threads": 1,
+    "lgbm": {"learning_rate": 0.05, "max_rounds": 800, "early_stopping": 50, "refit": False},
+}
+MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.max_len=128", "model.dropout=0.1",
+         "model.field_embeddings=true", "model.time_gap=true"]
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    if os.path.exists(TCMALLOC) and "tcmalloc" not in e.get("LD_PRELOAD", ""):
+        e["LD_PRELOAD"] = TCMALLOC
+    return e
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pantherseq.cli", *args]
+
+
+def prepare(dataset: str, data: str | None, run: Path, split: dict, extra: list[str]) -> None:
+    if (run / "prepare.json").is_file():
+        done = json.loads((run / "prepare.json").read_text())["split"]
+        if done.get("t1") == split["t1"] and done.get("t2") == split["t2"]:
+            return
+    cmd = cli("prepare", "--dataset", dataset, "--out", str(run),
+              "--set", f"split.t1=\"{split['t1']}\"", "--set", f"split.t2=\"{split['t2']}\"")
+    if data:
+        cmd += ["--data", data]
+    for item in extra:
+        cmd += ["--set", item]
+    subprocess.run(cmd, check=True, env=env())
+
+
+def chain(run: Path, backbone: str, budget: float, fraud_toml: Path, log: Path) -> subprocess.Popen:
+    """pretrain then fraud for one backbone, in one shell, logging to `log`."""
+    sets = [*MODEL, f"train.time_budget_s={budget}", "train.threads=1", "train.epochs=2", "train.patience=2",
+            "train.eval_max_users=300", "train.lr=0.002", "train.batch_size=128"]
+    pretrain = cli("pretrain", "--run", str(run), "--model", backbone, *[a for s in sets for a in ("--set", s)])
+    fraud = cli("fraud", "--run", str(run), "--model", backbone, "--config", str(fraud_toml))
+    script = " ".join(map(_quote, pretrain)) + " && " + " ".join(map(_quote, fraud))
+    fh = open(log, "w")  # noqa: SIM115 (closed by the caller's wait)
+    return subprocess.Popen(["bash", "-c", script], stdout=fh, stderr=subprocess.STDOUT, env=env())
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=sorted(SETUPS), default="handbook")
+    ap.add_argument("--data", help="default: ../shared/data/fraud-handbook for the handbook")
+    ap.add_argument("--work", help="default: runs/fraud-<dataset>")
+    ap.add_argument("--backbones", default="panther,transformer")
+    ap.add_argument("--pretrain-budget-s", type=float, default=150.0)
+    ap.add_argument("--prepare-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra prepare overrides (e.g. simulate.n_users=300 for a dry run)")
+    ap.add_argument("--out", help="default: benchmarks/results/fraud.json (handbook), fraud-simulated.json")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    setup = SETUPS[args.dataset]
+    split, periods = setup["split"], setup["fraud"]
+    out = Path(args.out or setup["out"])
+    data = args.data or (str(REPO.parent / "shared" / "data" / "fraud-handbook") if args.dataset == "handbook"
+                         else None)
+    work = Path(args.work or REPO / "runs" / f"fraud-{args.dataset}")
+    work.mkdir(parents=True, exist_ok=True)
+    run = work / args.dataset
+    prepare(args.dataset, data, run, split, args.prepare_set)
+    backbones = [b for b in args.backbones.split(",") if b]
+    results: dict = {"dataset": args.dataset, "split": (
+        f"generative models: train < {split['t1']}, early stopping on {split['t1']}..{split['t2']}; risk model: "
+        f"train {periods['train_start']}..{periods['train_end']} (exclusive), gap, test {periods['test_start']}.."
+        f"{periods['test_end']} (exclusive)"), "backbones": {}, "merchant_risk_auc": {}, "details": {}}
+    for b in backbones:
+        fraud_toml = work / f"fraud-{b}.toml"
+        fraud_toml.write_text(tomli_w.dumps({**FRAUD, **periods, "out_dir": str(run / f"fraud-{b}")}))
+    procs = {b: chain(run, b, args.pretrain_budget_s, work / f"fraud-{b}.toml", work / f"{b}.log")
+             for b in backbones}
+    results["command"] = " ".join([".venv/bin/python", "benchmarks/fraud.py", *sys.argv[1:]])
+    for b, proc in procs.items():  # results are written after each backbone, so a finished one is kept
+        if proc.wait() != 0:
+            raise SystemExit(f"{b} failed: see {work / (b + '.log')}")
+        # each backbone wrote RUN/fraud-<backbone>/ (out_dir), so they never collide
+        rep = json.loads((run / f"fraud-{b}" / "fraud.json").read_text())
+        results["backbones"][b] = rep["feature_sets"]
+        results["merchant_risk_auc"][b] = rep["merchant_risk"].get("roc_auc")
+        pre = json.loads((run / "models" / b / "metrics.json").read_text())
+        results["details"][b] = {"rows": rep["rows"], "timings_s": rep["timings_s"], "risk_models": rep["risk_models"],
+                                 "pretrain": {k: pre[k] for k in ("epochs", "train_s", "steps", "n_params")}
+                                 | {"valid_ndcg@10": pre["valid"]["ndcg@10"], "valid_hr@10": pre["valid"]["hr@10"]}}
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    from pantherseq.fraud.pipeline import format_fraud_table
+
+    for b in backbones:
+        print(f"\n{b}:\n" + format_fraud_table({"feature_sets": results["backbones"][b],
+                                               "merchant_risk": {"roc_auc": None}}))
+        print(f"merchant risk ROC-AUC: {results['merchant_risk_auc'][b]}")
+    print(f"\n-> {out} ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

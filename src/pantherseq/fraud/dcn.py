@@ -1,0 +1,158 @@
+"""The torch DCN-v2 risk head (SPEC §7 option; the paper's g is a DCN): `risk_model = "dcn"`.
+
+    DCNv2(n_in, cfg)                x0 -> n_cross × CrossLayer -> ∥ deep MLP -> logit
+    fit_dcn(X, y, t, cfg) -> DCNRiskModel     same contract as hybrid.fit_risk_model
+
+Cross layer (Wang et al., 2021, "DCN V2"): x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l, full-rank W_l. The cross
+stack and a ReLU MLP run in parallel on the same input and their outputs are concatenated before the
+logit. Inputs are standardised with the training rows' mean and std; NaN (LightGBM's "missing") becomes 0
+plus a missing-indicator column for every feature that has any NaN. Class imbalance: the positive term of
+the BCE is weighted by sqrt(negatives / positives), as for LightGBM. Early stopping on the average
+precision of the last `valid_share` of the training period by time, best weights kept. CPU, one thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from pantherseq.errors import ConfigError
+from pantherseq.fraud.metrics import average_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DCNConfig:
+    n_cross: int = 3
+    hidden: list[int] | None = None  # deep tower widths; None = [256, 128]
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 1024
+    max_epochs: int = 30
+    patience: int = 3
+    valid_share: float = 0.2
+    pos_weight: float | None = None  # None = sqrt(negatives / positives)
+    seed: int = 0
+
+
+class CrossLayer(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, d), (B, d) -> (B, d)."""
+        return x0 * self.lin(x) + x
+
+
+class DCNv2(nn.Module):
+    def __init__(self, n_in: int, cfg: DCNConfig):
+        super().__init__()
+        widths = cfg.hidden or [256, 128]
+        self.cross = nn.ModuleList(CrossLayer(n_in) for _ in range(cfg.n_cross))
+        layers: list[nn.Module] = []
+        d = n_in
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            d = w
+        self.deep = nn.Sequential(*layers)
+        self.head = nn.Linear(n_in + d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_in) -> (B,) logits."""
+        c = x
+        for layer in self.cross:
+            c = layer(x, c)
+        return self.head(torch.cat([c, self.deep(x)], dim=1)).squeeze(1)
+
+
+class Scaler:
+    """Standardise with training statistics; NaN -> 0 plus a missing indicator per column that has NaN."""
+
+    def __init__(self, X: np.ndarray):
+        with np.errstate(all="ignore"):
+            self.mean = np.nan_to_num(np.nanmean(X, 0))
+            self.std = np.nan_to_num(np.nanstd(X, 0), nan=1.0)
+        self.std[self.std < 1e-9] = 1.0
+        self.missing = np.flatnonzero(np.isnan(X).any(0))
+
+    def __call__(self, X: np.ndarray) -> torch.Tensor:
+        nan = np.isnan(X)
+        Z = np.where(nan, 0.0, (X - self.mean) / self.std)
+        return torch.from_numpy(np.hstack([Z, nan[:, self.missing]]).astype(np.float32))
+
+
+class DCNRiskModel:
+    def __init__(self, net: DCNv2, scaler: Scaler, features: list[str], info: dict):
+        self.net, self.scaler, self.features, self.info = net, scaler, features, info
+
+    @torch.no_grad()
+    def predict(self, X: pl.DataFrame) -> np.ndarray:
+        self.net.eval()
+        Z = self.scaler(X.select(self.features).cast(pl.Float64).to_numpy())
+        return torch.cat([torch.sigmoid(self.net(Z[i:i + 65536])) for i in range(0, len(Z), 65536)]).numpy()
+
+    def importances(self) -> pl.DataFrame:
+        return pl.DataFrame({"feature": self.features, "gain": [float("nan")] * len(self.features),
+                             "split": [0] * len(self.features)})
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"state_dict": self.net.state_dict(), "features": self.features, "mean": self.scaler.mean,
+                    "std": self.scaler.std, "missing": self.scaler.missing, "info": self.info},
+                   Path(path).with_suffix(".pt"))
+
+
+def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
+            categorical: list[str] | None = None) -> DCNRiskModel:
+    """Train on rows X (features by name); categorical codes are used as numbers (few values)."""
+    torch.manual_seed(cfg.seed)
+    y = np.asarray(y).astype(np.float32)
+    pos, neg = int(y.sum()), int((y == 0).sum())
+    if pos == 0 or neg == 0:
+        raise ConfigError(f"the risk model's training period has {pos} frauds and {neg} genuine events")
+    features = list(X.columns)
+    M = X.cast(pl.Float64).to_numpy()
+    order = np.argsort(np.asarray(t), kind="stable")
+    cut = int(len(order) * (1.0 - cfg.valid_share))
+    fit_rows, valid_rows = order[:cut], order[cut:]
+    scaler = Scaler(M[fit_rows])
+    Zf, Zv = scaler(M[fit_rows]), scaler(M[valid_rows])
+    yf, yv = torch.from_numpy(y[fit_rows]), y[valid_rows]
+    net = DCNv2(Zf.shape[1], cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weight = torch.tensor(cfg.pos_weight if cfg.pos_weight is not None else float(np.sqrt(neg / pos)))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=weight)
+    best, best_state, bad, epoch = -1.0, None, 0, 0
+    rng = np.random.default_rng(cfg.seed)
+    for epoch in range(1, cfg.max_epochs + 1):
+        net.train()
+        perm = torch.from_numpy(rng.permutation(len(Zf)))
+        for i in range(0, len(perm), cfg.batch_size):
+            b = perm[i:i + cfg.batch_size]
+            loss = loss_fn(net(Zf[b]), yf[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            ap = average_precision(torch.sigmoid(net(Zv)).numpy(), yv)
+        if ap > best:
+            best, best_state, bad = ap, copy.deepcopy(net.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    net.load_state_dict(best_state)
+    info = {"epochs": epoch, "valid_average_precision": best, "pos_weight": float(weight),
+            "train_rows": len(y), "train_frauds": pos}
+    log.info("DCN risk model: %d inputs, %d epochs, early-stopping AP %.4f", Zf.shape[1], epoch, best)
+    return DCNRiskModel(net, scaler, features, info)

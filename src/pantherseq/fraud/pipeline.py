@@ -1,0 +1,421 @@
+"""The `fraud` stage (SPEC §7): features for every labelled transaction of two time periods, the risk model
+trained on the first, scored and measured on the second, merchant risk, all written to RUN_DIR/fraud/.
+
+    run_fraud(run_dir, model_name, cfg) -> dict       (the contents of fraud.json)
+
+Protocol (docs/FRAUD.md). Time order everywhere. The generative model trained on the run's training split
+(before `split.t1`); the risk model trains on [train_start, train_end), which must not start before t1
+(`allow_in_sample = true` overrides, for experiments only), so its Δ are out-of-sample exactly like the
+test period's; then a gap of `gap_days` (the label delay: the labels of the last training days are not
+known yet when the test starts), then the test period [test_start, test_end). The terminal features use
+only labels at least `delay_days` old, the customer features only the transaction itself and earlier ones,
+Δ and the user state only strictly earlier events (features.py, behaviour.py).
+
+Writes RUN_DIR/fraud/: fraud.json (metrics per feature set, merchant-risk AUC, periods, timings),
+risk_model_<set>.txt (LightGBM, + .json: its features and training info; .pt with `risk_model = "dcn"`),
+scores.parquet (every test-period
+transaction with a score per feature set), merchant_risk.parquet, importances.parquet and, with
+`save_features`, features.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+
+from pantherseq.config import apply_overrides, build_config, load_toml
+from pantherseq.data.dataset import RunData
+from pantherseq.data.schema import EVENT_ID, LABEL, SCENARIO, TIME, USER
+from pantherseq.errors import ConfigError, DataError
+from pantherseq.fraud.behaviour import BehaviourFeatures, behaviour_features
+from pantherseq.fraud.dcn import DCNConfig, fit_dcn
+from pantherseq.fraud.features import WINDOWS, auto_categorical, baseline_features
+from pantherseq.fraud.hybrid import FEATURE_SETS, GROUPS, LGBMConfig, fit_risk_model
+from pantherseq.fraud.merchant import merchant_auc, merchant_risk
+from pantherseq.fraud.metrics import fraud_metrics
+from pantherseq.model.base import NeuralModel
+from pantherseq.train.checkpoint import load_model
+
+log = logging.getLogger(__name__)
+MERCHANT_FIELDS = ("terminal_id", "merchant_id", "merchant", "merchant_name")
+
+
+@dataclass
+class FraudConfig:
+    """`pantherseq fraud --config FILE`: these keys at the top level of the TOML file, `[lgbm]` a table."""
+
+    train_start: str | None = None  # None = the run's split.t1
+    train_end: str | None = None  # None = train_start + train_share of the remaining time
+    test_start: str | None = None  # None = train_end + gap_days
+    test_end: str | None = None  # None = after the last event
+    gap_days: int = 7
+    train_share: float = 0.4
+    amount_field: str = "amount"
+    merchant_field: str | None = None  # None = the first of MERCHANT_FIELDS the data has
+    categorical: list[str] | None = None  # context fields; None = string fields with <= 50 values
+    windows: list[int] = field(default_factory=lambda: list(WINDOWS))
+    delay_days: int = 7
+    context: int = 100  # events of history every prediction sees at least (when the user has them)
+    embedding_dims: int = 16  # PCA components kept of e_u and of the recent state (0 = all D)
+    feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
+    card_k: int = 100
+    merchant_quantile: float = 0.9
+    merchant_min_users: int = 3
+    merchant_delta: str = "auto"  # auto = surprisal_<merchant field> (−log P_u(m), paper §4.1.3) if a token field
+    compromised_scenario: int | None = None  # None = 2 on handbook runs (compromised terminals)
+    allow_in_sample: bool = False
+    threads: int | None = None  # torch threads for the behaviour pass
+    batch_windows: int = 64
+    pos_chunk: int = 128  # positions per V-way softmax: small enough to stay in cache
+    save_features: bool = False
+    out_dir: str | None = None  # None = RUN_DIR/fraud (give another to keep several models' results)
+    risk_model: Literal["lightgbm", "dcn"] = "lightgbm"
+    lgbm: LGBMConfig = field(default_factory=LGBMConfig)
+    dcn: DCNConfig = field(default_factory=DCNConfig)
+
+    def validate(self, where: str) -> None:
+        bad = [s for s in self.feature_sets if s not in FEATURE_SETS]
+        if bad or not self.feature_sets:
+            raise ConfigError(f"{where}.feature_sets: {bad or 'none'} invalid; valid: {', '.join(FEATURE_SETS)}")
+        if not 0.0 < self.train_share < 1.0:
+            raise ConfigError(f"{where}.train_share must be in (0, 1)")
+        if not 0.0 <= self.merchant_quantile <= 1.0:
+            raise ConfigError(f"{where}.merchant_quantile must be in [0, 1]")
+        for name in PERIOD_KEYS:
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    datetime.fromisoformat(value)
+                except ValueError:
+                    raise ConfigError(f"{where}.{name} {value!r} is not an ISO date") from None
+
+
+PERIOD_KEYS = ("train_start", "train_end", "test_start", "test_end")
+
+
+def load_fraud_config(file: str | Path | None = None, overrides: list[str] | None = None) -> FraudConfig:
+    """A TOML file (keys of FraudConfig at the top level) and `key=value` overrides. Period bounds may be
+    TOML dates (`test_start = 2018-08-08`) or strings."""
+    raw = apply_overrides(load_toml(file) if file else {}, overrides)
+    for key in PERIOD_KEYS:
+        if isinstance(raw.get(key), (date, datetime)):
+            raw[key] = raw[key].isoformat()
+    return build_config(FraudConfig, raw, str(file) if file else "fraud config")
+
+
+@dataclass
+class Periods:
+    train: tuple[datetime, datetime]
+    test: tuple[datetime, datetime]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"train": [str(d) for d in self.train], "test": [str(d) for d in self.test]}
+
+
+def resolve_periods(cfg: FraudConfig, split: Any, first: datetime, last: datetime) -> Periods:
+    """Fill the missing period bounds (see FraudConfig) and check the protocol."""
+    t1 = datetime.fromisoformat(split.t1) if split.kind == "time" and split.t1 else None
+    day = timedelta(days=1)
+    start = _date(cfg.train_start) or t1
+    if start is None:
+        raise ConfigError("a leave_last_out run has no time split: give train_start .. test_end")
+    end = _date(cfg.test_end) or (last + timedelta(microseconds=1))
+    train_end = _date(cfg.train_end) or start + ((end - start) * cfg.train_share) // day * day
+    test_start = _date(cfg.test_start) or train_end + cfg.gap_days * day
+    p = Periods((start, train_end), (test_start, end))
+    if not (start < train_end <= test_start < end):
+        raise ConfigError(f"periods out of order: train {p.train}, test {p.test}")
+    if t1 is not None and start < t1 and not cfg.allow_in_sample:
+        raise ConfigError(f"the risk model's training period starts {start} but the generative model "
+                          f"trained on events before {t1}: its deviation features would be in-sample "
+                          "(set allow_in_sample = true to do it anyway)")
+    t2 = datetime.fromisoformat(split.t2) if split.kind == "time" and split.t2 else None
+    if t2 is not None and start < t2:
+        log.warning("the risk model trains from %s, inside the generative model's validation period "
+                    "(before %s): early stopping saw those events", start, t2)
+    return p
+
+
+def _date(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    ok = np.isfinite(X).all(1)
+    rows = np.flatnonzero(ok)
+    if len(rows) > max_rows:
+        rows = np.random.default_rng(seed).choice(rows, max_rows, replace=False)
+    mean = X[rows].mean(0)
+    _, _, vt = np.linalg.svd(X[rows] - mean, full_matrices=False)
+    return mean, vt[:k]
+
+
+def _embedding_columns(bf: BehaviourFeatures, rows: np.ndarray, train_rows: np.ndarray, k: int
+                       ) -> dict[str, np.ndarray]:
+    """e_u and recent for the events `rows` (NaN without history), PCA-projected (fit on train_rows)."""
+    pos = np.searchsorted(bf.index, rows).clip(0, max(len(bf.index) - 1, 0))
+    has = (bf.index[pos] == rows) if len(bf.index) else np.zeros(len(rows), bool)
+    out: dict[str, np.ndarray] = {}
+    for name, mat in (("eu", bf.e_u), ("rec", bf.recent)):
+        X = np.full((len(rows), mat.shape[1]), np.nan, dtype=np.float32)
+        X[has] = mat[pos[has]]
+        if 0 < k < mat.shape[1]:
+            mean, comps = _fit_pca(X[np.isin(rows, train_rows)], k)
+            X = ((X - mean) @ comps.T).astype(np.float32)
+        out.update({f"{name}_{i}": X[:, i] for i in range(X.shape[1])})
+    return out
+
+
+def _delta_columns(bf: BehaviourFeatures, rows: np.ndarray) -> dict[str, np.ndarray]:
+    pos = np.searchsorted(bf.index, rows).clip(0, max(len(bf.index) - 1, 0))
+    has = (bf.index[pos] == rows) if len(bf.index) else np.zeros(len(rows), bool)
+    out = {}
+    for name, v in bf.delta.items():
+        col = np.full(len(rows), np.nan, dtype=np.float32)
+        col[has] = v[pos[has]]
+        out[f"d_{name}"] = col
+    return out
+
+
+def _merge(a: BehaviourFeatures, b: BehaviourFeatures) -> BehaviourFeatures:
+    """One table sorted by event index (the periods interleave: events are user-major)."""
+    index = np.concatenate([a.index, b.index])
+    order = np.argsort(index, kind="stable")
+
+    def col(f: BehaviourFeatures, k: str) -> np.ndarray:  # a period without events has no columns
+        return f.delta.get(k, np.full(len(f.index), np.nan, dtype=np.float32))
+
+    delta = {k: np.concatenate([col(a, k), col(b, k)])[order] for k in dict.fromkeys([*a.delta, *b.delta])}
+    return BehaviourFeatures(index[order], delta, np.concatenate([a.e_u, b.e_u])[order],
+                             np.concatenate([a.recent, b.recent])[order])
+
+
+def _check_inputs(run: Path, events: pl.DataFrame, cfg: FraudConfig) -> str | None:
+    if LABEL not in events.columns or not (events[LABEL] == 1).any():
+        raise DataError(f"{run / 'events.parquet'} has no fraud labels (column {LABEL!r} with some 1): "
+                        "the fraud stage needs labelled transactions")
+    if cfg.amount_field not in events.columns:
+        raise ConfigError(f"no amount field {cfg.amount_field!r} in the run; columns: {', '.join(events.columns)}")
+    if cfg.merchant_field is not None:
+        if cfg.merchant_field not in events.columns:
+            raise ConfigError(f"no merchant field {cfg.merchant_field!r}; columns: {', '.join(events.columns)}")
+        return cfg.merchant_field
+    return next((f for f in MERCHANT_FIELDS if f in events.columns), None)
+
+
+def _open(run: Path, model_name: str, cfg: FraudConfig):
+    if not (run / "prepare.json").is_file():
+        raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
+    events = pl.read_parquet(run / "events.parquet")
+    merchant = _check_inputs(run, events, cfg)
+    model, ckpt = load_model(run, model_name)
+    if not isinstance(model, NeuralModel):
+        raise ConfigError(f"model {model_name!r} ({ckpt['model_name']}) is a count model: the fraud stage "
+                          "needs a neural generative model (panther, transformer, sasrec, hstu)")
+    data = RunData(run)
+    if data.seq.n_events != events.height:
+        raise DataError(f"{run}: sequences and events.parquet disagree ({data.seq.n_events} vs {events.height})")
+    return events, merchant, model, data
+
+
+def _categorical(data: RunData, cfg: FraudConfig, merchant: str | None) -> dict[str, np.ndarray]:
+    """Context fields -> their tokenizer codes (fitted on the training split; 0 = unseen there)."""
+    kinds = {f.name: f.kind for f in data.cfg.fields}
+    names = data.tokenizer.field_names
+    if cfg.categorical is not None:
+        bad = [c for c in cfg.categorical if kinds.get(c) != "categorical"]
+        if bad:
+            raise ConfigError(f"categorical: {bad} are not categorical fields of the run "
+                              f"({', '.join(n for n, k in kinds.items() if k == 'categorical')})")
+        chosen = list(cfg.categorical)
+    else:
+        cands = [n for n in names if kinds.get(n) == "categorical" and n != merchant]
+        sizes = [data.tokenizer.field_sizes[names.index(n)] for n in cands]
+        chosen = auto_categorical(cands, sizes)
+    codes = np.asarray(data.seq.codes)
+    return {n: codes[:, names.index(n)].astype(np.int32) for n in chosen}
+
+
+def build_features(run: Path, model_name: str, cfg: FraudConfig) -> tuple[pl.DataFrame, dict, dict]:
+    """One row per transaction of the two periods: keys, `period`, every feature; the feature groups."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    events, merchant, model, data = _open(run, model_name, cfg)
+    periods = resolve_periods(cfg, data.cfg.split, events[TIME].min(), events[TIME].max())
+    categorical = _categorical(data, cfg, merchant)
+    base = baseline_features(events, cfg.amount_field, merchant, categorical, tuple(cfg.windows), cfg.delay_days)
+    timings["baseline_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ts = events[TIME]
+    masks = {name: ((ts >= a) & (ts < b)).to_numpy() for name, (a, b) in
+             (("train", periods.train), ("test", periods.test))}
+    parts = [behaviour_features(model, data, m, cfg.context, cfg.batch_windows, cfg.pos_chunk)
+             for m in masks.values()]
+    bf = _merge(*parts)
+    timings["behaviour_s"] = time.perf_counter() - t0
+
+    rows = np.flatnonzero(masks["train"] | masks["test"])
+    train_rows = np.flatnonzero(masks["train"])
+    delta = _delta_columns(bf, rows)
+    emb = _embedding_columns(bf, rows, train_rows, cfg.embedding_dims)
+    keys = [c for c in (EVENT_ID, USER, TIME, LABEL, SCENARIO, merchant) if c and c in events.columns]
+    frame = pl.concat([
+        events.select(keys)[rows].with_columns(
+            pl.Series("period", np.where(masks["train"][rows], "train", "test"))),
+        base[rows], pl.DataFrame(delta), pl.DataFrame(emb),
+    ], how="horizontal", strict=True)
+    groups = {"baseline": base.columns, "deviation": list(delta), "embedding": list(emb)}
+    meta = {"periods": periods, "merchant": merchant, "categorical": [f"ctx_{c}" for c in categorical],
+            "timings": timings}
+    return frame, groups, meta
+
+
+def _compromised(frame: pl.DataFrame, merchant: str, scenario: int | None) -> set | None:
+    if scenario is None or SCENARIO not in frame.columns:
+        return None
+    return set(frame.filter(pl.col(SCENARIO) == scenario)[merchant].unique().to_list())
+
+
+def _merchant_section(test: pl.DataFrame, merchant: str | None, cfg: FraudConfig, dataset_source: str
+                      ) -> tuple[pl.DataFrame | None, dict]:
+    if merchant is None:
+        return None, {"note": "no merchant field"}
+    name = cfg.merchant_delta
+    if name == "auto":
+        name = f"surprisal_{merchant}" if f"d_surprisal_{merchant}" in test.columns else "surprisal"
+    column = name if name in test.columns else f"d_{name}"
+    if column not in test.columns:
+        raise ConfigError(f"merchant_delta {cfg.merchant_delta!r} is not a feature or score column")
+    table = merchant_risk(test, merchant, column, cfg.merchant_quantile, cfg.merchant_min_users)
+    scenario = cfg.compromised_scenario
+    if scenario is None and dataset_source == "handbook":
+        scenario = 2
+    truth = _compromised(test, merchant, scenario)
+    info: dict[str, Any] = {"delta": column, "quantile": cfg.merchant_quantile,
+                            "merchants_rated": int(table["risk"].drop_nulls().len())}
+    if truth is not None:
+        table = table.with_columns(pl.col(merchant).is_in(list(truth)).alias("compromised"))
+        info.update(roc_auc=merchant_auc(table, merchant, truth), compromised=len(truth),
+                    ground_truth=f"any scenario-{scenario} fraud in the test period")
+    return table, info
+
+
+def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = None) -> dict[str, Any]:
+    """Build the features, train and score every feature set, write RUN_DIR/fraud/ (see the module doc)."""
+    started = time.perf_counter()
+    cfg = cfg or FraudConfig()
+    run = Path(run_dir)
+    frame, groups, meta = build_features(run, model_name, cfg)
+    labelled = frame.filter(pl.col(LABEL).is_in([0, 1]))
+    train = labelled.filter(pl.col("period") == "train")
+    test = labelled.filter(pl.col("period") == "test")
+    if train.height == 0 or test.height == 0:
+        raise DataError(f"no labelled transactions in the {'training' if train.height == 0 else 'test'} "
+                        f"period {meta['periods'].as_dict()}")
+    out = Path(cfg.out_dir) if cfg.out_dir else run / "fraud"
+    out.mkdir(parents=True, exist_ok=True)
+    results, models_info, importances, scores = {}, {}, [], {}
+    t0 = time.perf_counter()
+    day = test[TIME].dt.date().to_numpy()
+    for name in cfg.feature_sets:
+        cols = [c for g in GROUPS[name] for c in groups[g]]
+        fit, knobs = (fit_dcn, cfg.dcn) if cfg.risk_model == "dcn" else (fit_risk_model, cfg.lgbm)
+        model = fit(train.select(cols), train[LABEL].to_numpy(), train[TIME].to_numpy(), knobs, meta["categorical"])
+        s = model.predict(test.select(cols))
+        scores[f"score_{name}"] = s
+        results[name] = fraud_metrics(s, test[LABEL].to_numpy(), test[USER].to_numpy(), day,
+                                      test[SCENARIO].to_numpy() if SCENARIO in test.columns else None, cfg.card_k)
+        model.save(out / f"risk_model_{name.replace('+', '_')}.txt")
+        models_info[name] = {**model.info, "features": len(cols)}
+        importances.append(model.importances().with_columns(pl.lit(name).alias("feature_set")))
+        log.info("%s: AP %.4f, recall@1%% %.4f", name, results[name]["average_precision"],
+                 results[name]["recall@1%"])
+    meta["timings"]["risk_models_s"] = time.perf_counter() - t0
+
+    test = test.with_columns(*(pl.Series(k, v) for k, v in scores.items()))
+    table, merchant_info = _merchant_section(test, meta["merchant"], cfg, _dataset_source(run))
+    keys = [c for c in (EVENT_ID, USER, TIME, LABEL, SCENARIO, meta["merchant"]) if c and c in test.columns]
+    test.select(*keys, *scores).write_parquet(out / "scores.parquet")
+    if table is not None:
+        table.write_parquet(out / "merchant_risk.parquet")
+    pl.concat(importances).write_parquet(out / "importances.parquet")
+    if cfg.save_features:
+        frame.write_parquet(out / "features.parquet")
+    report = {
+        "run": str(run), "model": model_name, "out": str(out), "periods": meta["periods"].as_dict(),
+        "rows": {"train": train.height, "test": test.height, "train_frauds": int(train[LABEL].sum()),
+                 "test_frauds": int(test[LABEL].sum())},
+        "feature_sets": results, "risk_models": models_info,
+        "features": {g: len(c) for g, c in groups.items()}, "feature_groups": groups,
+        "categorical": meta["categorical"], "merchant_risk": merchant_info,
+        "config": _plain(cfg), "timings_s": {k: round(v, 1) for k, v in meta["timings"].items()},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    report = _finite(report)
+    (out / "fraud.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    return report
+
+
+def _dataset_source(run: Path) -> str:
+    return str(load_toml(run / "config.toml").get("source", ""))
+
+
+def _plain(cfg: FraudConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf -> None, recursively (fraud.json stays strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+TABLE_COLUMNS = ("recall@0.01%", "recall@0.1%", "recall@1%", "recall@5%", "average_precision", "roc_auc")
+
+
+def format_fraud_table(report: dict[str, Any]) -> str:
+    """The terminal table of fraud.json: one row per feature set, recall@1% per scenario at the end."""
+    sets = report["feature_sets"]
+    card = next((k for k in next(iter(sets.values())) if k.startswith("card_precision@")), "card_precision@100")
+    scen = sorted({s for r in sets.values() for s in r.get("recall@1%_by_scenario", {})}, key=int)
+    head = f"{'feature set':<20}" + "".join(f"{c.replace('average_precision', 'AP'):>13}" for c in
+                                            (*TABLE_COLUMNS, card)) + "".join(f"{'sc' + s + '@1%':>9}" for s in scen)
+    lines = [head, "-" * len(head)]
+    for name, r in sets.items():
+        vals = [r.get(c) for c in (*TABLE_COLUMNS, card)]
+        by = r.get("recall@1%_by_scenario", {})
+        lines.append(f"{name:<20}" + "".join(_cell(v, 13) for v in vals) + "".join(_cell(by.get(s), 9) for s in scen))
+    m = report.get("merchant_risk", {})
+    if m.get("roc_auc") is not None:
+        lines.append(f"merchant risk ROC-AUC (compromised merchants): {m['roc_auc']:.4f} "
+                     f"({m['compromised']} compromised, {m['merchants_rated']} merchants rated)")
+    return "\n".join(lines)
+
+
+def _cell(value: Any, width: int) -> str:
+    return f"{value:>{width}.4f}" if isinstance(value, float) else f"{'-':>{width}}"

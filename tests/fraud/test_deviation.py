@@ -1,0 +1,114 @@
+"""Each deviation feature Δ on hand-made distributions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pantherseq.fraud.deviation import (
+    collision_entropy,
+    deviation_features,
+    embedding_distance,
+    expected_embedding,
+    field_marginal,
+    field_mass,
+    field_members,
+    field_onehot,
+    field_surprisal,
+    rank_of,
+    standardised_deviation,
+    surprisal,
+    upper_tail_surprisal,
+)
+
+P = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
+
+
+def rows(p: torch.Tensor, n: int) -> torch.Tensor:
+    return p.expand(n, -1)
+
+
+def test_surprisal_is_minus_log_p():
+    s = surprisal(rows(P, 4), torch.tensor([0, 1, 2, -1]))
+    assert s[:3].tolist() == pytest.approx([math.log(2), math.log(4), math.log(8)])
+    assert math.isnan(s[3])  # UNK observed: undefined
+
+
+def test_rank_counts_strictly_higher_tokens():
+    r = rank_of(torch.log(rows(P, 5)), torch.tensor([0, 1, 2, 3, -1]))
+    assert r[:4].tolist() == [1.0, 2.0, 3.0, 3.0]  # the two 0.125 tokens tie: both rank 3
+    assert math.isnan(r[4])
+
+
+def test_standardised_deviation_by_hand():
+    # mu = 1/4; E[p^2] = (0.25 + 0.0625 + 2 * 0.015625) / 4 = 0.0859375; sigma^2 = 0.0859375 - 0.0625
+    sigma = math.sqrt(0.0859375 - 0.0625)
+    d = standardised_deviation(rows(P, 3), torch.tensor([0, 1, 3]))
+    assert d.tolist() == pytest.approx([0.25 / sigma, 0.0, -0.125 / sigma], rel=1e-5)
+    flat = standardised_deviation(torch.full((1, 4), 0.25), torch.tensor([2]))
+    assert flat.tolist() == [0.0]  # a uniform prediction: no deviation, no division by zero
+
+
+def test_collision_entropy_is_zero_when_certain_and_log_v_when_uniform():
+    h = collision_entropy(torch.tensor([[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25]]))
+    assert h.tolist() == pytest.approx([0.0, math.log(4)], abs=1e-6)
+
+
+def test_field_surprisal_marginalises_over_tokens_sharing_the_value():
+    codes = np.array([1, 1, 2, 3])  # tokens 0 and 1 carry value 1, token 2 value 2, token 3 value 3
+    members = field_members(codes, size=5)  # code 4 exists in the field but no token carries it
+    obs = torch.tensor([1, 2, 3, 0, 4])
+    mass = field_mass(rows(P, 5), obs, members)
+    assert mass.tolist() == pytest.approx([0.75, 0.125, 0.125, 0.0, 0.0])
+    s = field_surprisal(rows(P, 5), obs, members)
+    assert s[:3].tolist() == pytest.approx([-math.log(0.75), math.log(8), math.log(8)])
+    assert math.isnan(s[3]) and math.isnan(s[4])  # the field's UNK and an uncarried value
+
+
+def test_field_members_table():
+    ids, valid = field_members(np.array([2, 0, 2, 1]), size=3)
+    assert ids.shape == (3, 2)
+    got = {c: sorted(ids[c][valid[c]].tolist()) for c in range(3)}
+    assert got == {0: [1], 1: [3], 2: [0, 2]}
+
+
+def test_embedding_distance_is_one_minus_cosine():
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    pred = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
+    d = embedding_distance(pred, w, torch.tensor([0, 1, 2, -1]))
+    assert d[:3].tolist() == pytest.approx([0.0, 1.0, 2.0])
+    assert math.isnan(d[3])
+    assert expected_embedding(torch.tensor([[0.5, 0.5, 0.0]]), w).tolist() == [[0.5, 1.0]]
+
+
+def test_deviation_features_agree_with_the_parts():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    h, w = torch.randn(6, 3), torch.randn(4, 3)
+    obs = torch.tensor([0, 1, 2, 3, -1, 2])
+    codes = torch.tensor([[1], [1], [2], [3], [2], [0]])
+    members = [field_members(np.array([1, 1, 2, 3]), 4)]
+    f = deviation_features(logits, h, w, obs, codes, members, ["merchant"],
+                           {0: field_onehot(np.array([1, 1, 2, 3]), 4)})
+    p = torch.softmax(logits, 1)
+    assert torch.allclose(f["surprisal"][:4], -torch.log_softmax(logits, 1)[torch.arange(4), obs[:4]], atol=1e-5)
+    assert f["is_unk"].tolist() == [0, 0, 0, 0, 1, 0]
+    assert math.isnan(f["surprisal"][4]) and not math.isnan(f["surprisal_merchant"][4])  # UNK keeps fields
+    assert f["surprisal_merchant"][0] == pytest.approx(-math.log(float(p[0, 0] + p[0, 1])), rel=1e-5)
+    assert math.isnan(f["surprisal_merchant"][5])
+    assert torch.allclose(f["log_rank"][:4], torch.log(f["rank"][:4]))
+    assert f["tail_merchant"][2] == pytest.approx(-math.log(float(p[2, 2] + p[2, 3])), rel=1e-5)
+
+
+def test_upper_tail_surprisal_is_one_sided():
+    codes = np.array([1, 2, 3, 3])  # an ordered field: bucket 1 < 2 < 3 (code 0 = the field's UNK)
+    onehot = field_onehot(codes, size=4)
+    marg = field_marginal(rows(P, 4), onehot)
+    assert marg[0].tolist() == pytest.approx([0.0, 0.5, 0.25, 0.25])
+    t = upper_tail_surprisal(marg, torch.tensor([1, 2, 3, 0]))
+    # P(>= 1) = 1, P(>= 2) = 0.5, P(>= 3) = 0.25: the highest bucket is the most surprising
+    assert t[:3].tolist() == pytest.approx([0.0, math.log(2), math.log(4)], abs=1e-6)
+    assert math.isnan(t[3])

@@ -1,0 +1,104 @@
+"""Baseline features by hand, and leakage: changing the future leaves every past feature unchanged."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pantherseq.fraud.features import baseline_features, customer_features, terminal_features, window_sums
+
+T0 = dt.datetime(2024, 1, 1)
+
+
+def frame(rows: list[tuple]) -> pl.DataFrame:
+    """rows: (user, days after T0, amount, terminal, label)."""
+    return pl.DataFrame({
+        "user_id": [r[0] for r in rows],
+        "timestamp": [T0 + dt.timedelta(days=r[1]) for r in rows],
+        "amount": [float(r[2]) for r in rows],
+        "terminal_id": [r[3] for r in rows],
+        "label": pl.Series([r[4] for r in rows], dtype=pl.Int8),
+    })
+
+
+def test_customer_windows_by_hand():
+    f = frame([("a", 0, 10, "t", 0), ("a", 0.5, 20, "t", 0), ("a", 2, 30, "t", 0), ("a", 10, 40, "t", 0),
+               ("b", 0.25, 99, "t", 0)])
+    c = customer_features(f, "amount", (1, 7))
+    assert c["cust_n_1d"].to_list() == [1, 2, 1, 1, 1]
+    assert c["cust_mean_amount_1d"].to_list() == [10, 15, 30, 40, 99]
+    assert c["cust_n_7d"].to_list() == [1, 2, 3, 1, 1]
+    assert c["cust_mean_amount_7d"].to_list() == [10, 15, 20, 40, 99]
+
+
+def test_a_row_never_sees_a_later_row_with_the_same_timestamp():
+    f = frame([("a", 1, 10, "t", 0), ("a", 1, 30, "t", 0)])
+    c = customer_features(f, "amount", (1,))
+    assert c["cust_n_1d"].to_list() == [1, 2] and c["cust_mean_amount_1d"].to_list() == [10, 20]
+
+
+def test_terminal_windows_are_lagged_by_the_delay():
+    # terminal t: frauds on days 0 and 1, genuine on day 2; scored on days 3, 8 and 9 with delay 7
+    f = frame([("a", 0, 1, "t", 1), ("b", 1, 1, "t", 1), ("c", 2, 1, "t", 0), ("d", 3, 1, "t", 0),
+               ("e", 8, 1, "t", 0), ("f", 9, 1, "t", 0), ("g", 8.5, 1, "u", 1)])
+    t = terminal_features(f, "terminal_id", (1, 7), delay_days=7)
+    # day 3: (−5, −4] and (−11, −4]: nothing is 7 days old yet
+    assert t["term_n_7d"][3] == 0 and t["term_frauds_7d"][3] == 0
+    # day 8: window (0, 1] -> the day-1 fraud (day 0 is not inside (0, 1]); 7d window (−6, 1] -> both frauds
+    assert t["term_frauds_1d"][4] == 1 and t["term_n_1d"][4] == 1
+    assert t["term_frauds_7d"][4] == 2 and t["term_n_7d"][4] == 2 and t["term_rate_7d"][4] == 1.0
+    # day 9: (1, 2] -> the genuine day-2 row; (−5, 2] -> 2 frauds of 3
+    assert t["term_n_1d"][5] == 1 and t["term_frauds_1d"][5] == 0
+    assert t["term_rate_7d"][5] == pytest.approx(2 / 3)
+    assert t["term_n_7d"][6] == 0  # another terminal
+
+
+def test_window_sums_matches_a_loop():
+    rng = np.random.default_rng(0)
+    n = 300
+    g, t, v = rng.integers(0, 5, n), rng.integers(0, 50, n), rng.normal(size=n)
+    for lag in (0, 7):
+        got = window_sums(g, t, v, 10, lag)
+        order = np.lexsort((np.arange(n), t, g))
+        rank = np.empty(n, int)
+        rank[order] = np.arange(n)
+        for i in range(n):
+            m = (g == g[i]) & (t > t[i] - lag - 10) & (t <= t[i] - lag)
+            if lag == 0:
+                m &= rank <= rank[i]
+            assert got[i] == pytest.approx(v[m].sum())
+
+
+def random_events(rng, n: int) -> pl.DataFrame:
+    days = np.sort(rng.uniform(0, 60, n))
+    return frame([(f"u{rng.integers(0, 8)}", d, rng.uniform(1, 300), f"t{rng.integers(0, 5)}",
+                   int(rng.random() < 0.1)) for d in days])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_changing_the_future_leaves_past_features_unchanged(seed):
+    rng = np.random.default_rng(seed)
+    events = random_events(rng, 400).with_columns(pl.Series("channel", rng.choice(["a", "b"], 400)))
+    cut = T0 + dt.timedelta(days=35)
+    past = events.filter(pl.col("timestamp") < cut)
+    future = events.filter(pl.col("timestamp") >= cut)
+    # a different future: labels flipped, amounts shuffled, terminals and users reassigned, rows dropped, added
+    other = future.sample(fraction=0.7, seed=seed).with_columns(
+        (1 - pl.col("label")).cast(pl.Int8).alias("label"), pl.col("amount").shuffle(seed=seed),
+        pl.col("terminal_id").shuffle(seed=seed + 1), pl.col("user_id").shuffle(seed=seed + 2))
+    extra = random_events(rng, 50).with_columns(pl.col("timestamp") + dt.timedelta(days=40),
+                                                pl.Series("channel", rng.choice(["a", "b"], 50)))
+    changed = pl.concat([past, other, extra]).sample(fraction=1.0, shuffle=True, seed=seed)  # any row order
+    def features(ev: pl.DataFrame) -> pl.DataFrame:
+        codes = {"channel": ev["channel"].replace_strict({"a": 1, "b": 2}, default=0).to_numpy()}
+        base = baseline_features(ev, "amount", "terminal_id", codes)
+        return pl.concat([ev, base.select(pl.all().name.prefix("f_"))], how="horizontal", strict=True)
+
+    a, b = features(events), features(changed)
+    key = ["user_id", "timestamp", "amount"]
+    a_past = a.filter(pl.col("timestamp") < cut).sort(key)
+    b_past = b.filter(pl.col("timestamp") < cut).sort(key)
+    assert a_past.height == past.height and a_past.equals(b_past)

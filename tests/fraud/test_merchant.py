@@ -1,0 +1,36 @@
+"""Merchant risk R_m: one vote per user, the quantile, robust statistics, the AUC."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from pantherseq.fraud.merchant import merchant_auc, merchant_risk
+
+
+def test_merchant_risk_by_hand():
+    frame = pl.DataFrame({
+        "user_id": ["a", "a", "b", "c", "a", "b", "d", "e"],
+        "merchant_id": ["m", "m", "m", "m", "n", "n", "o", "o"],
+        "d": [1.0, 3.0, 4.0, 10.0, 5.0, float("nan"), 0.0, 1.0],
+    })
+    t = merchant_risk(frame, "merchant_id", "d", q=0.5, min_users=2).sort("merchant_id")
+    m = t.row(0, named=True)
+    # m: user a votes mean(1, 3) = 2, b 4, c 10 -> median 4; MAD = median(|2-4|, 0, 6) = 2
+    assert (m["users"], m["payments"], m["risk"], m["median"], m["mad"]) == (3, 4, 4.0, 4.0, 2.0)
+    n = t.row(1, named=True)
+    assert n["users"] == 1 and n["risk"] is None  # b's NaN does not vote; one user is too few
+    o = t.row(2, named=True)
+    assert o["risk"] == pytest.approx(0.5)
+    # robust z among rated merchants (4 and 0.5): centre 2.25, MAD 1.75 * 1.4826
+    assert m["risk_z"] == pytest.approx((4 - 2.25) / (1.75 * 1.4826))
+
+
+def test_merchant_auc_ranks_the_compromised_first():
+    table = pl.DataFrame({"merchant_id": ["a", "b", "c", "d"], "risk": [3.0, 2.0, 1.0, None]})
+    assert merchant_auc(table, "merchant_id", {"a"}) == 1.0
+    assert merchant_auc(table, "merchant_id", {"c"}) == 0.0
+    assert merchant_auc(table, "merchant_id", {"b", "d"}) == pytest.approx(0.5)  # d has no R_m: left out
+    assert math.isnan(merchant_auc(table, "merchant_id", set()))
