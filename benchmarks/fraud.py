@@ -81,7 +81,7 @@ def prepare(dataset: str, data: str | None, run: Path, split: dict, extra: list[
 def chain(run: Path, backbone: str, budget: float, fraud_toml: Path, log: Path) -> subprocess.Popen:
     """pretrain then fraud for one backbone, in one shell, logging to `log`."""
     sets = [*MODEL, f"train.time_budget_s={budget}", "train.threads=1", "train.epochs=2", "train.patience=2",
-            "train.eval_max_users=300", "train.lr=0.002", "train.batch_size=128"]
+            "train.eval_max_users=300", "train.lr=0.002", "train.batch_size=128", "train.warmup_steps=10"]
     pretrain = cli("pretrain", "--run", str(run), "--model", backbone, *[a for s in sets for a in ("--set", s)])
     fraud = cli("fraud", "--run", str(run), "--model", backbone, "--config", str(fraud_toml))
     script = " ".join(map(_quote, pretrain)) + " && " + " ".join(map(_quote, fraud))

@@ -3,6 +3,7 @@
     pantherseq prepare --dataset NAME [--data PATH] [--config FILE] [--set key=value ...] --out RUN_DIR
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
+    pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
     pantherseq demo [--out RUN_DIR]
 
 Every user error (bad input, bad config) ends with one line on stderr and exit code 2, never a traceback.
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
                   "/usr/lib64/libtcmalloc.so.4", "/usr/lib/libtcmalloc.so.4")
-HEAVY = {"pretrain", "evaluate", "demo"}
+HEAVY = {"pretrain", "evaluate", "demo", "fraud"}
 
 
 def _preload_tcmalloc(argv: list[str]) -> None:

@@ -105,3 +105,9 @@ def test_config_file_takes_toml_dates_and_rejects_unknown_keys(tmp_path):
     path.write_text("test_begin = 2024-02-24\n")
     with pytest.raises(ConfigError, match="valid keys"):
         load_fraud_config(path)
+
+
+def test_baseline_only_skips_the_model_pass(trained_run, tmp_path):
+    report = run_fraud(trained_run, "panther", config(feature_sets=["baseline"], out_dir=str(tmp_path)))
+    assert set(report["feature_sets"]) == {"baseline"} and report["features"]["deviation"] == 0
+    assert "note" in report["merchant_risk"] and not (tmp_path / "merchant_risk.parquet").exists()

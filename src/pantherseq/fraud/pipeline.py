@@ -261,9 +261,11 @@ def build_features(run: Path, model_name: str, cfg: FraudConfig) -> tuple[pl.Dat
     ts = events[TIME]
     masks = {name: ((ts >= a) & (ts < b)).to_numpy() for name, (a, b) in
              (("train", periods.train), ("test", periods.test))}
-    parts = [behaviour_features(model, data, m, cfg.context, cfg.batch_windows, cfg.pos_chunk)
-             for m in masks.values()]
-    bf = _merge(*parts)
+    if any(g != "baseline" for s in cfg.feature_sets for g in GROUPS[s]):
+        bf = _merge(*[behaviour_features(model, data, m, cfg.context, cfg.batch_windows, cfg.pos_chunk)
+                      for m in masks.values()])
+    else:  # only the baseline was asked for: no model pass
+        bf = BehaviourFeatures(np.zeros(0, np.int64), {}, np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32))
     timings["behaviour_s"] = time.perf_counter() - t0
 
     rows = np.flatnonzero(masks["train"] | masks["test"])
@@ -297,6 +299,8 @@ def _merchant_section(test: pl.DataFrame, merchant: str | None, cfg: FraudConfig
         name = f"surprisal_{merchant}" if f"d_surprisal_{merchant}" in test.columns else "surprisal"
     column = name if name in test.columns else f"d_{name}"
     if column not in test.columns:
+        if not any(c.startswith("d_") for c in test.columns):
+            return None, {"note": "no deviation features (baseline only)"}
         raise ConfigError(f"merchant_delta {cfg.merchant_delta!r} is not a feature or score column")
     table = merchant_risk(test, merchant, column, cfg.merchant_quantile, cfg.merchant_min_users)
     scenario = cfg.compromised_scenario
