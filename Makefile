@@ -12,7 +12,7 @@ RUN    ?= runs/demo
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	# tcmalloc makes CPU training 1.1-1.5x faster (best effort: skipped without apt or root)
+	# tcmalloc makes CPU training faster (2.1x in MEASURED.md) (best effort: skipped without apt or root)
 	-command -v apt-get >/dev/null && { dpkg -s libgoogle-perftools4 >/dev/null 2>&1 || \
 	  (apt-get install -y -q libgoogle-perftools4 || (apt-get update -q && apt-get install -y -q libgoogle-perftools4)) >/dev/null 2>&1; }
 	$(PYTHON) -m venv $(VENV)

@@ -245,7 +245,7 @@ HEAVY = {"pretrain", "evaluate", "demo", "fraud"}
 
 def _preload_tcmalloc(argv: list[str]) -> None:
     """Re-exec once with tcmalloc preloaded for training/evaluation: PyTorch's many small CPU allocations
-    run 1.1-1.5x faster with it than with glibc malloc (docs/BENCHMARKS.md). PANTHERSEQ_MALLOC=system
+    run faster with it than with glibc malloc (2.1x in ../shared/docs/MEASURED.md). PANTHERSEQ_MALLOC=system
     turns it off; it is skipped silently when the library is not installed."""
     if os.environ.get("PANTHERSEQ_MALLOC", "tcmalloc") != "tcmalloc" or not HEAVY & set(argv):
         return

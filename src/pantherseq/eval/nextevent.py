@@ -7,13 +7,17 @@ torchrun each rank takes every world-th window and the sums are all-reduced.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pantherseq.data.dataset import RunData
-from pantherseq.eval.metrics import MetricSum, ranks
+from pantherseq.errors import ConfigError
+from pantherseq.eval.metrics import METRICS, MetricSum, ranks
 from pantherseq.model.base import SequenceModel
 
 SCORE_BUDGET = 40_000_000  # score-matrix entries per evaluation batch (~160 MB of float32)
@@ -54,11 +58,7 @@ def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ..
     """Evaluate every trained model (or `models`) of a run on `splits`; merge into RUN_DIR/eval.json.
 
     `max_users` evaluates the targets of a seeded subset of users (the same subset for every model)."""
-    import json
-    from pathlib import Path
-
-    from pantherseq.errors import ConfigError
-    from pantherseq.train.checkpoint import load_model
+    from pantherseq.train.checkpoint import load_model  # train imports this module: load lazily
 
     run = Path(run_dir)
     trained = sorted(p.name for p in (run / "models").glob("*") if (p / "checkpoint.pt").is_file())
@@ -80,8 +80,6 @@ def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ..
 
 
 def format_table(results: dict, split: str = "test") -> str:
-    from pantherseq.eval.metrics import METRICS
-
     head = f"{'model':<14}" + "".join(f"{m:>9}" for m in METRICS) + f"{'n':>9}"
     lines = [head, "-" * len(head)]
     for name, by_split in results.items():
