@@ -1,12 +1,12 @@
 """Benchmark of `pantherseq fraud` (issue 4) on the Fraud Detection Handbook data.
 
     .venv/bin/python benchmarks/fraud.py [--dataset handbook|simulated] [--data DIR] [--work runs/fraud-DATASET]
-        [--backbones panther,transformer] [--pretrain-budget-s 150] [--out benchmarks/results/fraud.json]
+        [--backbones panther,transformer] [--pretrain-budget-s 1200] [--out benchmarks/results/fraud.json]
 
-Handbook protocol (docs/FRAUD.md): `prepare` with train < 2018-06-24 <= valid < 2018-07-01 <= test, so the
-generative models learn from April 1 .. June 23 and early-stop on June 24-30; the risk models train on
-July (2018-07-01 .. 07-31, deviation features out-of-sample), a one-week gap (the label delay), test
-2018-08-08 .. 2018-09-30. `--dataset simulated` does the same on the built-in simulator (default
+Handbook protocol (docs/FRAUD.md): `prepare` with train < 2018-05-25 <= valid < 2018-06-01 <= test, so the
+generative models learn from April 1 .. May 24 and early-stop on May 25-31; the risk models train on
+June and July (2018-06-01 .. 07-31, deviation features out-of-sample), a one-week gap (the label delay),
+test 2018-08-08 .. 2018-09-30. `--dataset simulated` does the same on the built-in simulator (default
 config, 120 days from 2024-01-01): generative models before 2024-02-22, risk model March, test
 2024-04-08 .. 04-30, where account takeover changes the routine. Each backbone is pretrained then
 scored in its own process, one thread each, the backbones side by side (the machine has two cores).
@@ -31,8 +31,8 @@ RESULTS = REPO / "benchmarks" / "results"
 # per dataset: the prepare split (generative model: train < t1, early stopping until t2) and the fraud periods
 SETUPS = {
     "handbook": {
-        "split": {"t1": "2018-06-24", "t2": "2018-07-01"},
-        "fraud": {"train_start": "2018-07-01", "train_end": "2018-08-01", "test_start": "2018-08-08",
+        "split": {"t1": "2018-05-25", "t2": "2018-06-01"},
+        "fraud": {"train_start": "2018-06-01", "train_end": "2018-08-01", "test_start": "2018-08-08",
                   "test_end": "2018-10-01"},
         "out": RESULTS / "fraud.json",
     },
@@ -80,8 +80,8 @@ def prepare(dataset: str, data: str | None, run: Path, split: dict, extra: list[
 
 def chain(run: Path, backbone: str, budget: float, fraud_toml: Path, log: Path) -> subprocess.Popen:
     """pretrain then fraud for one backbone, in one shell, logging to `log`."""
-    sets = [*MODEL, f"train.time_budget_s={budget}", "train.threads=1", "train.epochs=2", "train.patience=2",
-            "train.eval_max_users=300", "train.lr=0.002", "train.batch_size=128", "train.warmup_steps=10"]
+    sets = [*MODEL, f"train.time_budget_s={budget}", "train.threads=1", "train.epochs=8", "train.patience=2",
+            "train.eval_max_users=300", "train.lr=0.002", "train.batch_size=64", "train.warmup_steps=10"]
     pretrain = cli("pretrain", "--run", str(run), "--model", backbone, *[a for s in sets for a in ("--set", s)])
     fraud = cli("fraud", "--run", str(run), "--model", backbone, "--config", str(fraud_toml))
     script = " ".join(map(_quote, pretrain)) + " && " + " ".join(map(_quote, fraud))
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--data", help="default: ../shared/data/fraud-handbook for the handbook")
     ap.add_argument("--work", help="default: runs/fraud-<dataset>")
     ap.add_argument("--backbones", default="panther,transformer")
-    ap.add_argument("--pretrain-budget-s", type=float, default=150.0)
+    ap.add_argument("--pretrain-budget-s", type=float, default=1200.0)
     ap.add_argument("--prepare-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra prepare overrides (e.g. simulate.n_users=300 for a dry run)")
     ap.add_argument("--out", help="default: benchmarks/results/fraud.json (handbook), fraud-simulated.json")

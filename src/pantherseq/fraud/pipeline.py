@@ -160,19 +160,30 @@ def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> t
 
 
 def _embedding_columns(bf: BehaviourFeatures, rows: np.ndarray, train_rows: np.ndarray, k: int
-                       ) -> dict[str, np.ndarray]:
-    """e_u and recent for the events `rows` (NaN without history), PCA-projected (fit on train_rows)."""
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """e_u and recent for the events `rows` (NaN without history), PCA-projected (fit on train_rows), and
+    the projections {`<name>_mean`, `<name>_comps`} (the service applies the same ones: serve/online.py)."""
     pos = np.searchsorted(bf.index, rows).clip(0, max(len(bf.index) - 1, 0))
     has = (bf.index[pos] == rows) if len(bf.index) else np.zeros(len(rows), bool)
     out: dict[str, np.ndarray] = {}
+    pca: dict[str, np.ndarray] = {}
     for name, mat in (("eu", bf.e_u), ("rec", bf.recent)):
         X = np.full((len(rows), mat.shape[1]), np.nan, dtype=np.float32)
         X[has] = mat[pos[has]]
         if 0 < k < mat.shape[1]:
             mean, comps = _fit_pca(X[np.isin(rows, train_rows)], k)
-            X = ((X - mean) @ comps.T).astype(np.float32)
+        else:  # identity: every dimension kept
+            mean, comps = np.zeros(mat.shape[1]), np.eye(mat.shape[1])
+        X = project(X, mean, comps)
+        pca[f"{name}_mean"], pca[f"{name}_comps"] = mean.astype(np.float32), comps.astype(np.float32)
         out.update({f"{name}_{i}": X[:, i] for i in range(X.shape[1])})
-    return out
+    return out, pca
+
+
+def project(X: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, k) float32: the PCA projection offline and online share (NaN rows stay NaN)."""
+    return ((np.asarray(X, dtype=np.float32) - mean.astype(np.float32)) @ comps.astype(np.float32).T
+            ).astype(np.float32)
 
 
 def _delta_columns(bf: BehaviourFeatures, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -271,7 +282,7 @@ def build_features(run: Path, model_name: str, cfg: FraudConfig) -> tuple[pl.Dat
     rows = np.flatnonzero(masks["train"] | masks["test"])
     train_rows = np.flatnonzero(masks["train"])
     delta = _delta_columns(bf, rows)
-    emb = _embedding_columns(bf, rows, train_rows, cfg.embedding_dims)
+    emb, pca = _embedding_columns(bf, rows, train_rows, cfg.embedding_dims)
     keys = [c for c in (EVENT_ID, USER, TIME, LABEL, SCENARIO, merchant) if c and c in events.columns]
     frame = pl.concat([
         events.select(keys)[rows].with_columns(
@@ -280,7 +291,7 @@ def build_features(run: Path, model_name: str, cfg: FraudConfig) -> tuple[pl.Dat
     ], how="horizontal", strict=True)
     groups = {"baseline": base.columns, "deviation": list(delta), "embedding": list(emb)}
     meta = {"periods": periods, "merchant": merchant, "categorical": [f"ctx_{c}" for c in categorical],
-            "timings": timings}
+            "timings": timings, "pca": pca}
     return frame, groups, meta
 
 
@@ -355,6 +366,7 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
     if table is not None:
         table.write_parquet(out / "merchant_risk.parquet")
     pl.concat(importances).write_parquet(out / "importances.parquet")
+    np.savez(out / "embedding_pca.npz", **meta["pca"])
     if cfg.save_features:
         frame.write_parquet(out / "features.parquet")
     report = {
