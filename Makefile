@@ -1,5 +1,5 @@
 # The README's commands. Everything installs into .venv; nothing outside the project is touched
-# except, for `make test`, Debian packages the tests need (none yet).
+# except, best effort, Debian packages: tcmalloc for training and redis-server for the store tests.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 	# tcmalloc makes CPU training faster (2.1x in MEASURED.md) (best effort: skipped without apt or root)
 	-command -v apt-get >/dev/null && { dpkg -s libgoogle-perftools4 >/dev/null 2>&1 || \
 	  (apt-get install -y -q libgoogle-perftools4 || (apt-get update -q && apt-get install -y -q libgoogle-perftools4)) >/dev/null 2>&1; }
+	# redis-server: the store tests start a throwaway one on a free port (best effort; they skip without it)
+	-command -v apt-get >/dev/null && { dpkg -s redis-server >/dev/null 2>&1 || \
+	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null 2>&1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: pip takes the CPU build from this machine's disk
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,serve,redis]'
 	# MovieLens-100k ships inside the recbole wheel; --no-deps keeps RecBole's pins out of our env
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
 	touch $(STAMP)

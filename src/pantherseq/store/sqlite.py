@@ -1,0 +1,147 @@
+"""The SQLite backend of the user-state store: one file, WAL journal, the standard library's sqlite3.
+
+Durability. The file runs with `journal_mode=WAL` and `synchronous=NORMAL`. A commit writes its pages into
+the WAL file with write() before it returns, so they sit in the operating system's page cache, which is the
+kernel's and outlives the process: an event whose `append_event` returned survives a `kill -9` of the
+caller, and the next open reads it from the WAL. NORMAL only skips the fsync at each commit, so what it
+risks is the last commits on a power cut or a kernel crash (the file itself stays consistent); protecting
+those would cost an fsync per event (`synchronous=FULL`).
+
+Threads. One connection, opened with `check_same_thread=False` and used only while holding a lock, so the
+service's request threads and its refresh thread take turns. A connection per thread (threading.local) was
+not chosen: a web server's worker pool would open one per worker that `close()` could not reach from its own
+thread, and under WAL + NORMAL a commit does not fsync, so the lock is held for microseconds. Other processes
+may open the same file: WAL lets readers run beside the one writer, and the busy timeout queues writers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from pantherseq.errors import ConfigError
+from pantherseq.store.base import SCHEMA_VERSION, Store, as_bytes
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500  # keys per `IN (...)` query, under SQLite's default limit of bound parameters
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (user TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS log (user TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (user, seq));
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+
+
+class SQLiteStore(Store):
+    """A store in one SQLite file (created with its parent folders when missing)."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 30.0):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"cannot open SQLite store {self.path}: {e}") from e
+        try:
+            self._init_file()
+        except BaseException as e:
+            self._db.close()
+            if isinstance(e, sqlite3.Error):  # e.g. "file is not a database"
+                raise ConfigError(f"cannot open SQLite store {self.path}: {e}") from e
+            raise
+
+    def _init_file(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version not in (0, SCHEMA_VERSION):
+            raise ConfigError(
+                f"SQLite store {self.path} has schema version {version}; "
+                f"this pantherseq reads version {SCHEMA_VERSION}"
+            )
+        (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+        if mode != "wal":  # e.g. a network file system; commits are still written before they return
+            log.warning("SQLite store %s runs in journal mode %s, not WAL", self.path, mode)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._transaction("IMMEDIATE") as db:
+            for statement in SCHEMA.strip().splitlines():
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
+        """Hold the lock and one transaction (IMMEDIATE for writes: take the write lock up front)."""
+        with self._lock:
+            self._db.execute(f"BEGIN {mode}")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite rolls back by itself on some errors
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        with self._transaction() as db:  # one snapshot across the chunks
+            for i in range(0, len(unique), CHUNK):
+                chunk = unique[i : i + CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(db.execute(f"SELECT user, value FROM state WHERE user IN ({marks})", chunk))
+        return [found.get(key) for key in keys]
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        rows = [(user, as_bytes(value)) for user, value in items.items()]
+        with self._transaction("IMMEDIATE") as db:
+            db.executemany(
+                "INSERT INTO state (user, value) VALUES (?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET value = excluded.value",
+                rows,
+            )
+
+    def append_event(self, user: str, event: bytes) -> int:
+        value = as_bytes(event)
+        with self._transaction("IMMEDIATE") as db:
+            query = "SELECT COALESCE(MAX(seq), 0) + 1 FROM log WHERE user = ?"
+            (seq,) = db.execute(query, (user,)).fetchone()
+            db.execute("INSERT INTO log (user, seq, value) VALUES (?, ?, ?)", (user, seq, value))
+        return seq
+
+    def events_since(self, user: str, seq: int) -> list[tuple[int, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, value FROM log WHERE user = ? AND seq > ? ORDER BY seq", (user, seq)
+            ).fetchall()
+        return [(s, v) for s, v in rows]
+
+    def users_with_log(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT user FROM log ORDER BY user").fetchall()
+        return [user for (user,) in rows]
+
+    def get_meta(self, name: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        with self._transaction("IMMEDIATE") as db:
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, as_bytes(value)),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
