@@ -82,3 +82,7 @@ def tiny_frame() -> pl.DataFrame:
 @pytest.fixture
 def tiny_events() -> pl.DataFrame:
     return tiny_frame()
+
+
+# the labelled stolen-routine run and its tiny PANTHER, shared by the fraud and serving tests (session scope)
+from stolen_routine import fraud_run, trained_run  # noqa: F401

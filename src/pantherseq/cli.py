@@ -4,6 +4,10 @@
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
     pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
+    pantherseq embed --run RUN_DIR --model NAME --store URL [--until TIME]
+    pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000]
+    pantherseq llm4es --run RUN_DIR --model-dir DIR [--format plain|json|markdown] [--steps N | --budget-s S]
+    pantherseq probe --run RUN_DIR --embeddings aggregates,panther,aggregates+panther --target gender
     pantherseq demo [--out RUN_DIR]
 
 Every user error (bad input, bad config) ends with one line on stderr and exit code 2, never a traceback.
@@ -123,6 +127,88 @@ def _check_run(run: str) -> None:
         raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pantherseq.serve.embed import embed_users
+    from pantherseq.serve.online import OnlineModel
+    from pantherseq.store import open_store
+
+    _check_run(args.run)
+    om = OnlineModel(args.run, args.model, args.fraud_dir, threads=args.threads)
+    with open_store(args.store) as store:
+        meta = embed_users(om, store, args.until, args.batch_size)
+    print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "
+          f"{meta['until'] or 'the last event'} into {args.store} in {meta['seconds']:.1f} s")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pantherseq.serve.app import Service, create_app
+    from pantherseq.serve.online import OnlineModel
+    from pantherseq.store import open_store
+
+    _check_run(args.run)
+    om = OnlineModel(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
+    store = open_store(args.store)
+    service = Service(om, store, refresh=not args.no_refresh)
+    service.start()
+    print(f"serving {om.model_version} ({om.feature_set or 'deviation score: no risk model'}) from {args.store} "
+          f"on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        service.stop()
+        store.close()
+    return 0
+
+
+def cmd_llm4es(args: argparse.Namespace) -> int:
+    from pantherseq.errors import ConfigError
+    from pantherseq.llm4es.pipeline import load_llm4es_config, run_llm4es
+    from pantherseq.llm4es.pretrained import resolve_model_dir
+    from pantherseq.llm4es.text import load_descriptions
+
+    sets = list(args.set or [])
+    for key, value in (("text.format", args.format), ("kind", args.kind), ("finetune.steps", args.steps),
+                       ("finetune.budget_s", args.budget_s)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if args.budget_s is not None and args.steps is None:
+        sets.append("finetune.steps=0")  # the budget alone decides
+    if args.no_finetune:
+        sets.append("train=false")
+    cfg = load_llm4es_config(args.config, sets)
+    _check_run(args.run)
+    descriptions = {}
+    for item in args.describe or []:
+        name, sep, file = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--describe {item!r} is not of the form FIELD=FILE")
+        descriptions[name] = load_descriptions(file)
+    report = run_llm4es(args.run, resolve_model_dir(args.model_dir), cfg, args.out, descriptions)
+    m, r = report["model"], report["finetune_result"]
+    trained = (f"fine-tuned {r['steps']} steps in {r['seconds']:.0f} s (loss {r['loss_first']:.3f} -> "
+               f"{r['loss_last']:.3f})" if report["finetuned"] else "not fine-tuned")
+    print(f"llm4es on {args.run}: {report['users']:,} users as {report['format']} text, {m['kind']} model "
+          f"{m['architecture']} ({m['params'] / 1e6:.1f}M parameters), {trained}\n"
+          f"  embeddings {report['users']:,} x {report['embedding_dim']} (mean of the last "
+          f"{report['n_layers_used']} layers) in {report['timings']['embed_s']:.1f} s\n  -> {report['out']}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from pantherseq.eval.probe import ProbeConfig, format_probe_table, run_probe
+
+    _check_run(args.run)
+    names = [n for n in args.embeddings.split(",") if n]
+    report = run_probe(args.run, names, args.target, folds=args.folds, seed=args.seed, repeats=args.repeats,
+                       split=args.split, history=args.history, profile=args.profile,
+                       cfg=ProbeConfig(rounds=args.rounds))
+    print(f"{format_probe_table(report)}\n-> {Path(args.run) / 'probe.json'}")
+    return 0
+
+
 DEMO_MODELS = ("panther", "transformer", "markov")
 DEMO_TRAIN = ["model.max_len=64", "train.epochs=20", "train.patience=2", "train.eval_max_users=400"]
 
@@ -210,6 +296,74 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one key, e.g. --set test_start=2018-08-08 --set lgbm.max_rounds=500")
     f.set_defaults(func=cmd_fraud)
 
+    em = sub.add_parser("embed", help="write every user's serving state to a store",
+                        description="Compute, for every user, the state the scoring service needs (the last "
+                                    "max_len events, recent spending, e_u and the predicted next-behaviour "
+                                    "distribution) in batches and write it to the store.")
+    sv = sub.add_parser("serve", help="run the real-time scoring service (FastAPI)",
+                        description="Serve POST /score, /score/batch, /feedback, GET /users/{id}/state, /health, "
+                                    "/metrics, /stats from the states in the store; accepted events are logged "
+                                    "durably and users' predictions refreshed in the background.")
+    for q in (em, sv):
+        q.add_argument("--run", required=True, help="the prepared run directory")
+        q.add_argument("--model", default="panther", help="the trained model's name under RUN_DIR/models/")
+        q.add_argument("--store", default=None, help="sqlite:///path.db (default: RUN_DIR/states.db) or "
+                                                     "redis://host:port/db")
+        q.add_argument("--fraud-dir", help="where `pantherseq fraud` wrote the risk model (default RUN_DIR/fraud)")
+        q.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    em.add_argument("--until", help="states as of this time (ISO), e.g. the test period's start (default: all)")
+    em.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default: 256)")
+    em.set_defaults(func=cmd_embed)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--feature-set", default="hybrid", help="which risk model to serve (default: hybrid)")
+    sv.add_argument("--no-refresh", action="store_true", help="do not refresh predictions after events")
+    sv.set_defaults(func=cmd_serve)
+
+    lm = sub.add_parser("llm4es", help="user embeddings from a language model fine-tuned on event texts",
+                        description="LLM4ES: write each user's events as text, fine-tune a local Hugging Face "
+                                    "causal LM on it with next-token loss (or embed with an encoder as is) and "
+                                    "write OUT/embeddings.npy (row i = user_idx i), users.parquet, config.json "
+                                    "and the fine-tuned model under OUT/model/.")
+    lm.add_argument("--run", required=True, help="a run directory written by `pantherseq prepare`")
+    lm.add_argument("--model-dir", required=True,
+                    help="a local Hugging Face model directory, or a packaged model: all-minilm-l6-v2, "
+                         "smollm2-135m (nothing is downloaded)")
+    lm.add_argument("--format", choices=("plain", "json", "markdown"), help="event text format (default: plain)")
+    lm.add_argument("--kind", choices=("auto", "causal", "encoder"), help="model kind (default: from config.json)")
+    lm.add_argument("--steps", type=int, help="fine-tuning optimizer steps (default: 100)")
+    lm.add_argument("--budget-s", type=float, help="fine-tuning time budget in seconds")
+    lm.add_argument("--no-finetune", action="store_true", help="embed with the model as it is")
+    lm.add_argument("--describe", action="append", metavar="FIELD=FILE",
+                    help="a CSV of code,description for a categorical field, e.g. mcc=mcc_codes.csv (repeatable)")
+    lm.add_argument("--config", help="a TOML file with [text] and [finetune] tables")
+    lm.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override one key, e.g. --set text.max_events=50 --set finetune.lr=1e-4 (repeatable)")
+    lm.add_argument("--out", help="output directory (default: RUN_DIR/llm4es)")
+    lm.set_defaults(func=cmd_llm4es)
+
+    pr = sub.add_parser("probe", help="user-level evaluation of frozen user representations",
+                        description="Score user representations on a user-level target with LightGBM and "
+                                    "stratified k-fold cross-validation, the same folds for every representation "
+                                    "(SPEC §10); print mean ± std and merge the report into RUN_DIR/probe.json.")
+    pr.add_argument("--run", required=True, help="a prepared run directory")
+    pr.add_argument("--embeddings", required=True, metavar="A,B,...",
+                    help="comma-separated representations: aggregates, random, a trained model's name, a name "
+                         "with RUN_DIR/NAME/embeddings.npy (llm4es, coles), a .npy file (row i = user_idx i); "
+                         "a+b concatenates")
+    pr.add_argument("--target", required=True, help="gender, age, persona or fraud_victim")
+    pr.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the folds and the boosters (default: 0)")
+    pr.add_argument("--repeats", type=int, default=1, help="reshuffled repeats of the CV, seeds seed.. (default: 1)")
+    pr.add_argument("--rounds", type=int, default=500, help="LightGBM boosting rounds (default: 500)")
+    pr.add_argument("--split", default="all", help="history up to the end of: all (default), train, valid, test")
+    pr.add_argument("--history", default="full", choices=("full", "last"),
+                    help="model embeddings: mean over windows of the whole history (default) or the last window")
+    pr.add_argument("--profile", default="mean", choices=("mean", "keep"),
+                    help="PANTHER's profile input: the population mean for everyone (default, no label leak) "
+                         "or each user's own")
+    pr.set_defaults(func=cmd_probe)
+
     d = sub.add_parser("demo", help="run the main job on the built-in simulator",
                        description="Run the pipeline on the built-in simulator: prepare, pretrain PANTHER, the "
                                    "transformer baseline and a Markov baseline under a time budget, evaluate "
@@ -226,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     # OpenMP busy-waiting collapses 2-thread torch under load (docs/BENCHMARKS.md); set before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    if getattr(args, "store", "unset") is None:
+        args.store = f"sqlite:///{Path(args.run) / 'states.db'}"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

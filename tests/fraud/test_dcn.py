@@ -8,8 +8,7 @@ import polars as pl
 from pantherseq.fraud.dcn import DCNConfig, fit_dcn
 from pantherseq.fraud.metrics import roc_auc
 from pantherseq.fraud.pipeline import FraudConfig, run_fraud
-
-from .conftest import PERIODS
+from stolen_routine import PERIODS
 
 
 def test_dcn_learns_an_interaction_and_handles_missing_values():

@@ -15,8 +15,7 @@ from pantherseq.errors import ConfigError, DataError
 from pantherseq.fraud.hybrid import GROUPS, LGBMConfig, fit_risk_model
 from pantherseq.fraud.metrics import recall_at_top, roc_auc
 from pantherseq.fraud.pipeline import FraudConfig, load_fraud_config, run_fraud
-
-from .conftest import PERIODS
+from stolen_routine import PERIODS
 
 LGBM = LGBMConfig(max_rounds=200, early_stopping=30, learning_rate=0.1, min_child_samples=20, refit=False)
 

@@ -28,7 +28,7 @@ import torch
 from pantherseq.data.dataset import RunData
 from pantherseq.fraud.deviation import DELTA_NAMES, deviation_features, field_members, field_onehot
 from pantherseq.model.base import NeuralModel
-from pantherseq.tokenizer import N_SPECIAL
+from pantherseq.tokenizer import N_SPECIAL, StructuredTokenizer
 
 log = logging.getLogger(__name__)
 MAX_ORDERED_CODES = 256  # numeric token fields with at most this many buckets get the upper-tail surprisal
@@ -76,11 +76,11 @@ class BehaviourFeatures:
     recent: np.ndarray
 
 
-class _Vocab:
-    """What the Δ need from the tokenizer: observed-index map and per-field token members."""
+class DeviationVocab:
+    """What the Δ need from the tokenizer: per-field token members and the ordered fields' one-hot tables
+    (shared by the offline pass and the service: serve/online.py)."""
 
-    def __init__(self, data: RunData, device: torch.device):
-        tok = data.tokenizer
+    def __init__(self, tok: StructuredTokenizer):
         v = tok.vocab_size - N_SPECIAL
         names = tok.field_names
         self.token_fields = list(tok.token_fields)
@@ -101,9 +101,10 @@ class _Vocab:
         return self._weight_t
 
 
-def _chunk_features(model: NeuralModel, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,
-                    vocab: _Vocab, pos_chunk: int) -> dict[str, torch.Tensor]:
-    """h (N, D), observed tokens (N,), observed token-field codes (N, Ft) -> Δ, `pos_chunk` rows at a time."""
+def delta_from_hidden(model: NeuralModel, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,
+                      vocab: DeviationVocab, pos_chunk: int = 128) -> dict[str, torch.Tensor]:
+    """h (N, D) states that predict the observed events, their tokens (N,) and token-field codes (N, Ft)
+    -> Δ by name (N,), `pos_chunk` rows at a time."""
     weight = model.output_weight[N_SPECIAL:]
     weight_t = vocab.weight_t(weight)  # (D, V) contiguous, made once
     bias = model.out_bias[N_SPECIAL:]
@@ -127,7 +128,7 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
     max_len = model.cfg.max_len
     seq = data.seq
     windows, _ = scoring_windows(np.asarray(seq.offsets), want, max_len, context)
-    vocab = _Vocab(data, torch.device("cpu"))
+    vocab = DeviationVocab(data.tokenizer)
     tokens_all = np.asarray(seq.tokens)
     codes_all = np.asarray(seq.codes)[:, vocab.code_cols]
     n = int((windows[:, 2] - windows[:, 1]).sum())
@@ -153,7 +154,7 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
         p = j - 1 - w[r, 0]  # input position that predicts event j
         rt, pt = torch.from_numpy(r), torch.from_numpy(p)
         hs = h[rt, pt]  # (n, D)
-        feats = _chunk_features(model, hs, torch.from_numpy(tokens_all[j].astype(np.int64)),
+        feats = delta_from_hidden(model, hs, torch.from_numpy(tokens_all[j].astype(np.int64)),
                                 torch.from_numpy(codes_all[j].astype(np.int64)), vocab, pos_chunk)
         k = len(j)
         index[row:row + k] = j
@@ -166,4 +167,5 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
     return BehaviourFeatures(index[order], {k: v[order] for k, v in delta.items()}, e_u[order], recent[order])
 
 
-__all__ = ["DELTA_NAMES", "BehaviourFeatures", "behaviour_features", "scoring_windows"]
+__all__ = ["DELTA_NAMES", "BehaviourFeatures", "DeviationVocab", "behaviour_features", "delta_from_hidden",
+           "scoring_windows"]

@@ -1,4 +1,5 @@
-"""A small labelled run for the fraud tests: the built-in simulator's genuine behaviour plus injected
+"""A small labelled run for the fraud and serving tests (fixtures registered in tests/conftest.py): the
+built-in simulator's genuine behaviour plus injected
 "stolen routine" fraud, prepared as a csv-source run, and a tiny PANTHER trained on it for a few seconds.
 
 Stolen routine (an account takeover that changes the routine, SPEC §2): for a few days a victim's own

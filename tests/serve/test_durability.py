@@ -1,0 +1,106 @@
+"""An event that got a 200 is never lost: `kill -9` the real service process in the middle of a load, then
+every answered event is in the user's log, and a restarted service folds all of them into the states."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+
+import httpx
+
+from pantherseq.serve.app import Service
+from pantherseq.serve.online import OnlineModel
+from pantherseq.serve.state import UserState, decode_event
+from pantherseq.store import open_store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kill_9_mid_load_loses_no_answered_event(served, tmp_path):
+    db = tmp_path / "states.db"
+    shutil.copy(served["url"].removeprefix("sqlite:///"), db)
+    url = f"sqlite:///{db}"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PANTHERSEQ_MALLOC": "system"}
+    proc = subprocess.Popen([sys.executable, "-m", "pantherseq.cli", "serve", "--run", str(served["run"]),
+                             "--model", "panther", "--fraud-dir", str(served["fraud_dir"]), "--store", url,
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.stderr.read().decode()
+        with open_store(url) as s:
+            users = [u for u in ("u000001", "u000002", "u000003") if s.get_many([u])[0] is not None]
+            before = {u: UserState.decode(s.get_many([u])[0]) for u in users}
+        assert users
+        answered: list[tuple[str, int, float]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=5) as client:
+                i = 0
+                while not stop.is_set():
+                    u = users[i % len(users)]
+                    t = datetime.fromtimestamp(before[u].last_time) + timedelta(minutes=i + 1)
+                    amount = round(1.0 + i * 0.01, 2)
+                    try:
+                        r = client.post(f"{base}/score", json={
+                            "user_id": u, "timestamp": t.isoformat(), "merchant_id": "m00001", "amount": amount,
+                            "category": "grocery", "channel": "pos"})
+                    except httpx.HTTPError:
+                        return  # the server died under us: that request was never answered
+                    if r.status_code == 200:
+                        answered.append((u, r.json()["event_seq"], amount))
+                    i += 1
+
+        th = threading.Thread(target=load)
+        th.start()
+        while len(answered) < 60 and th.is_alive():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # mid-load: the client is still sending
+        proc.wait(10)
+        stop.set()
+        th.join(10)
+        assert len(answered) >= 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    with open_store(url) as s:
+        for u in users:
+            logged = {seq: decode_event(b) for seq, b in s.events_since(u, 0)}
+            mine = [(seq, a) for uu, seq, a in answered if uu == u]
+            for seq, amount in mine:
+                assert seq in logged and logged[seq]["fields"]["amount"] == amount
+    # a restarted service folds every logged event into the states
+    om = OnlineModel(served["run"], "panther", served["fraud_dir"])
+    store = open_store(url)
+    service = Service(om, store)
+    service.start()
+    try:
+        assert service.refresher.wait_idle(60)
+        for u in users:
+            st = UserState.decode(store.get_many([u])[0])
+            n_logged = len(store.events_since(u, 0))
+            assert st.log_seq == n_logged and st.n_events == before[u].n_events + n_logged
+            assert n_logged >= sum(1 for uu, _, _ in answered if uu == u)
+    finally:
+        service.stop()
+        store.close()
