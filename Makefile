@@ -1,5 +1,6 @@
 # The README's commands. Everything installs into .venv; nothing outside the project is touched
-# except, best effort, Debian packages: tcmalloc for training and redis-server for the store tests.
+# except, best effort, Debian packages: tcmalloc for training, redis-server for the store tests and
+# chromium for the report test.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -18,11 +19,14 @@ $(STAMP): pyproject.toml
 	# redis-server: the store tests start a throwaway one on a free port (best effort; they skip without it)
 	-command -v apt-get >/dev/null && { dpkg -s redis-server >/dev/null 2>&1 || \
 	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null 2>&1; }
+	# chromium: the report test renders report.html headless (best effort; it skips without it)
+	-command -v apt-get >/dev/null && { dpkg -s chromium >/dev/null 2>&1 || \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: pip takes the CPU build from this machine's disk
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,serve,redis]'
+	$(PY) -m pip install --quiet -e '.[dev,serve,redis,report,llm]'
 	# MovieLens-100k ships inside the recbole wheel; --no-deps keeps RecBole's pins out of our env
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
 	touch $(STAMP)

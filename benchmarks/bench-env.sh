@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the benchmark environment .venv-bench (RecBole 1.2.1 baselines), separate from .venv because
-# RecBole needs numpy<2, pandas<2.3 and setuptools<81. Idempotent: the venv is created only if missing,
-# and the install is skipped while .venv-bench/.installed is newer than pyproject.toml.
+# Builds the benchmark environment .venv-bench (RecBole 1.2.1; pytorch-lifestream 0.7.0 for CoLES), separate
+# from .venv because RecBole needs numpy<2, pandas<2.3 and setuptools<81. Idempotent: the venv is created
+# only if missing, and the install is skipped while .venv-bench/.installed is newer than pyproject.toml.
 #
 #     bash benchmarks/bench-env.sh            # then: .venv-bench/bin/python benchmarks/recbole_sasrec.py ...
 set -euo pipefail

@@ -1,0 +1,246 @@
+"""User-level evaluation (SPEC §10): frozen user representations -> LightGBM, stratified k-fold CV.
+
+The pytorch-lifestream protocol: each representation (a trained model's pooled embedding, hand-made
+aggregates, an embeddings file such as LLM4ES's or CoLES's) is a fixed (U, D) matrix, row u = user_idx u;
+a LightGBM classifier is trained on k-1 folds and scored on the held-out one; the report is mean ± std
+over the folds (and over `repeats` reshuffles, each with its own seed). The folds depend on the labels
+and the seed only, so every representation compared in one call is scored on the same folds.
+
+    stratified_folds(y, k, seed)          fold id per user: each class spread evenly over the folds
+    probe(X, y, task, folds, seed)        -> {mean, std, per_fold}: ROC-AUC (binary) / accuracy (multiclass)
+    user_targets(run_dir, name)           -> (user_idx, y) for a name in TARGETS
+    load_representation(run_dir, name)    -> (U, D) for aggregates | random | a trained model | a file
+    run_probe(run_dir, names, target)     everything above for several representations; RUN/probe.json
+
+Decisions (the paper leaves them open):
+- Targets: MovieLens-100k `gender` (F = 1) and `age` in buckets <25 / 25–34 / 35–44 / 45+; the
+  simulator's hidden `persona` (6 classes; never an input of any model: the profile fields are age,
+  gender, region, income) and `fraud_victim` (the user has any fraud-labelled event; the label itself is
+  never an input, the fraudulent events are). The simulator's gender does not change behaviour at all,
+  so probing it there is a noise control (≈ 0.5), not a task.
+- `name+name` concatenates representations column-wise (e.g. `aggregates+panther`).
+- LightGBM with fixed rounds and no early stopping, as pytorch-lifestream's embedding validation
+  (`ProbeConfig`); one thread: with two it ran 10–20x slower on our 2-core machines (MEASURED.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pantherseq.errors import ConfigError
+from pantherseq.eval.representation import RANDOM_DIM, aggregate_features, n_users, user_embeddings
+from pantherseq.fraud.metrics import roc_auc
+
+log = logging.getLogger(__name__)
+
+TASKS = ("binary", "multiclass")
+METRIC = {"binary": "roc_auc", "multiclass": "accuracy"}
+AGE_BUCKETS = ("<25", "25-34", "35-44", "45+")
+AGE_EDGES = (25, 35, 45)
+
+__all__ = ["TARGETS", "ProbeConfig", "aggregate_features", "format_probe_table", "load_representation",
+           "probe", "run_probe", "stratified_folds", "user_embeddings", "user_targets"]
+
+
+# --- folds and the probe --------------------------------------------------------------------------
+
+def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """(N,) fold id in 0..k-1. Users are ordered by (class, random key) and dealt round-robin, so each
+    class's count per fold differs by at most one, as do the fold sizes. Same (y, k, seed) -> same folds."""
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    if k < 2:
+        raise ConfigError(f"folds must be at least 2, got {k}")
+    if counts.min() < k:
+        raise ConfigError(f"class {classes[counts.argmin()]!r} has {counts.min()} users, fewer than {k} folds")
+    order = np.lexsort((np.random.default_rng(seed).random(len(y)), y))
+    fold = np.empty(len(y), dtype=np.int64)
+    fold[order] = np.arange(len(y)) % k
+    return fold
+
+
+@dataclass
+class ProbeConfig:
+    """LightGBM settings of the probe (close to pytorch-lifestream's embedding-validation configs)."""
+
+    rounds: int = 500
+    learning_rate: float = 0.02
+    num_leaves: int = 31
+    min_child_samples: int = 30
+    feature_fraction: float = 0.75
+    bagging_fraction: float = 0.75
+    lambda_l1: float = 1.0
+    lambda_l2: float = 1.0
+    threads: int = 1
+
+
+def _fit_predict(X_tr: np.ndarray, y_tr: np.ndarray, X_te: np.ndarray, n_class: int, cfg: ProbeConfig,
+                 seed: int) -> np.ndarray:
+    """P(class 1) (binary) or (N, C) class probabilities of a booster trained on (X_tr, y_tr)."""
+    import lightgbm
+
+    params = {"learning_rate": cfg.learning_rate, "num_leaves": cfg.num_leaves,
+              "min_child_samples": cfg.min_child_samples, "feature_fraction": cfg.feature_fraction,
+              "bagging_fraction": cfg.bagging_fraction, "bagging_freq": 1, "lambda_l1": cfg.lambda_l1,
+              "lambda_l2": cfg.lambda_l2, "num_threads": cfg.threads, "seed": seed, "deterministic": True,
+              "force_row_wise": True, "verbosity": -1}
+    params.update({"objective": "binary"} if n_class == 2 else {"objective": "multiclass", "num_class": n_class})
+    booster = lightgbm.train(params, lightgbm.Dataset(X_tr, y_tr), num_boost_round=cfg.rounds)
+    return booster.predict(X_te, num_threads=cfg.threads)
+
+
+def probe(X: np.ndarray, y: np.ndarray, task: str = "binary", folds: int = 5, seed: int = 0,
+          repeats: int = 1, cfg: ProbeConfig | None = None) -> dict:
+    """Stratified k-fold CV of LightGBM on (X, y): ROC-AUC for `binary`, accuracy for `multiclass`.
+
+    Repeat r uses folds and booster seed `seed + r`. Returns mean and std (population, over all
+    folds x repeats) and the per-fold values in order."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    if repeats < 1:
+        raise ConfigError(f"repeats must be at least 1, got {repeats}")
+    cfg = cfg or ProbeConfig()
+    X = np.asarray(X, dtype=np.float32)
+    classes, y_idx = np.unique(np.asarray(y), return_inverse=True)
+    if task == "binary" and len(classes) != 2:
+        raise ConfigError(f"a binary task needs 2 classes, got {len(classes)}")
+    scores = []
+    for r in range(repeats):
+        fold = stratified_folds(y_idx, folds, seed + r)
+        for f in range(folds):
+            te = fold == f
+            p = _fit_predict(X[~te], y_idx[~te], X[te], len(classes), cfg, seed + r)
+            scores.append(roc_auc(p, y_idx[te]) if task == "binary" else float(np.mean(p.argmax(1) == y_idx[te])))
+    s = np.asarray(scores)
+    return {"mean": float(s.mean()), "std": float(s.std()), "per_fold": [round(float(v), 6) for v in s]}
+
+
+# --- targets ----------------------------------------------------------------------------------------
+
+def _profile_column(run: Path, column: str, target: str) -> pl.DataFrame:
+    path = run / "profile.parquet"
+    cols = pl.read_parquet_schema(path).names() if path.is_file() else []
+    if column not in cols:
+        raise ConfigError(f"target {target!r} needs column {column!r} in {path} "
+                          f"(this run has: {', '.join(c for c in cols if c not in ('user_idx', 'user_id')) or 'none'})")
+    return pl.read_parquet(path, columns=["user_idx", column]).drop_nulls(column)
+
+
+def _gender(run: Path) -> pl.DataFrame:
+    df = _profile_column(run, "gender", "gender")
+    return df.select("user_idx", (pl.col("gender").cast(pl.Utf8).str.to_uppercase() == "F").cast(pl.Int64).alias("y"))
+
+
+def _age(run: Path) -> pl.DataFrame:
+    df = _profile_column(run, "age", "age")
+    age = pl.col("age").cast(pl.Float64)
+    bucket = pl.when(age < AGE_EDGES[0]).then(0).when(age < AGE_EDGES[1]).then(1).when(age < AGE_EDGES[2]).then(2)
+    return df.select("user_idx", bucket.otherwise(3).cast(pl.Int64).alias("y"))
+
+
+def _persona(run: Path) -> pl.DataFrame:
+    df = _profile_column(run, "persona", "persona")
+    codes = {v: i for i, v in enumerate(sorted(df["persona"].cast(pl.Utf8).unique().to_list()))}
+    return df.select("user_idx", pl.col("persona").cast(pl.Utf8).replace_strict(codes).cast(pl.Int64).alias("y"))
+
+
+def _fraud_victim(run: Path) -> pl.DataFrame:
+    path = run / "events.parquet"
+    if "label" not in pl.read_parquet_schema(path).names():
+        raise ConfigError(f"target 'fraud_victim' needs a 'label' column in {path}: this dataset has no labels")
+    return (pl.scan_parquet(path).group_by("user_idx").agg((pl.col("label") == 1).any().cast(pl.Int64).alias("y"))
+            .collect())
+
+
+@dataclass(frozen=True)
+class Target:
+    task: str
+    about: str
+    build: Callable[[Path], pl.DataFrame]  # -> user_idx, y (0..C-1)
+
+
+TARGETS = {
+    "gender": Target("binary", "profile gender, F = 1 (MovieLens-100k; on the simulator a noise control)", _gender),
+    "age": Target("multiclass", "profile age in buckets " + " / ".join(AGE_BUCKETS), _age),
+    "persona": Target("multiclass", "the simulator's hidden persona (6 classes, never a model input)", _persona),
+    "fraud_victim": Target("binary", "any fraud-labelled event in the user's history", _fraud_victim),
+}
+
+
+def user_targets(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(user_idx, y) of the users that have the target `name` (see TARGETS), sorted by user_idx."""
+    if name not in TARGETS:
+        raise ConfigError(f"unknown target {name!r}; valid: {', '.join(TARGETS)}")
+    df = TARGETS[name].build(Path(run_dir)).sort("user_idx")
+    return df["user_idx"].cast(pl.Int64).to_numpy(), df["y"].to_numpy().astype(np.int64)
+
+
+# --- representations --------------------------------------------------------------------------------
+
+def load_representation(run_dir: str | Path, name: str, split: str = "all", history: str = "full",
+                        profile: str = "mean") -> np.ndarray:
+    """(U, D) float32, row u = user_idx u (NaN rows: users without events), for one of:
+    `aggregates`; `random` (a label-free control); a model trained under RUN/models/NAME;
+    RUN/NAME/embeddings.npy (e.g. `llm4es`, `coles`); a path to a .npy file."""
+    run = Path(run_dir)
+    U = n_users(run)
+    if name == "aggregates":
+        return aggregate_features(run, split)[1]
+    if name == "random":
+        return np.random.default_rng(0).standard_normal((U, RANDOM_DIM)).astype(np.float32)
+    if (run / "models" / name).is_dir():
+        return user_embeddings(run, name, split, history=history, profile=profile)[1]
+    path = run / name / "embeddings.npy" if not name.endswith(".npy") else Path(name)
+    if not path.is_file():
+        models = sorted(p.name for p in (run / "models").glob("*") if p.is_dir())
+        raise ConfigError(f"unknown representation {name!r}: not aggregates or random, no model "
+                          f"{run / 'models' / name}, no file {path} (trained models: {', '.join(models) or 'none'})")
+    X = np.load(path)
+    if X.ndim != 2 or X.shape[0] != U:
+        raise ConfigError(f"{path} has shape {X.shape}; expected ({U}, D): one row per user_idx")
+    return X.astype(np.float32)
+
+
+def run_probe(run_dir: str | Path, names: list[str], target: str, folds: int = 5, seed: int = 0,
+              repeats: int = 1, split: str = "all", history: str = "full", profile: str = "mean",
+              cfg: ProbeConfig | None = None) -> dict:
+    """Probe every representation in `names` (`a+b` = concatenated) on `target` with the same folds;
+    merge the report into RUN/probe.json under the target's name and return it."""
+    run = Path(run_dir)
+    cfg = cfg or ProbeConfig()
+    users, y = user_targets(run, target)  # fails fast on a bad target, before any embedding is computed
+    task = TARGETS[target].task
+    parts = {p: None for name in names for p in name.split("+")}
+    for p in parts:  # load everything first: a bad name fails before minutes of probing
+        parts[p] = load_representation(run, p, split, history, profile)
+    results = {}
+    for name in names:
+        X = np.hstack([parts[p][users] for p in name.split("+")])
+        log.info("probing %s (%d users x %d) on %s", name, *X.shape, target)
+        results[name] = {**probe(X, y, task, folds, seed, repeats, cfg), "dim": int(X.shape[1])}
+    report = {"target": target, "about": TARGETS[target].about, "task": task, "metric": METRIC[task],
+              "users": len(y), "class_counts": np.bincount(y).tolist(), "folds": folds, "repeats": repeats,
+              "seed": seed, "split": split, "history": history, "profile": profile, "lgbm": asdict(cfg),
+              "results": results}
+    path = run / "probe.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged[target] = report
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return report
+
+
+def format_probe_table(report: dict) -> str:
+    head = (f"{report['target']} ({report['task']}, {report['metric']}; {report['users']:,} users, "
+            f"{report['folds']} folds x {report['repeats']}, seed {report['seed']})")
+    width = max(len("representation"), *(len(n) for n in report["results"]))
+    lines = [head, f"  {'representation':<{width}}  {'dim':>5}  {'mean':>7}  {'std':>7}"]
+    for name, r in report["results"].items():
+        lines.append(f"  {name:<{width}}  {r['dim']:>5}  {r['mean']:>7.4f}  {r['std']:>7.4f}")
+    return "\n".join(lines)
