@@ -8,7 +8,8 @@
     pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000]
     pantherseq llm4es --run RUN_DIR --model-dir DIR [--format plain|json|markdown] [--steps N | --budget-s S]
     pantherseq probe --run RUN_DIR --embeddings aggregates,panther,aggregates+panther --target gender
-    pantherseq demo [--out RUN_DIR]
+    pantherseq report RUN_DIR
+    pantherseq demo [--out RUN_DIR] [--budget SECONDS]
 
 Every user error (bad input, bad config) ends with one line on stderr and exit code 2, never a traceback.
 """
@@ -209,31 +210,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_MODELS = ("panther", "transformer", "markov")
-DEMO_TRAIN = ["model.max_len=64", "train.epochs=20", "train.patience=2", "train.eval_max_users=400"]
+def cmd_report(args: argparse.Namespace) -> int:
+    from pantherseq.report import write_report
+
+    html_path, md_path = write_report(args.run_dir)
+    print(f"report of {args.run_dir}\n  -> {html_path}\n  -> {md_path}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the built-in simulator: prepare -> pretrain (panther, transformer, markov) ->
-    evaluate, with a summary table. Later stages (fraud, embed, serve, report) join as they land."""
-    from pantherseq.data.schema import load_dataset_config
-    from pantherseq.eval.nextevent import evaluate_run, format_table
-    from pantherseq.prepare import prepare
-    from pantherseq.train.loop import train
+    from pantherseq.demo import run_demo
 
-    run = Path(args.out)
-    cfg = load_dataset_config("simulated", None, args.set)
-    report = prepare(cfg, run)
-    print(f"[1/3] prepared {run}\n{format_prepare_report(report)}", flush=True)
-    sets = [*DEMO_TRAIN, f"train.time_budget_s={args.budget}"]
-    for i, name in enumerate(DEMO_MODELS, 1):
-        log.info("[2/3] pretraining %s (%d of %d, budget %d s)", name, i, len(DEMO_MODELS), args.budget)
-        train(run, name, load_pretrain_config(None, sets))
-    results = evaluate_run(run, list(DEMO_MODELS), ("test",))
-    print(f"\n[3/3] next-behaviour prediction on the test period (full ranking over "
-          f"{report['vocab_size']} tokens):\n{format_table(results, 'test')}")
-    print(f"\nrun directory: {run} (prepare.json, eval.json, models/*/metrics.json)")
-    return 0
+    return run_demo(args.out, args.budget, args.set, report=not args.no_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,14 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "or each user's own")
     pr.set_defaults(func=cmd_probe)
 
-    d = sub.add_parser("demo", help="run the main job on the built-in simulator",
-                       description="Run the pipeline on the built-in simulator: prepare, pretrain PANTHER, the "
-                                   "transformer baseline and a Markov baseline under a time budget, evaluate "
-                                   "them side by side and print the table.")
+    rp = sub.add_parser("report", help="write the run's HTML and markdown report with plots",
+                        description="Plot and tabulate whatever stages RUN_DIR holds (pretraining curves, "
+                                    "next-behaviour metrics, SPRM prototype attention, fraud recall, tokenizer "
+                                    "coverage, merchant risk, serving latency) into RUN_DIR/report.html (one "
+                                    "self-contained file) and RUN_DIR/report.md (+ RUN_DIR/report/*.png).")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    rp.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="run the whole system on the built-in simulator",
+                       description="Run the whole system on the built-in simulator: prepare, pretrain PANTHER, the "
+                                   "transformer and a Markov baseline under a time budget, evaluate them side by "
+                                   "side, train the fraud risk models, embed every user into SQLite, serve and "
+                                   "score live transactions over HTTP, and write RUN_DIR/report.html.")
     d.add_argument("--budget", type=int, default=90, help="training seconds per neural model (default: 90)")
     d.add_argument("--out", default="runs/demo", help="the run directory (default: runs/demo)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a simulator config key, e.g. --set simulate.n_users=500")
+    d.add_argument("--no-report", action="store_true", help="skip the HTML report")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -11,6 +11,7 @@ import torch
 from pantherseq.fraud.deviation import (
     collision_entropy,
     deviation_features,
+    deviation_one,
     embedding_distance,
     expected_embedding,
     field_marginal,
@@ -101,6 +102,30 @@ def test_deviation_features_agree_with_the_parts():
     assert math.isnan(f["surprisal_merchant"][5])
     assert torch.allclose(f["log_rank"][:4], torch.log(f["rank"][:4]))
     assert f["tail_merchant"][2] == pytest.approx(-math.log(float(p[2, 2] + p[2, 3])), rel=1e-5)
+
+
+def test_the_one_position_numpy_path_equals_the_batched_one():
+    """deviation_one (the service's request path) against deviation_features on random rows, UNK and
+    unknown field codes included."""
+    rng = np.random.default_rng(0)
+    v, d = 300, 8
+    codes_a, codes_b = rng.integers(1, 40, v), rng.integers(1, 6, v)
+    members = [field_members(codes_a, 41), field_members(codes_b, 7)]
+    logits, h, w = rng.normal(size=(50, v)) * 3, rng.normal(size=(50, d)), rng.normal(size=(v, d))
+    obs = rng.integers(-1, v, 50)
+    obs_codes = np.stack([np.where(obs >= 0, codes_a[obs], rng.integers(0, 41, 50)),
+                          np.where(obs >= 0, codes_b[obs], rng.integers(0, 7, 50))], 1)
+    t = {k: torch.tensor(x, dtype=torch.float32) for k, x in (("l", logits), ("h", h), ("w", w))}
+    batched = deviation_features(t["l"], t["h"], t["w"], torch.from_numpy(obs), torch.from_numpy(obs_codes),
+                                 members, ["a", "b"], {1: field_onehot(codes_b, 7)})
+    groups = [[np.flatnonzero(c == k) for k in range(n)] for c, n in ((codes_a, 41), (codes_b, 7))]
+    for i in range(50):
+        one = deviation_one(logits[i].astype(np.float32), h[i].astype(np.float32), w.astype(np.float32),
+                            int(obs[i]), obs_codes[i].tolist(), groups, ["a", "b"], {1: codes_b})
+        assert list(one) == list(batched)
+        for k, val in one.items():
+            ref = float(batched[k][i])
+            assert (math.isnan(val) and math.isnan(ref)) or val == pytest.approx(ref, rel=1e-4, abs=1e-5), k
 
 
 def test_upper_tail_surprisal_is_one_sided():

@@ -42,6 +42,14 @@ def gap_buckets(gap_s: np.ndarray) -> np.ndarray:
     return b
 
 
+def gap_bucket_one(gap_s: float | None) -> int:
+    """`gap_buckets` for one gap (None = first event), without array overhead (the service's path)."""
+    if gap_s is None or math.isnan(gap_s):
+        return 0
+    b = 1 + math.floor(math.log2(1.0 + max(gap_s, 0.0)) / 1.5)
+    return int(min(max(b, 1), GAP_BUCKETS - 1))
+
+
 @dataclass
 class Profile:
     """Per-user profile tensors in user-index order, and the raw values the pair rule compares."""

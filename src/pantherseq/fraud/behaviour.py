@@ -94,11 +94,21 @@ class DeviationVocab:
         self.ordered = {f: field_onehot(token_codes[:, f], sizes[f]) for f, n in enumerate(self.token_fields)
                         if kinds.get(n) == "numeric" and sizes[f] <= MAX_ORDERED_CODES}
         self._weight_t: torch.Tensor | None = None
+        # the same tables as index arrays, for the one-position NumPy path (deviation_one)
+        self.member_index = [_groups(token_codes[:, f], sizes[f]) for f in range(len(self.token_fields))]
+        self.ordered_codes = {f: token_codes[:, f] for f in self.ordered}
 
     def weight_t(self, weight: torch.Tensor) -> torch.Tensor:
         if self._weight_t is None:
             self._weight_t = weight.t().contiguous()
         return self._weight_t
+
+
+def _groups(codes: np.ndarray, size: int) -> list[np.ndarray]:
+    """[indices of the tokens with code c for c in 0..size-1], by one stable sort."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(size + 1))
+    return [order[bounds[c]:bounds[c + 1]] for c in range(size)]
 
 
 def delta_from_hidden(model: NeuralModel, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,

@@ -17,6 +17,7 @@ UNK (outside the vocabulary). Each returns (N,) float32, NaN where it is undefin
     upper_tail_surprisal(marginal, obs_code)   −log P(field >= observed bucket) for numeric fields: the
                                                one-sided surprise of an amount this high
     embedding_distance(pred, weight, obs)      1 − cos(predicted vector, observed token's output embedding)
+    deviation_one(...)                         all of them for one position in NumPy (the service's path)
 
 Per-field surprisal. Our models have no per-field output heads: the only prediction is over tokens, each
 token a combination of field values (`tokenizer.token_codes`). The probability of a field value is the sum
@@ -186,3 +187,42 @@ def deviation_features(logits: torch.Tensor, h: torch.Tensor, weight: torch.Tens
     for f, onehot in (ordered or {}).items():
         out[f"tail_{field_names[f]}"] = upper_tail_surprisal(field_marginal(p, onehot), obs_codes[:, f])
     return out
+
+
+def deviation_one(logits: np.ndarray, h: np.ndarray, weight: np.ndarray, obs: int, obs_codes: list[int],
+                  members: list[list[np.ndarray]], field_names: list[str],
+                  ordered: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+    """`deviation_features` for ONE position in NumPy (the service's request path: no per-op framework
+    overhead). logits (V,), h (D,), weight (V, D), obs the observed index (-1 = UNK), obs_codes the token
+    fields' codes, members[f][c] the token indices carrying code c of field f, ordered {f: (V,) token codes}.
+    Same formulas and floors as the batched version (tested to agree)."""
+    z = logits.astype(np.float32) - np.float32(logits.max())
+    e = np.exp(z)
+    p = e / e.sum(dtype=np.float32)
+    v = len(p)
+    nan = float("nan")
+    sum_sq = float(np.dot(p, p))
+    out: dict[str, float] = {"entropy2": -float(np.log(max(sum_sq, 1e-38)))}
+    if obs >= 0:
+        p_obs = float(p[obs])
+        rank = 1.0 + float(np.count_nonzero(logits > logits[obs]))
+        sd = max(float(np.sqrt(max(sum_sq / v - 1.0 / v / v, 0.0))), 1e-12)
+        w = weight[obs].astype(np.float32)
+        cos = float(np.dot(h, w)) / max(float(np.linalg.norm(h)) * float(np.linalg.norm(w)), 1e-12)
+        out |= {"surprisal": -float(np.log(max(p_obs, 1e-38))), "rank": rank, "log_rank": float(np.log(rank)),
+                "delta_std": (p_obs - 1.0 / v) / sd, "emb_distance": 1.0 - cos}
+    else:
+        out |= {"surprisal": nan, "rank": nan, "log_rank": nan, "delta_std": nan, "emb_distance": nan}
+    out["is_unk"] = float(obs < 0)
+    for f, name in enumerate(field_names):
+        c = int(obs_codes[f])
+        mass = float(p[members[f][c]].sum(dtype=np.float32)) if 0 < c < len(members[f]) else 0.0
+        out[f"surprisal_{name}"] = -float(np.log(max(mass, MASS_FLOOR))) if mass > 0 else nan
+    for f, codes in (ordered or {}).items():
+        c = int(obs_codes[f])
+        if c <= 0:
+            out[f"tail_{field_names[f]}"] = nan
+            continue
+        tail = float(p[codes >= c].sum(dtype=np.float32))
+        out[f"tail_{field_names[f]}"] = -float(np.log(max(tail, MASS_FLOOR)))
+    return {k: out[k] for k in (*DELTA_NAMES, *(k for k in out if k not in DELTA_NAMES))}

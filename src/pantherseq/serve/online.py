@@ -35,10 +35,11 @@ import polars as pl
 import torch
 
 from pantherseq.config import build_config, load_toml
-from pantherseq.data.dataset import Profile, gap_buckets
+from pantherseq.data.dataset import Profile, gap_bucket_one
 from pantherseq.data.schema import GAP, LABEL, TIME, USER, DatasetConfig
 from pantherseq.errors import ConfigError
-from pantherseq.fraud.behaviour import DeviationVocab, delta_from_hidden
+from pantherseq.fraud.behaviour import DeviationVocab
+from pantherseq.fraud.deviation import deviation_one
 from pantherseq.fraud.features import DAY
 from pantherseq.fraud.pipeline import MERCHANT_FIELDS, project
 from pantherseq.model.base import PAD, Batch, NeuralModel
@@ -174,6 +175,9 @@ class OnlineModel:
         self.model_version = f"{model_name}@{digest[:12]}"
         self.max_len = int(model.cfg.max_len)
         self.vocab = DeviationVocab(self.tok)
+        with torch.no_grad():  # the output head over the regular tokens, for the Δ on the request path
+            self.W = model.output_weight[N_SPECIAL:].detach().float().numpy().copy()
+            self.b = model.out_bias[N_SPECIAL:].detach().float().numpy().copy()
         self.input_fields = [f.name for f in self.cfg.fields if getattr(f, "derive", None) is None]
         self.kinds = {f.name: f.kind for f in self.cfg.fields}
         self.code_cols = self.vocab.code_cols
@@ -239,7 +243,7 @@ class OnlineModel:
         gap_s = None if last_time is None else float(t - last_time)
         raw = {**fields, TIME: dt, GAP: gap_s}
         token, codes = self.tok.encode_one(raw)
-        gap = int(gap_buckets(np.array([np.nan if gap_s is None else gap_s]))[0])
+        gap = gap_bucket_one(gap_s)
         return Event(user_id, t, dt, fields, int(token), [int(c) for c in codes], gap)
 
     def features(self, ev: Event, state: UserState) -> dict[str, float]:
@@ -266,18 +270,17 @@ class OnlineModel:
             out.update({f"{name}_{i}": float(v) for i, v in enumerate(x[0])})
         return out
 
-    @torch.no_grad()
     def deviation(self, ev: Event, state: UserState) -> dict[str, float]:
-        """Δ of the event against the cached prediction h (NaN for a user with no history, as offline)."""
+        """Δ of the event against the cached prediction h (NaN for a user with no history, as offline): one
+        (V × D) product and a few passes over V in NumPy (`deviation_one`, tested equal to the batched Δ)."""
+        h = state.h.astype(np.float32) if state.has_prediction else np.zeros(self.W.shape[1], np.float32)
+        logits = self.W @ h + self.b
+        obs = ev.token - N_SPECIAL if ev.token >= N_SPECIAL else -1
+        feats = deviation_one(logits, h, self.W, obs, [ev.codes[c] for c in self.code_cols],
+                              self.vocab.member_index, self.vocab.token_fields, self.vocab.ordered_codes)
         if not state.has_prediction:
-            h = torch.zeros(1, self.model.cfg.d_model)
-            feats = delta_from_hidden(self.model, h, torch.tensor([ev.token]),
-                                      torch.tensor([[ev.codes[c] for c in self.code_cols]]), self.vocab)
             return {f"d_{k}": float("nan") for k in feats}
-        h = torch.from_numpy(state.h.astype(np.float32)).reshape(1, -1)
-        feats = delta_from_hidden(self.model, h, torch.tensor([ev.token]),
-                                  torch.tensor([[ev.codes[c] for c in self.code_cols]]), self.vocab)
-        return {f"d_{k}": float(v[0]) for k, v in feats.items()}
+        return {f"d_{k}": v for k, v in feats.items()}
 
     def score(self, feats: dict[str, float]) -> float:
         if self.risk is None:  # no risk model: the deviation itself
