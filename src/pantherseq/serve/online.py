@@ -16,7 +16,7 @@ run) is scored by the deviation itself: the score is the surprisal −log P(x_ne
 Offline/online parity: offline, the features of event j come from the window [w0, j) of `scoring_windows`,
 which holds between `context` + 1 and max_len events; online, h is computed on the last max_len events. With
 `context = max_len − 1` in the fraud config the two windows are the same and the scores agree to float
-tolerance (tests/serve/test_parity.py).
+tolerance (tests/serve/test_service.py).
 """
 
 from __future__ import annotations
