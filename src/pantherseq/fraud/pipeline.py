@@ -419,13 +419,16 @@ def format_fraud_table(report: dict[str, Any]) -> str:
     sets = report["feature_sets"]
     card = next((k for k in next(iter(sets.values())) if k.startswith("card_precision@")), "card_precision@100")
     scen = sorted({s for r in sets.values() for s in r.get("recall@1%_by_scenario", {})}, key=int)
-    head = f"{'feature set':<20}" + "".join(f"{c.replace('average_precision', 'AP'):>13}" for c in
-                                            (*TABLE_COLUMNS, card)) + "".join(f"{'sc' + s + '@1%':>9}" for s in scen)
+    cols = (*TABLE_COLUMNS, card)
+    names = [c.replace("average_precision", "AP") for c in cols]
+    widths = [max(13, len(n) + 2) for n in names]
+    head = f"{'feature set':<20}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + \
+        "".join(f"{'sc' + s + '@1%':>9}" for s in scen)
     lines = [head, "-" * len(head)]
     for name, r in sets.items():
-        vals = [r.get(c) for c in (*TABLE_COLUMNS, card)]
         by = r.get("recall@1%_by_scenario", {})
-        lines.append(f"{name:<20}" + "".join(_cell(v, 13) for v in vals) + "".join(_cell(by.get(s), 9) for s in scen))
+        lines.append(f"{name:<20}" + "".join(_cell(r.get(c), w) for c, w in zip(cols, widths))
+                     + "".join(_cell(by.get(s), 9) for s in scen))
     m = report.get("merchant_risk", {})
     if m.get("roc_auc") is not None:
         lines.append(f"merchant risk ROC-AUC (compromised merchants): {m['roc_auc']:.4f} "
