@@ -1,0 +1,120 @@
+"""The run report (report.py, report_sections.py): every section drawn from a full run (pretrained, evaluated,
+fraud, served), the HTML rendered by headless Chromium with every image decoded, a run with only
+prepare.json, a missing run directory."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pantherseq.cli import main
+from pantherseq.report import write_report
+from pantherseq.report_sections import SECTIONS, frequent_ngrams
+from stolen_routine import PERIODS
+
+pytest.importorskip("matplotlib")
+
+KEYS = [key for key, _, _ in SECTIONS]
+IMG = '<img src="data:image/png;base64,'
+CHECK = """<script>
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var d = document.createElement("div");
+  d.id = "report-check";
+  d.textContent = "LOADED=" + ok + "/" + imgs.length;
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def full_run(trained_run: Path, tmp_path_factory) -> Path:
+    """A copy of the shared trained run (other tests write into it) with eval.json, fraud/ and a serving log."""
+    from pantherseq.eval.nextevent import evaluate_run
+    from pantherseq.fraud.hybrid import LGBMConfig
+    from pantherseq.fraud.pipeline import FraudConfig, run_fraud
+
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("fraud", "eval.json", "report*", "states.db*"))
+    evaluate_run(run, ["panther"], ("test",), progress=False, max_users=50)
+    lgbm = LGBMConfig(max_rounds=50, early_stopping=10, learning_rate=0.1, min_child_samples=20, refit=False)
+    run_fraud(run, "panther", FraudConfig(**PERIODS, context=24, threads=1, lgbm=lgbm, out_dir=str(run / "fraud")))
+    latencies = [1.8, 2.1, 2.4, 1.9, 3.2, 2.2, 12.5, 2.0, 2.6, 1.7]
+    (run / "serve_demo.json").write_text(json.dumps({"latencies_ms": latencies, "responses": []}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(full_run: Path) -> tuple[Path, Path]:
+    return write_report(full_run)
+
+
+def test_frequent_ngrams_count_within_one_users_kept_events():
+    # user 0: 5 6 7 5 6 7 5 (5-6-7 twice, 6-7-5 twice, 7-5-6 once); user 1: 6 7 5 (a third 6-7-5)
+    tokens = np.array([5, 6, 7, 5, 6, 7, 5, 6, 7, 5])
+    offsets = np.array([0, 7, 10])
+    grams, counts, occ = frequent_ngrams(tokens, offsets, np.ones(10, bool))
+    assert grams.tolist() == [[6, 7, 5], [5, 6, 7]] and counts.tolist() == [3, 2]
+    assert [o.tolist() for o in occ] == [[1, 4, 7], [0, 3]]  # 7-5-6 once: the one at row 5 spans two users
+    keep = np.ones(10, bool)
+    keep[4] = False  # drops every 3-gram through row 4
+    grams, counts, _ = frequent_ngrams(tokens, offsets, keep)
+    assert grams.tolist() == [[6, 7, 5]] and counts.tolist() == [2]
+
+
+def test_every_section_is_drawn(report, full_run):
+    html_path, md_path = report
+    html = html_path.read_text()
+    assert html.count(IMG) == len(SECTIONS) == 7
+    assert "not run" not in html and "could not be drawn" not in html
+    for key in KEYS:
+        assert f'<section id="{key}">' in html
+        png = full_run / "report" / f"{key}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](report/{key}.png)" in md_path.read_text()
+    assert not re.search(r'(src|href)="(https?:)?//', html) and "<script" not in html  # self-contained
+    assert "hybrid" in html and "stolen_routine" in html and "→" in html  # fraud table, header, 3-grams
+
+
+def _chromium() -> str | None:
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium / chromium-browser on PATH (make setup installs Debian's chromium)")
+    page = tmp_path / "report.html"
+    page.write_text(report[0].read_text().replace("</body>", CHECK + "</body>"))
+    out = subprocess.run([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=90, check=False)
+    found = re.search(r"LOADED=(\d+)/(\d+)", out.stdout)
+    assert found, f"no check output from {binary}: {out.stderr[-500:]}"
+    loaded, total = map(int, found.groups())
+    assert loaded == total >= 6
+
+
+def test_a_run_with_only_prepare_json(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "prepare.json", run)
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert html.count(IMG) == 1  # the tokenizer coverage curve
+    assert html.count('class="missing"') == 6 and html.count("not run: ") == 6
+    assert (run / "report.md").read_text().count("*not run: ") == 6
+    assert str(run / "report.html") in capsys.readouterr().out
+
+
+def test_a_missing_run_dir_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run directory" in err
