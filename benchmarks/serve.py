@@ -87,7 +87,6 @@ async def _open_loop(base: str, txs: list[dict], rate: float) -> dict:
         async def one(i: int, tx: dict) -> None:
             nonlocal errors
             due = t0 + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
             try:
                 r = await c.post("/score", json=tx)
                 ok = r.status_code == 200
@@ -99,7 +98,11 @@ async def _open_loop(base: str, txs: list[dict], rate: float) -> dict:
             else:
                 errors += 1
 
-        await asyncio.gather(*(one(i, tx) for i, tx in enumerate(txs)))
+        tasks = []
+        for i, tx in enumerate(txs):  # start each request at its time: only in-flight ones are pending
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, tx)))
+        await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     return {"requests": len(txs), "ok": len(lat), "errors": errors, "wall_s": wall,
             "achieved_rps": len(lat) / wall, **_pct(lat, "ms", 1e3), **_pct(server, "server_ms", 1.0)}
@@ -179,6 +182,7 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 def run_backend(backend: str, args: argparse.Namespace, tx_file: Path, n_tx: int, tmp: Path) -> dict:
     redis_proc = None
+    backend, _, mode = backend.partition(":")  # "sqlite:norefresh": the request path alone, for comparison
     if backend == "sqlite":
         url = f"sqlite:///{tmp / 'serve.db'}"
     else:
@@ -188,7 +192,8 @@ def run_backend(backend: str, args: argparse.Namespace, tx_file: Path, n_tx: int
     subprocess.run(cli("embed", *common, "--until", args.until), check=True, env=env())
     embed_s = time.perf_counter() - t
     port = free_port()
-    server = subprocess.Popen(cli("serve", *common, "--port", str(port)), env=env(), stdout=subprocess.DEVNULL,
+    extra = ["--no-refresh"] if mode == "norefresh" else []
+    server = subprocess.Popen(cli("serve", *common, "--port", str(port), *extra), env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -249,7 +254,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the fixed-rate phase")
     ap.add_argument("--sat-seconds", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--backends", default="sqlite,redis")
+    ap.add_argument("--backends", default="sqlite,redis,sqlite:norefresh",
+                    help="stores to measure; `sqlite:norefresh` serves without the background refresh")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
     if args.load:
@@ -261,10 +267,11 @@ def main() -> None:
         tx_file = Path(tmp) / "tx.jsonl"
         n_tx = transactions(Path(args.run), args.until, tx_file)
         for b in [b for b in args.backends.split(",") if b]:
-            d = Path(tmp) / b
+            d = Path(tmp) / b.replace(":", "_")
             d.mkdir()
-            results[b] = run_backend(b, args, tx_file, n_tx, d)
-            print(f"{b}: {json.dumps({k: v for k, v in results[b].items() if k != 'details'})}", flush=True)
+            results[b.replace(":", "_")] = run_backend(b, args, tx_file, n_tx, d)
+            r = results[b.replace(":", "_")]
+            print(f"{b}: {json.dumps({k: v for k, v in r.items() if k != 'details'})}", flush=True)
     results["command"] = " ".join([".venv/bin/python", "benchmarks/serve.py", *sys.argv[1:]])
     results["run"], results["model"] = args.run, args.model
     results["wall_s"] = round(time.perf_counter() - started, 1)
@@ -275,7 +282,7 @@ def main() -> None:
 
 
 def format_table(results: dict) -> str:
-    head = (f"{'store':<8}{'rate':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'sat rps':>9}"
+    head = (f"{'store':<18}{'rate':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'sat rps':>9}"
             f"{'sat p99 ms':>12}{'lag p99 s':>11}")
     lines = [head, "-" * len(head)]
     for b, r in results.items():
@@ -286,7 +293,7 @@ def format_table(results: dict) -> str:
         def f(x, w, p=2):
             return f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"
 
-        lines.append(f"{b:<8}{r['rate_rps']:>6.0f}{f(r['p50_ms'], 9)}{f(r['p95_ms'], 9)}{f(r['p99_ms'], 9)}"
+        lines.append(f"{b:<18}{r['rate_rps']:>6.0f}{f(r['p50_ms'], 9)}{f(r['p95_ms'], 9)}{f(r['p99_ms'], 9)}"
                      f"{r['errors']:>8d}{f(r['saturation_rps'], 9, 0)}{f(sat.get('p99_ms'), 12)}"
                      f"{f(r['refresh_lag_p99_s'], 11, 3)}")
     return "\n".join(lines)

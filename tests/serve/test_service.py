@@ -3,6 +3,7 @@ surface. Durability under kill -9 is in test_durability.py."""
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timedelta
 
@@ -167,8 +168,9 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.fixed_dictionaries({}, optional={k: VALUES for k in ("user_id", "timestamp", *FIELDS, "x")}))
 def test_fuzzed_requests_never_500(client, body):
-    """Arbitrary JSON bodies (every key optional, any JSON type) get a score or a 422, never a 500."""
-    r = client.post("/score", json=body)
+    """Arbitrary JSON bodies (every key optional, any JSON type, NaN / Infinity literals included) get a
+    score or a 422, never a 500."""
+    r = client.post("/score", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code in (200, 422), (body, r.text)
     if r.status_code == 422:
         assert all(e["field"] for e in r.json()["detail"])

@@ -17,7 +17,8 @@ UNK (outside the vocabulary). Each returns (N,) float32, NaN where it is undefin
     upper_tail_surprisal(marginal, obs_code)   −log P(field >= observed bucket) for numeric fields: the
                                                one-sided surprise of an amount this high
     embedding_distance(pred, weight, obs)      1 − cos(predicted vector, observed token's output embedding)
-    deviation_one(...)                         all of them for one position in NumPy (the service's path)
+    head_stats + deviation_from_stats          all of them for one position in NumPy (the service's path:
+                                               the stats are cached per prediction); deviation_one = both
 
 Per-field surprisal. Our models have no per-field output heads: the only prediction is over tokens, each
 token a combination of field values (`tokenizer.token_codes`). The probability of a field value is the sum
@@ -33,6 +34,8 @@ model's hidden state h_t (logit_v = h_t · w_v + b_v, so h_t is the direction th
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -189,24 +192,46 @@ def deviation_features(logits: torch.Tensor, h: torch.Tensor, weight: torch.Tens
     return out
 
 
-def deviation_one(logits: np.ndarray, h: np.ndarray, weight: np.ndarray, obs: int, obs_codes: list[int],
-                  members: list[list[np.ndarray]], field_names: list[str],
-                  ordered: dict[int, np.ndarray] | None = None) -> dict[str, float]:
-    """`deviation_features` for ONE position in NumPy (the service's request path: no per-op framework
-    overhead). logits (V,), h (D,), weight (V, D), obs the observed index (-1 = UNK), obs_codes the token
-    fields' codes, members[f][c] the token indices carrying code c of field f, ordered {f: (V,) token codes}.
-    Same formulas and floors as the batched version (tested to agree)."""
-    z = logits.astype(np.float32) - np.float32(logits.max())
-    e = np.exp(z)
-    p = e / e.sum(dtype=np.float32)
-    v = len(p)
-    nan = float("nan")
-    sum_sq = float(np.dot(p, p))
-    out: dict[str, float] = {"entropy2": -float(np.log(max(sum_sq, 1e-38)))}
+@dataclass
+class HeadStats:
+    """What the Δ of any next event need from one prediction (one position's logits over V), computed once
+    per prediction: the service caches it per user, so scoring an event costs O(V) comparisons for the rank
+    and O(members) for the per-field masses instead of a V × D product and several passes over V."""
+
+    logits: np.ndarray  # (V,) float32
+    log_z: float  # log Σ exp(logits)
+    sum_sq: float  # Σ p²
+    marginals: dict[int, np.ndarray]  # ordered field f -> (C,) P(field = c)
+    tails: dict[int, np.ndarray]  # ordered field f -> (C,) P(field >= c)
+
+
+def head_stats(logits: np.ndarray, ordered: dict[int, np.ndarray] | None = None,
+               sizes: dict[int, int] | None = None) -> HeadStats:
+    """logits (V,) of one position; ordered {f: (V,) token codes} of the ordered fields (sizes {f: C})."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    m = np.float32(logits.max())
+    e = np.exp(logits - m)
+    z = e.sum(dtype=np.float32)
+    p = e / z
+    marginals, tails = {}, {}
+    for f, codes in (ordered or {}).items():
+        size = (sizes or {}).get(f, int(codes.max()) + 1)
+        marg = np.bincount(codes, weights=p, minlength=size).astype(np.float32)
+        marginals[f], tails[f] = marg, marg[::-1].cumsum()[::-1].astype(np.float32)
+    return HeadStats(logits, float(m) + float(np.log(z)), float(np.dot(p, p)), marginals, tails)
+
+
+def deviation_from_stats(st: HeadStats, h: np.ndarray, weight: np.ndarray, obs: int, obs_codes: list[int],
+                         members: list[list[np.ndarray]], field_names: list[str]) -> dict[str, float]:
+    """`deviation_features` for ONE position from its `HeadStats` (the service's request path). h (D,),
+    weight (V, D), obs the observed index (-1 = UNK), obs_codes the token fields' codes, members[f][c] the
+    token indices carrying code c of field f. Same formulas and floors as the batched version (tested)."""
+    logits, v, nan = st.logits, len(st.logits), float("nan")
+    out: dict[str, float] = {"entropy2": -float(np.log(max(st.sum_sq, 1e-38)))}
     if obs >= 0:
-        p_obs = float(p[obs])
+        p_obs = float(np.exp(np.float32(logits[obs]) - st.log_z))
         rank = 1.0 + float(np.count_nonzero(logits > logits[obs]))
-        sd = max(float(np.sqrt(max(sum_sq / v - 1.0 / v / v, 0.0))), 1e-12)
+        sd = max(float(np.sqrt(max(st.sum_sq / v - 1.0 / v / v, 0.0))), 1e-12)
         w = weight[obs].astype(np.float32)
         cos = float(np.dot(h, w)) / max(float(np.linalg.norm(h)) * float(np.linalg.norm(w)), 1e-12)
         out |= {"surprisal": -float(np.log(max(p_obs, 1e-38))), "rank": rank, "log_rank": float(np.log(rank)),
@@ -216,13 +241,24 @@ def deviation_one(logits: np.ndarray, h: np.ndarray, weight: np.ndarray, obs: in
     out["is_unk"] = float(obs < 0)
     for f, name in enumerate(field_names):
         c = int(obs_codes[f])
-        mass = float(p[members[f][c]].sum(dtype=np.float32)) if 0 < c < len(members[f]) else 0.0
+        if not 0 < c < len(members[f]):
+            mass = 0.0
+        elif f in st.marginals:
+            mass = float(st.marginals[f][c])
+        else:
+            mass = float(np.exp(logits[members[f][c]] - np.float32(st.log_z)).sum(dtype=np.float32))
         out[f"surprisal_{name}"] = -float(np.log(max(mass, MASS_FLOOR))) if mass > 0 else nan
-    for f, codes in (ordered or {}).items():
+    for f in st.tails:
         c = int(obs_codes[f])
-        if c <= 0:
-            out[f"tail_{field_names[f]}"] = nan
-            continue
-        tail = float(p[codes >= c].sum(dtype=np.float32))
-        out[f"tail_{field_names[f]}"] = -float(np.log(max(tail, MASS_FLOOR)))
+        tail = float(st.tails[f][c]) if 0 < c < len(st.tails[f]) else 0.0
+        out[f"tail_{field_names[f]}"] = -float(np.log(max(tail, MASS_FLOOR))) if c > 0 else nan
     return {k: out[k] for k in (*DELTA_NAMES, *(k for k in out if k not in DELTA_NAMES))}
+
+
+def deviation_one(logits: np.ndarray, h: np.ndarray, weight: np.ndarray, obs: int, obs_codes: list[int],
+                  members: list[list[np.ndarray]], field_names: list[str],
+                  ordered: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+    """`deviation_features` for ONE position in NumPy: `head_stats` then `deviation_from_stats`."""
+    sizes = {f: len(members[f]) for f in (ordered or {})}
+    return deviation_from_stats(head_stats(logits, ordered, sizes), h, weight, obs, obs_codes, members,
+                                field_names)

@@ -58,7 +58,7 @@ def embed_users(om: OnlineModel, store: Store, until: str | None = None, batch_s
                 last_time=t_last, tokens=tokens[w0:e].astype(np.int32), codes=codes[w0:e].astype(np.int32),
                 gap=gap_b[w0:e].astype(np.int8), times=times[m0:e].astype(np.int64),
                 amounts=amounts[m0:e].astype(np.float64)))
-        states = om.refresh(states, time.time())
+        states = om.refresh(states, time.time(), cache=False)
         store.put_many({s.user_id: s.encode() for s in states})
         n_written += len(states)
     meta = {"run": str(Path(om.run).resolve()), "model": om.model_name, "model_version": om.model_version,

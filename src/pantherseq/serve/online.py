@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +40,7 @@ from pantherseq.data.dataset import Profile, gap_bucket_one
 from pantherseq.data.schema import GAP, LABEL, TIME, USER, DatasetConfig
 from pantherseq.errors import ConfigError
 from pantherseq.fraud.behaviour import DeviationVocab
-from pantherseq.fraud.deviation import deviation_one
+from pantherseq.fraud.deviation import HeadStats, deviation_from_stats, head_stats
 from pantherseq.fraud.features import DAY
 from pantherseq.fraud.pipeline import MERCHANT_FIELDS, project
 from pantherseq.model.base import PAD, Batch, NeuralModel
@@ -159,7 +160,7 @@ class OnlineModel:
     """A run's model, tokenizer and (optional) risk model, ready to score single events (see module doc)."""
 
     def __init__(self, run: str | Path, model_name: str, fraud_dir: str | Path | None = None,
-                 feature_set: str = "hybrid", threads: int = 1):
+                 feature_set: str = "hybrid", threads: int = 1, cache_users: int = 10_000):
         self.run = Path(run)
         if not (self.run / "prepare.json").is_file():
             raise ConfigError(f"{self.run} is not a prepared run directory (no prepare.json)")
@@ -175,6 +176,11 @@ class OnlineModel:
         self.model_version = f"{model_name}@{digest[:12]}"
         self.max_len = int(model.cfg.max_len)
         self.vocab = DeviationVocab(self.tok)
+        self._ordered_sizes = {f: len(self.vocab.member_index[f]) for f in self.vocab.ordered_codes}
+        # per user, the HeadStats of the current prediction (LRU; 240 KB per user at V = 60,000)
+        self.cache_users = cache_users
+        self._cache: OrderedDict[str, tuple[tuple, HeadStats]] = OrderedDict()
+        self._cache_lock = threading.Lock()
         with torch.no_grad():  # the output head over the regular tokens, for the Δ on the request path
             self.W = model.output_weight[N_SPECIAL:].detach().float().numpy().copy()
             self.b = model.out_bias[N_SPECIAL:].detach().float().numpy().copy()
@@ -271,16 +277,39 @@ class OnlineModel:
         return out
 
     def deviation(self, ev: Event, state: UserState) -> dict[str, float]:
-        """Δ of the event against the cached prediction h (NaN for a user with no history, as offline): one
-        (V × D) product and a few passes over V in NumPy (`deviation_one`, tested equal to the batched Δ)."""
+        """Δ of the event against the cached prediction h (NaN for a user with no history, as offline), from
+        the prediction's `HeadStats` (cached per user by the refresh; on a miss one V × D product and a few
+        passes over V) — tested equal to the batched Δ."""
         h = state.h.astype(np.float32) if state.has_prediction else np.zeros(self.W.shape[1], np.float32)
-        logits = self.W @ h + self.b
+        stats = self.head_stats(state, h)
         obs = ev.token - N_SPECIAL if ev.token >= N_SPECIAL else -1
-        feats = deviation_one(logits, h, self.W, obs, [ev.codes[c] for c in self.code_cols],
-                              self.vocab.member_index, self.vocab.token_fields, self.vocab.ordered_codes)
+        feats = deviation_from_stats(stats, h, self.W, obs, [ev.codes[c] for c in self.code_cols],
+                                     self.vocab.member_index, self.vocab.token_fields)
         if not state.has_prediction:
             return {f"d_{k}": float("nan") for k in feats}
         return {f"d_{k}": v for k, v in feats.items()}
+
+    def _stats(self, logits: np.ndarray) -> HeadStats:
+        return head_stats(logits, self.vocab.ordered_codes, self._ordered_sizes)
+
+    def head_stats(self, state: UserState, h: np.ndarray) -> HeadStats:
+        key = (state.refreshed_at, state.n_events, state.log_seq)
+        with self._cache_lock:
+            hit = self._cache.get(state.user_id)
+            if hit is not None and hit[0] == key:
+                self._cache.move_to_end(state.user_id)
+                return hit[1]
+        stats = self._stats(self.W @ h + self.b)
+        if state.has_prediction:
+            self._remember(state.user_id, key, stats)
+        return stats
+
+    def _remember(self, user: str, key: tuple, stats: HeadStats) -> None:
+        with self._cache_lock:
+            self._cache[user] = (key, stats)
+            self._cache.move_to_end(user)
+            while len(self._cache) > self.cache_users:
+                self._cache.popitem(last=False)
 
     def score(self, feats: dict[str, float]) -> float:
         if self.risk is None:  # no risk model: the deviation itself
@@ -322,7 +351,7 @@ class OnlineModel:
                "last_time": int(t[-1])})
 
     @torch.no_grad()
-    def refresh(self, states: list[UserState], now: float) -> list[UserState]:
+    def refresh(self, states: list[UserState], now: float, cache: bool = True) -> list[UserState]:
         """Recompute h, e_u and the predicted distribution of each state from its last max_len events:
         one batched forward pass (the background worker and `embed` call this, never a request)."""
         todo = [i for i, s in enumerate(states) if len(s.tokens)]
@@ -357,6 +386,7 @@ class OnlineModel:
         top_p, top_i = p.topk(min(TOP_K, p.shape[1]), dim=1)
         v = p.shape[1]
         sigma = ((p.square().sum(1) / v - 1.0 / v ** 2).clamp_min(0)).sqrt()
+        logits_np = logits.numpy()
         for r, i in enumerate(todo):
             out[i] = UserState(**{**states[i].__dict__, "h": last[r].numpy().astype(np.float32),
                                   "e_u": e_u[r].numpy().astype(np.float32),
@@ -364,6 +394,9 @@ class OnlineModel:
                                   "top_p": top_p[r].numpy().astype(np.float32), "mu": 1.0 / v,
                                   "sigma": float(sigma[r]), "refreshed_at": now,
                                   "model_version": self.model_version})
+            if cache:  # the next event's Δ will need these: computed here, off the request path
+                st = out[i]
+                self._remember(st.user_id, (st.refreshed_at, st.n_events, st.log_seq), self._stats(logits_np[r]))
         return out
 
 
