@@ -7,7 +7,7 @@ Redis stores, background refresh on, replaying the fraud handbook's test-period 
 
 Needs the run and risk model of `benchmarks/fraud.py`. For each backend: a fresh store, `pantherseq embed
 --until` (states as of the test period's start), `pantherseq serve` in its own process, then a load generator
-in another process (an asyncio httpx client on loopback): first open-loop at `--rate` requests/s for
+in another process (a minimal asyncio HTTP/1.1 keep-alive client on loopback): first open-loop at `--rate` requests/s for
 `--seconds` (latency measured from each request's *scheduled* send time, so a slow server cannot hide its
 queueing), then closed-loop with `--concurrency` connections for `--sat-seconds` (throughput at
 saturation). Refresh lag (event appended -> its user's refreshed state written) comes from the service's
@@ -76,65 +76,112 @@ def transactions(run: Path, until: str, out: Path) -> int:
 
 
 # -- the load generator (a separate process: `serve.py --load ...`) ------------------------------------
-async def _open_loop(base: str, txs: list[dict], rate: float) -> dict:
-    import httpx
+# A minimal HTTP/1.1 keep-alive client on asyncio streams: requests are encoded before the clock starts and
+# a response costs one header parse, so one client core drives the server well past its capacity (an httpx
+# AsyncClient saturated its own core at ~120 requests/s here, below the server's capacity).
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
 
+    @classmethod
+    async def open(cls, host: str, port: int) -> Conn:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def post(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def encode_requests(host: str, port: int, txs: list[dict]) -> list[bytes]:
+    out = []
+    for tx in txs:
+        body = json.dumps(tx).encode()
+        out.append(b"POST /score HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port, len(body), body))
+    return out
+
+
+def _split_url(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    return host, int(port)
+
+
+async def _open_loop(base: str, txs: list[dict], rate: float, pool_size: int = 64) -> dict:
+    """Request i is due at t0 + i / rate; latency is measured from that due time (queueing included)."""
+    host, port = _split_url(base)
+    raws = encode_requests(host, port, txs)
+    pool: asyncio.Queue[Conn] = asyncio.Queue()
+    for _ in range(pool_size):
+        pool.put_nowait(await Conn.open(host, port))
     lat, server, errors = [], [], 0
-    async with httpx.AsyncClient(base_url=base, timeout=30,
-                                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)) as c:
-        t0 = time.perf_counter() + 0.2
+    t0 = time.perf_counter() + 0.2
 
-        async def one(i: int, tx: dict) -> None:
-            nonlocal errors
-            due = t0 + i / rate
-            try:
-                r = await c.post("/score", json=tx)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
+    async def one(i: int) -> None:
+        nonlocal errors
+        due = t0 + i / rate
+        conn = await pool.get()
+        try:
+            status, body = await conn.post(raws[i])
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+            conn = await Conn.open(host, port)
+        else:
+            if status == 200:
                 lat.append(time.perf_counter() - due)
-                server.append(r.json()["latency_ms"])
+                server.append(json.loads(body)["latency_ms"])
             else:
                 errors += 1
+        pool.put_nowait(conn)
 
-        tasks = []
-        for i, tx in enumerate(txs):  # start each request at its time: only in-flight ones are pending
-            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i, tx)))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+    tasks = []
+    for i in range(len(raws)):  # start each request at its time: only in-flight ones are pending
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    while not pool.empty():
+        pool.get_nowait().close()
     return {"requests": len(txs), "ok": len(lat), "errors": errors, "wall_s": wall,
             "achieved_rps": len(lat) / wall, **_pct(lat, "ms", 1e3), **_pct(server, "server_ms", 1.0)}
 
 
 async def _closed_loop(base: str, txs: list[dict], concurrency: int, seconds: float) -> dict:
-    import httpx
-
+    host, port = _split_url(base)
+    raws = encode_requests(host, port, txs)
     lat, errors, nxt = [], 0, 0
-    async with httpx.AsyncClient(base_url=base, timeout=30,
-                                 limits=httpx.Limits(max_connections=concurrency)) as c:
-        end = time.perf_counter() + seconds
-        t0 = time.perf_counter()
+    end = time.perf_counter() + seconds
+    t0 = time.perf_counter()
 
-        async def worker() -> None:
-            nonlocal errors, nxt
-            while time.perf_counter() < end and nxt < len(txs):
-                tx = txs[nxt]
-                nxt += 1
-                s = time.perf_counter()
-                try:
-                    r = await c.post("/score", json=tx)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    lat.append(time.perf_counter() - s)
-                else:
-                    errors += 1
+    async def worker() -> None:
+        nonlocal errors, nxt
+        conn = await Conn.open(host, port)
+        while time.perf_counter() < end and nxt < len(raws):
+            raw = raws[nxt]
+            nxt += 1
+            s = time.perf_counter()
+            try:
+                status, _ = await conn.post(raw)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+                conn = await Conn.open(host, port)
+                continue
+            if status == 200:
+                lat.append(time.perf_counter() - s)
+            else:
+                errors += 1
+        conn.close()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
     return {"requests": len(lat) + errors, "ok": len(lat), "errors": errors, "wall_s": wall,
             "saturation_rps": len(lat) / wall, **_pct(lat, "ms", 1e3)}
 

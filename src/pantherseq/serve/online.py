@@ -304,6 +304,19 @@ class OnlineModel:
             self._remember(state.user_id, key, stats)
         return stats
 
+    def warm(self, states: list[UserState], batch: int = 256) -> int:
+        """Fill the head-statistics cache for these states (one (B × D) x (D × V) product per batch); the
+        service does it at start-up so that no request pays the V × D product. Returns how many."""
+        done = 0
+        states = [s for s in states if s.has_prediction][: self.cache_users]
+        for i in range(0, len(states), batch):
+            part = states[i:i + batch]
+            logits = np.stack([s.h.astype(np.float32) for s in part]) @ self.W.T + self.b
+            for s, row in zip(part, logits):
+                self._remember(s.user_id, (s.refreshed_at, s.n_events, s.log_seq), self._stats(row))
+            done += len(part)
+        return done
+
     def _remember(self, user: str, key: tuple, stats: HeadStats) -> None:
         with self._cache_lock:
             self._cache[user] = (key, stats)
