@@ -10,7 +10,7 @@ from pantherseq.cli import main
 
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--budget", "2", "--set", "simulate.n_users=150"])
+    code = main(["demo", "--out", str(out), "--budget", "2", "--set", "simulate.n_users=400"])
     assert code == 0
     text = capsys.readouterr().out
     for step in range(1, 8):
