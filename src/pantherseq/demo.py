@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 DEMO_MODELS = ("panther", "transformer", "markov")
 DEMO_TRAIN = ["model.max_len=64", "train.epochs=20", "train.patience=2", "train.eval_max_users=400"]
 STEPS = 7
+# context 32 of max_len 64: 32 predictions per forward pass (the default 100 would leave one per window);
+# a LightGBM round cap that fits the demo's few minutes
+DEMO_FRAUD_SETTINGS = {"context": 32, "lgbm": {"max_rounds": 500, "early_stopping": 50}}
 
 
 def _step(i: int, text: str) -> None:
@@ -104,6 +107,7 @@ def serve_demo(run: Path, model: str, store_url: str, since: str, n: int = 300) 
 
 def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None, report: bool = True) -> int:
     from pantherseq.cli import format_prepare_report, load_pretrain_config
+    from pantherseq.config import build_config
     from pantherseq.data.schema import load_dataset_config
     from pantherseq.eval.nextevent import evaluate_run, format_table
     from pantherseq.fraud.pipeline import FraudConfig, format_fraud_table, run_fraud
@@ -128,7 +132,8 @@ def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None,
     print(f"full ranking over {rep['vocab_size']} tokens:\n{format_table(results, 'test')}", flush=True)
 
     _step(4, "fraud: baseline vs PANTHER deviation / user-state features (LightGBM)")
-    fraud = run_fraud(run, "panther", FraudConfig())
+    fraud_cfg = build_config(FraudConfig, DEMO_FRAUD_SETTINGS, "demo fraud config")
+    fraud = run_fraud(run, "panther", fraud_cfg)
     print(format_fraud_table(fraud), flush=True)
 
     test_start = fraud["periods"]["test"][0][:19]
