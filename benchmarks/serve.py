@@ -227,6 +227,20 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("redis-server did not start")
 
 
+def drained_stats(base: str, timeout: float = 300.0) -> dict:
+    """The service's /stats once its refresh queue is empty (so every event of the phase has its lag
+    recorded), then reset; `drain_s` says how long the queue took to empty after the load stopped."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if httpx.get(f"{base}/stats", timeout=30).json()["queue"] == 0:
+            break
+        time.sleep(0.1)
+    st = httpx.get(f"{base}/stats", params={"reset": True}, timeout=30).json()
+    return {**st, "drain_s": round(time.perf_counter() - t0, 2)}
+
+
 def run_backend(backend: str, args: argparse.Namespace, tx_file: Path, n_tx: int, tmp: Path) -> dict:
     redis_proc = None
     backend, _, mode = backend.partition(":")  # "sqlite:norefresh": the request path alone, for comparison
@@ -245,7 +259,6 @@ def run_backend(backend: str, args: argparse.Namespace, tx_file: Path, n_tx: int
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", server)
-        import httpx
 
         n_rate = int(args.rate * args.seconds)
         if n_rate + 1000 > n_tx:
@@ -253,23 +266,12 @@ def run_backend(backend: str, args: argparse.Namespace, tx_file: Path, n_tx: int
         me = [sys.executable, __file__, "--load", "--url", base, "--tx", str(tx_file)]
         fixed = json.loads(subprocess.run([*me, "--mode", "rate", "--rate", str(args.rate), "--n", str(n_rate)],
                                           check=True, capture_output=True, text=True).stdout)
-        httpx.get(f"{base}/stats", timeout=30)  # let the queue drain before reading the lags
-        for _ in range(100):
-            st = httpx.get(f"{base}/stats", timeout=30).json()
-            if st["queue"] == 0:
-                break
-            time.sleep(0.1)
-        lag_fixed = httpx.get(f"{base}/stats", params={"reset": True}, timeout=30).json()
+        lag_fixed = drained_stats(base)
         sat = json.loads(subprocess.run([*me, "--mode", "sat", "--concurrency", str(args.concurrency),
                                          "--seconds", str(args.sat_seconds), "--offset", str(n_rate),
                                          "--n", str(n_tx - n_rate)], check=True, capture_output=True,
                                         text=True).stdout)
-        for _ in range(300):
-            st = httpx.get(f"{base}/stats", timeout=30).json()
-            if st["queue"] == 0:
-                break
-            time.sleep(0.1)
-        lag_sat = httpx.get(f"{base}/stats", params={"reset": True}, timeout=30).json()
+        lag_sat = drained_stats(base)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -283,8 +285,11 @@ def run_backend(backend: str, args: argparse.Namespace, tx_file: Path, n_tx: int
             "p99_ms": fixed.get("p99_ms"), "errors": fixed["errors"] + sat["errors"],
             "saturation_rps": round(sat["saturation_rps"], 1),
             "refresh_lag_p99_s": lag_fixed["refresh_lag_s"].get("p99"),
-            "details": {"fixed_rate": fixed, "saturation": sat, "refresh_fixed_rate": lag_fixed["refresh_lag_s"],
-                        "refresh_saturation": lag_sat["refresh_lag_s"], "embed_s": round(embed_s, 1),
+            "details": {"fixed_rate": fixed, "saturation": sat,
+                        "refresh_fixed_rate": {**lag_fixed["refresh_lag_s"], "refreshed": lag_fixed["refreshed"],
+                                               "queue_left": lag_fixed["queue"], "drain_s": lag_fixed["drain_s"]},
+                        "refresh_saturation": {**lag_sat["refresh_lag_s"], "refreshed": lag_sat["refreshed"],
+                                               "queue_left": lag_sat["queue"], "drain_s": lag_sat["drain_s"]}, "embed_s": round(embed_s, 1),
                         "users_embedded": lag_fixed["embed"].get("users"), "store": url.split(":")[0]}}
 
 
