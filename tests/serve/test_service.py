@@ -26,6 +26,7 @@ FIELDS = ("merchant_id", "amount", "category", "channel")
 def _service(served, tmp_path, refresh: bool = True) -> Service:
     """A service over a private copy of the embedded store (tests must not see each other's events)."""
     src = served["url"].removeprefix("sqlite:///")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     dst = tmp_path / "states.db"
     with open_store(served["url"]) as s, open_store(f"sqlite:///{dst}") as d:
         users = [u for u in pl.read_parquet(served["run"] / "users.parquet")["user_id"].to_list()]
@@ -71,20 +72,30 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     diff = (both["online"] - both["score_hybrid"]).abs().to_numpy()
     # float32 sums in another order can flip a tree split on a rare event: all but 0.5 % within 1e-6
     assert np.mean(diff < 1e-6) > 0.995, np.sort(diff)[-10:]
-    # and the check can fail: a stale state (no refresh) changes the scores
     service.stop()
 
 
-def test_stale_state_changes_scores(served, tmp_path):
-    service = _service(served, tmp_path, refresh=False)
+def test_without_refresh_the_state_is_stale_and_the_scores_differ(served, tmp_path):
+    """The parity above depends on the refresh: the same events scored against a never-refreshed
+    prediction are flagged stale and get other deviation features (so the parity check can fail)."""
     events = pl.read_parquet(served["run"] / "events.parquet")
     start = datetime.fromisoformat(PERIODS["test_start"])
     user = events.filter(pl.col("timestamp") >= start)["user_id"][0]
-    rows = events.filter((pl.col("user_id") == user) & (pl.col("timestamp") >= start)).head(3)
-    outs = [service.score(_tx(r)) for r in rows.iter_rows(named=True)]
-    assert [o["stale"] for o in outs] == [False, True, True]
-    assert [o["event_seq"] for o in outs] == [1, 2, 3]
-    service.stop()
+    rows = list(events.filter((pl.col("user_id") == user) & (pl.col("timestamp") >= start)).head(4)
+                .iter_rows(named=True))
+    stale_svc = _service(served, tmp_path / "a", refresh=False)
+    fresh_svc = _service(served, tmp_path / "b", refresh=False)
+    stale, fresh = [], []
+    for r in rows:
+        stale.append(stale_svc.score(_tx(r)))
+        fresh.append(fresh_svc.score(_tx(r)))
+        fresh_svc.refresh_users([str(user)])
+    assert [o["stale"] for o in stale] == [False, True, True, True]
+    assert [o["stale"] for o in fresh] == [False] * 4 and [o["event_seq"] for o in stale] == [1, 2, 3, 4]
+    assert stale[0]["deviation"] == fresh[0]["deviation"]
+    assert any(s["deviation"]["surprisal"] != f["deviation"]["surprisal"] for s, f in zip(stale[1:], fresh[1:]))
+    stale_svc.stop()
+    fresh_svc.stop()
 
 
 def test_background_refresh_folds_the_event_in(service):
@@ -109,6 +120,8 @@ def test_unknown_user_is_a_cold_start_then_gets_state(service):
     out = service.score(tx)
     assert out["cold_start"] and math.isfinite(out["score"])
     assert out["deviation"]["surprisal"] is None  # no history: no Δ, as a user's first event offline
+    known = service.score({**tx, "user_id": next(iter(service.om.user_index))})
+    assert list(out["deviation"]) == list(known["deviation"])  # the same Δ names, all missing
     assert service.refresher.wait_idle(30)
     out2 = service.score({**tx, "timestamp": "2024-03-01T11:00:00"})
     assert not out2["cold_start"] and out2["deviation"]["is_unk"] == 1.0

@@ -146,7 +146,7 @@ class Service:
     # -- life cycle -----------------------------------------------------------------------------------
     def start(self) -> None:
         n = self.om.load_terminals(self.embed_meta.get("until_s"))
-        replayed, behind = 0, 0
+        behind = 0
         states = {}
         users = [u for u in self.store.users_with_log() if u != FEEDBACK_LOG]
         for i in range(0, len(users), 500):
@@ -155,16 +155,16 @@ class Service:
         for u in users:
             blob = states[u]
             seq = UserState.decode(blob).log_seq if blob else 0
-            for s, rec in self.store.events_since(u, 0):
+            ahead = 0
+            for s, rec in self.store.events_since(u, 0):  # one read of each log
                 self._track(u, s, decode_event(rec))
-                replayed += 1
-                if s > seq:
-                    behind += 1
-            if self.store.events_since(u, seq):
+                ahead += s > seq
+            behind += ahead
+            if ahead:
                 self.refresher.submit(u, time.time())
         for _, rec in self.store.events_since(FEEDBACK_LOG, 0):
             self._apply_feedback(json.loads(rec))
-        self.om.labels = self.om.tok.token_labels()  # readable top-k behaviours, made once
+        self.om.readable_labels()  # made once, before the first request
         warmed = 0
         if self.warm:  # the run's users, up to the cache size: no request pays the V x D product
             known = list(self.om.user_index)[: self.om.cache_users]
@@ -175,7 +175,7 @@ class Service:
             self.refresher.start()
         log.info("head statistics cached for %d users", warmed)
         log.info("service ready: %d terminal events from the run, %d logged events replayed (%d not yet in a "
-                 "state)", n, replayed, behind)
+                 "state)", n, len(self._ids), behind)
 
     def stop(self) -> None:
         self.refresher.stop()
@@ -261,8 +261,7 @@ class Service:
         if blob is None and not self.store.events_since(user, 0):
             raise KeyError(user)
         state, _, stale = self.current_state(user)
-        labels = self.om.tok.token_labels() if self.om.labels is None else self.om.labels
-        self.om.labels = labels
+        labels = self.om.readable_labels()
         return {"user_id": user, "user_idx": state.user_idx, "n_events": state.n_events,
                 "log_seq": state.log_seq, "last_time": state.last_time, "refreshed_at": state.refreshed_at,
                 "model_version": state.model_version, "stale": stale,

@@ -40,7 +40,7 @@ from pantherseq.data.dataset import Profile, gap_bucket_one
 from pantherseq.data.schema import GAP, LABEL, TIME, USER, DatasetConfig
 from pantherseq.errors import ConfigError
 from pantherseq.fraud.behaviour import DeviationVocab
-from pantherseq.fraud.deviation import HeadStats, deviation_from_stats, head_stats
+from pantherseq.fraud.deviation import DELTA_NAMES, HeadStats, deviation_from_stats, head_stats
 from pantherseq.fraud.features import DAY
 from pantherseq.fraud.pipeline import MERCHANT_FIELDS, project
 from pantherseq.model.base import PAD, Batch, NeuralModel
@@ -181,6 +181,9 @@ class OnlineModel:
         self.cache_users = cache_users
         self._cache: OrderedDict[str, tuple[tuple, HeadStats]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        # the Δ names, in the order `deviation_from_stats` gives them (a cold start gets them all NaN)
+        self.delta_names = [f"d_{k}" for k in (*DELTA_NAMES, *(f"surprisal_{n}" for n in self.vocab.token_fields),
+                                                *(f"tail_{self.vocab.token_fields[f]}" for f in self.vocab.ordered_codes))]
         with torch.no_grad():  # the output head over the regular tokens, for the Δ on the request path
             self.W = model.output_weight[N_SPECIAL:].detach().float().numpy().copy()
             self.b = model.out_bias[N_SPECIAL:].detach().float().numpy().copy()
@@ -280,13 +283,13 @@ class OnlineModel:
         """Δ of the event against the cached prediction h (NaN for a user with no history, as offline), from
         the prediction's `HeadStats` (cached per user by the refresh; on a miss one V × D product and a few
         passes over V) — tested equal to the batched Δ."""
-        h = state.h.astype(np.float32) if state.has_prediction else np.zeros(self.W.shape[1], np.float32)
+        if not state.has_prediction:
+            return dict.fromkeys(self.delta_names, float("nan"))
+        h = state.h.astype(np.float32)
         stats = self.head_stats(state, h)
         obs = ev.token - N_SPECIAL if ev.token >= N_SPECIAL else -1
         feats = deviation_from_stats(stats, h, self.W, obs, [ev.codes[c] for c in self.code_cols],
                                      self.vocab.member_index, self.vocab.token_fields)
-        if not state.has_prediction:
-            return {f"d_{k}": float("nan") for k in feats}
         return {f"d_{k}": v for k, v in feats.items()}
 
     def _stats(self, logits: np.ndarray) -> HeadStats:
@@ -331,9 +334,14 @@ class OnlineModel:
         row = np.array([[feats.get(f, np.nan) for f in self.risk_features]], dtype=np.float32)
         return float(self.risk.predict(row, num_threads=1)[0])
 
-    def top_expected(self, state: UserState, k: int = 5) -> list[dict[str, Any]]:
+    def readable_labels(self) -> list[str]:
+        """Every token's readable label, made on first use (60,000 labels take about a second)."""
         if self.labels is None:
             self.labels = self.tok.token_labels()
+        return self.labels
+
+    def top_expected(self, state: UserState, k: int = 5) -> list[dict[str, Any]]:
+        self.readable_labels()
         return [{"behaviour": self.labels[int(t)], "p": round(float(p), 6)}
                 for t, p in zip(state.top_ids[:k], state.top_p[:k])]
 
