@@ -11,7 +11,10 @@ one `pantherseq probe` call per task, so every representation is scored on the s
 - aggregates: hand-made per-user features (pantherseq.eval.representation.aggregate_features);
 - panther, transformer: `pantherseq pretrain` with the sizes and wall-clock budgets of
   benchmarks/nextevent.py, embedded by mean-pooling causal states over the whole history (PANTHER's
-  profile input replaced by the population mean, so demographics cannot leak into the embedding);
+  profile input replaced by the population mean, so demographics cannot leak into the embedding).
+  On MovieLens-100k both targets are profile fields, so PANTHER is trained there without the profile
+  (`model.profile_mode="none"`: SPRM kept, no e_u, no contrastive term) — `pantherseq probe` refuses
+  a model whose weights have seen the target (eval/probe.py);
 - llm4es: RUN/llm4es/embeddings.npy when the LLM4ES stage has written it, else "not run";
 - coles: pytorch-lifestream 0.7's CoLES (GRU) trained by benchmarks/coles_embed.py in .venv-bench on the
   same token sequences and training period, under the same budget;
@@ -36,9 +39,10 @@ from nextevent import DATASETS as NEXTEVENT
 DATASETS = {
     # name: prepare args (quick extra), the probe tasks (result key -> `pantherseq probe --target`)
     "movielens100k": {"prepare": ["--dataset", "movielens100k"], "quick_prepare": [],
-                      "tasks": {"gender_auc": "gender", "age_acc": "age"}},
+                      "tasks": {"gender_auc": "gender", "age_acc": "age"},
+                      "panther_sets": ['model.profile_mode="none"']},  # the targets are profile fields
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],
-                  "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}},
+                  "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": []},
 }
 MODELS = ("panther", "transformer")
 REPEATS = (3, 1)  # full, quick
@@ -58,9 +62,10 @@ def train_models(name: str, run: Path, budget: int, reuse: bool) -> dict:
     out = {}
     for model in MODELS:
         metrics = run / "models" / model / "metrics.json"
-        m = json.loads(metrics.read_text()) if reuse and metrics.is_file() else \
-            pretrain(run, model, NEXTEVENT[name]["sets"], budget)
-        out[model] = {"epochs": m["epochs"], "train_s": m["train_s"], "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4)}
+        sets = [*NEXTEVENT[name]["sets"], *(DATASETS[name]["panther_sets"] if model == "panther" else [])]
+        m = json.loads(metrics.read_text()) if reuse and metrics.is_file() else pretrain(run, model, sets, budget)
+        out[model] = {"epochs": m["epochs"], "train_s": m["train_s"], "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4),
+                      "overrides": sets}
     return out
 
 

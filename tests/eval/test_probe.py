@@ -106,6 +106,24 @@ def test_panther_embedding_ignores_the_users_own_profile(run_dir, tmp_path):
     assert before["mean"].shape == (120, 16) and not np.isnan(before["mean"]).any()
 
 
+def test_a_model_that_read_the_target_as_a_profile_input_is_refused(run_dir, tmp_path, capsys):
+    """PANTHER trained with gender in its profile cannot be probed on gender; without the profile it can,
+    and a target that is not a profile input (persona) is allowed either way."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = RunData(run)
+    for name, mode in (("with_profile", "positional"), ("no_profile", "none")):
+        cfg = ModelConfig(d_model=8, n_layers=1, n_heads=2, max_len=8, n_prototypes=4, profile_mode=mode)
+        save_checkpoint(model_dir(run, name) / "checkpoint.pt", build_model("panther", cfg, data.info), "panther",
+                        cfg, data.info, run)
+    probe_args = ["probe", "--run", str(run), "--folds", "3", "--rounds", "5", "--repeats", "1"]
+    assert main([*probe_args, "--target", "gender", "--embeddings", "aggregates+with_profile"]) == 2
+    err = capsys.readouterr().err
+    assert "'with_profile' was trained with the profile field 'gender'" in err and "profile_mode" in err
+    assert main([*probe_args, "--target", "gender", "--embeddings", "no_profile"]) == 0
+    assert main([*probe_args, "--target", "persona", "--embeddings", "with_profile"]) == 0
+
+
 def test_cli_probe_end_to_end(run_dir, capsys):
     code = main(["pretrain", "--run", str(run_dir), "--model", "transformer", "--set", "train.time_budget_s=5",
                  "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.max_len=16",

@@ -19,6 +19,11 @@ Decisions (the paper leaves them open):
   never an input, the fraudulent events are). The simulator's gender does not change behaviour at all,
   so probing it there is a noise control (≈ 0.5), not a task.
 - `name+name` concatenates representations column-wise (e.g. `aggregates+panther`).
+- A model that read the target as a profile input is refused (`ProfileLeak`): PANTHER adds e_u to every
+  input, so its weights learn every user's label, test folds included. Replacing e_u by the population
+  mean at embedding time does not undo it: on MovieLens-100k gender, the mean *token* embedding of a
+  PANTHER trained with the profile scored ROC-AUC 0.786, of the profile-free transformer 0.543 (one-off
+  measurement, see docs/BENCHMARKS.md). Train the model with `model.profile_mode="none"` instead.
 - LightGBM with fixed rounds and no early stopping, as pytorch-lifestream's embedding validation
   (`ProbeConfig`); one thread: with two it ran 10–20x slower on our 2-core machines (MEASURED.md).
 """
@@ -35,7 +40,13 @@ import numpy as np
 import polars as pl
 
 from pantherseq.errors import ConfigError
-from pantherseq.eval.representation import RANDOM_DIM, aggregate_features, n_users, user_embeddings
+from pantherseq.eval.representation import (
+    RANDOM_DIM,
+    aggregate_features,
+    n_users,
+    profile_inputs,
+    user_embeddings,
+)
 from pantherseq.fraud.metrics import roc_auc
 
 log = logging.getLogger(__name__)
@@ -45,7 +56,8 @@ METRIC = {"binary": "roc_auc", "multiclass": "accuracy"}
 AGE_BUCKETS = ("<25", "25-34", "35-44", "45+")
 AGE_EDGES = (25, 35, 45)
 
-__all__ = ["TARGETS", "ProbeConfig", "aggregate_features", "format_probe_table", "load_representation",
+__all__ = ["TARGETS", "ProbeConfig", "aggregate_features", "check_no_profile_leak", "format_probe_table",
+           "load_representation",
            "probe", "run_probe", "stratified_folds", "user_embeddings", "user_targets"]
 
 
@@ -164,12 +176,15 @@ class Target:
     task: str
     about: str
     build: Callable[[Path], pl.DataFrame]  # -> user_idx, y (0..C-1)
+    profile_column: str | None = None  # the profile.parquet column the label is made from
 
 
 TARGETS = {
-    "gender": Target("binary", "profile gender, F = 1 (MovieLens-100k; on the simulator a noise control)", _gender),
-    "age": Target("multiclass", "profile age in buckets " + " / ".join(AGE_BUCKETS), _age),
-    "persona": Target("multiclass", "the simulator's hidden persona (6 classes, never a model input)", _persona),
+    "gender": Target("binary", "profile gender, F = 1 (MovieLens-100k; on the simulator a noise control)", _gender,
+                     "gender"),
+    "age": Target("multiclass", "profile age in buckets " + " / ".join(AGE_BUCKETS), _age, "age"),
+    "persona": Target("multiclass", "the simulator's hidden persona (6 classes, never a model input)", _persona,
+                      "persona"),
     "fraud_victim": Target("binary", "any fraud-labelled event in the user's history", _fraud_victim),
 }
 
@@ -183,6 +198,20 @@ def user_targets(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray
 
 
 # --- representations --------------------------------------------------------------------------------
+
+def check_no_profile_leak(run_dir: str | Path, name: str, target: str) -> None:
+    """Refuse a trained model that read the target's profile column as an input (see module docstring)."""
+    column = TARGETS[target].profile_column
+    if column is None or not (Path(run_dir) / "models" / name).is_dir():
+        return
+    inputs = profile_inputs(run_dir, name)
+    if column in inputs:
+        raise ConfigError(
+            f"model {name!r} was trained with the profile field {column!r} as an input (profile fields "
+            f"{', '.join(inputs)}): its weights have seen every user's {target}, the held-out folds' too, so a "
+            f"probe of {target!r} would measure the label, not the behaviour. Train a model for the probe with "
+            f"--set 'model.profile_mode=\"none\"' (pantherseq pretrain --name NAME ...)")
+
 
 def load_representation(run_dir: str | Path, name: str, split: str = "all", history: str = "full",
                         profile: str = "mean") -> np.ndarray:
@@ -218,6 +247,8 @@ def run_probe(run_dir: str | Path, names: list[str], target: str, folds: int = 5
     users, y = user_targets(run, target)  # fails fast on a bad target, before any embedding is computed
     task = TARGETS[target].task
     parts = {p: None for name in names for p in name.split("+")}
+    for p in parts:
+        check_no_profile_leak(run, p, target)
     for p in parts:  # load everything first: a bad name fails before minutes of probing
         parts[p] = load_representation(run, p, split, history, profile)
     results = {}

@@ -84,6 +84,17 @@ class _ConstantProfile(nn.Module):
         return self.e.expand(batch.tokens.shape[0], -1)
 
 
+def profile_inputs(run_dir: str | Path, model_name: str) -> list[str]:
+    """The profile fields the model trained under RUN/models/NAME reads as inputs ([] when none)."""
+    from pantherseq.train.checkpoint import load_model
+
+    model, _ = load_model(run_dir, model_name)
+    if getattr(model, "profile", None) is None:
+        return []
+    cfg = build_config(DatasetConfig, load_toml(Path(run_dir) / "config.toml"), "config.toml")
+    return [f.name for f in cfg.profile.fields]
+
+
 @torch.no_grad()
 def user_embeddings(run_dir: str | Path, model_name: str, split: str = "all", history: str = "full",
                     profile: str = "mean", batch_size: int = 256, progress: bool = True
