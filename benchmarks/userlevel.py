@@ -9,8 +9,9 @@ simulator (persona accuracy, 6 classes; fraud_victim ROC-AUC: any fraud-labelled
 one `pantherseq probe` call per task, so every representation is scored on the same folds (3 repeats x
 5 folds, seeds 0..2, in the full run):
 - aggregates: hand-made per-user features (pantherseq.eval.representation.aggregate_features);
-- panther, transformer: `pantherseq pretrain` with the sizes and wall-clock budgets of
-  benchmarks/nextevent.py, embedded by mean-pooling causal states over the whole history (PANTHER's
+- panther, transformer: `pantherseq pretrain` with the sizes of benchmarks/nextevent.py and a longer
+  wall-clock budget (600 s on MovieLens-100k, 300 s on the simulator: CoLES needs ~12 CPU-minutes on
+  MovieLens, MEASURED.md), embedded by mean-pooling causal states over the whole history (PANTHER's
   profile input replaced by the population mean, so demographics cannot leak into the embedding).
   On MovieLens-100k both targets are profile fields, so PANTHER is trained there without the profile
   (`model.profile_mode="none"`: SPRM kept, no e_u, no contrastive term) — `pantherseq probe` refuses
@@ -39,10 +40,11 @@ from nextevent import DATASETS as NEXTEVENT
 DATASETS = {
     # name: prepare args (quick extra), the probe tasks (result key -> `pantherseq probe --target`)
     "movielens100k": {"prepare": ["--dataset", "movielens100k"], "quick_prepare": [],
-                      "tasks": {"gender_auc": "gender", "age_acc": "age"},
+                      "tasks": {"gender_auc": "gender", "age_acc": "age"}, "budget_s": 600,
                       "panther_sets": ['model.profile_mode="none"']},  # the targets are profile fields
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],
-                  "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": []},
+                  "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": [],
+                  "budget_s": 300},
 }
 MODELS = ("panther", "transformer")
 REPEATS = (3, 1)  # full, quick
@@ -132,7 +134,7 @@ ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "random", "a
 
 def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict, dict]:
     run = work / name
-    budget = QUICK_BUDGET if quick else NEXTEVENT[name]["budget"][0]
+    budget = QUICK_BUDGET if quick else DATASETS[name]["budget_s"]
     prepare(name, run, quick, reuse)
     train = train_models(name, run, budget, reuse)
     train["coles"] = train_coles(run, budget, reuse)
