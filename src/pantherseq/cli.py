@@ -333,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="user-level evaluation of frozen user representations",
                         description="Score user representations on a user-level target with LightGBM and "
                                     "stratified k-fold cross-validation, the same folds for every representation "
-                                    "(SPEC §10); print mean ± std and merge the report into RUN_DIR/probe.json.")
+                                    "(SPEC §10); print mean ± std and merge the report into RUN_DIR/probe.json. "
+                                    "A model trained with the target as a profile input (PANTHER with gender or "
+                                    "age in its profile) is refused: train one with "
+                                    "--set 'model.profile_mode=\"none\"'.")
     pr.add_argument("--run", required=True, help="a prepared run directory")
     pr.add_argument("--embeddings", required=True, metavar="A,B,...",
                     help="comma-separated representations: aggregates, random, a trained model's name, a name "
@@ -348,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--history", default="full", choices=("full", "last"),
                     help="model embeddings: mean over windows of the whole history (default) or the last window")
     pr.add_argument("--profile", default="mean", choices=("mean", "keep"),
-                    help="PANTHER's profile input: the population mean for everyone (default, no label leak) "
-                         "or each user's own")
+                    help="PANTHER's profile input at embedding time: the population mean for everyone "
+                         "(default) or each user's own")
     pr.set_defaults(func=cmd_probe)
 
     rp = sub.add_parser("report", help="write the run's HTML and markdown report with plots",
