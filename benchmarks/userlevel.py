@@ -7,7 +7,7 @@
 On MovieLens-100k (gender ROC-AUC; age bucket <25 / 25–34 / 35–44 / 45+ accuracy) and on the built-in
 simulator (persona accuracy, 6 classes; fraud_victim ROC-AUC: any fraud-labelled event), side by side in
 one `pantherseq probe` call per task, so every representation is scored on the same folds (3 repeats x
-5 folds, seeds 0..2, in the full run):
+5 folds, seeds 0..2, in the full run; one repeat on the simulator's 2,000 users):
 - aggregates: hand-made per-user features (pantherseq.eval.representation.aggregate_features);
 - panther, transformer: `pantherseq pretrain` with the sizes of benchmarks/nextevent.py and a longer
   wall-clock budget (600 s on MovieLens-100k, 300 s on the simulator: CoLES needs ~12 CPU-minutes on
@@ -44,7 +44,7 @@ DATASETS = {
                       "panther_sets": ['model.profile_mode="none"']},  # the targets are profile fields
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],
                   "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": [],
-                  "budget_s": 300},
+                  "budget_s": 300, "repeats": 1},  # 2,000 users: one CV repeat (6 boosters a round for persona)
 }
 MODELS = ("panther", "transformer")
 REPEATS = (3, 1)  # full, quick
@@ -122,10 +122,19 @@ def representations(run: Path, coles_ok: bool) -> tuple[list[str], dict[str, str
     return [*base, "random", *(f"aggregates+{b}" for b in base[1:])], missing
 
 
-def probe_task(run: Path, target: str, names: list[str], quick: bool) -> dict:
+def probe_task(run: Path, target: str, names: list[str], quick: bool, repeats: int | None = None,
+               reuse: bool = False) -> dict:
+    """`pantherseq probe` of every name on one target; with `reuse`, a report already in RUN/probe.json with
+    the same representations, repeats and rounds is taken as it is."""
+    repeats = repeats or REPEATS[quick]
+    path = run / "probe.json"
+    if reuse and path.is_file():
+        old = json.loads(path.read_text()).get(target)
+        if old and list(old["results"]) == names and old["repeats"] == repeats and old["lgbm"]["rounds"] == ROUNDS[quick]:
+            return old
     sh([PY, "-m", "pantherseq.cli", "probe", "--run", str(run), "--embeddings", ",".join(names), "--target", target,
-        "--repeats", str(REPEATS[quick]), "--rounds", str(ROUNDS[quick])])
-    return json.loads((run / "probe.json").read_text())[target]
+        "--repeats", str(repeats), "--rounds", str(ROUNDS[quick])])
+    return json.loads(path.read_text())[target]
 
 
 ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "random", "aggregates+panther",
@@ -142,11 +151,11 @@ def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict
     names, missing = representations(run, isinstance(train["coles"], dict))
     table, probes = {}, {}
     for key, target in DATASETS[name]["tasks"].items():
-        report = probe_task(run, target, names, quick)
+        report = probe_task(run, target, names, quick, None if quick else DATASETS[name].get("repeats"), reuse)
         rows = {n: [round(r["mean"], 4), round(r["std"], 4)] for n, r in report["results"].items()}
         table[key] = {n: rows.get(n, missing.get(n)) for n in ORDER if n in rows or n in missing}
         probes[key] = report
-    return table, {"budget_s": budget, "train": train, "probe": probes}
+    return table, {"budget_s": budget, "repeats": report["repeats"], "train": train, "probe": probes}
 
 
 def print_table(dataset: str, table: dict) -> None:
@@ -181,7 +190,8 @@ def main() -> None:
     parser.add_argument("--work", help="run directories (default runs/bench-userlevel[-quick])")
     parser.add_argument("--out", help="results file (default benchmarks/results/userlevel[-quick].json)")
     parser.add_argument("--only", default=",".join(DATASETS), help="comma-separated datasets")
-    parser.add_argument("--reuse", action="store_true", help="keep prepared runs and trained models found in --work")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep prepared runs, trained models and probe reports found in --work")
     parser.add_argument("--markdown", action="store_true", help="print --out's tables as markdown and exit")
     args = parser.parse_args()
     suffix = "-quick" if args.quick else ""
@@ -194,7 +204,7 @@ def main() -> None:
     started = time.time()
     results: dict = {"quick": args.quick, "protocol": (
         f"frozen representation -> LightGBM ({ROUNDS[args.quick]} rounds, lr 0.02, 1 thread), stratified 5-fold "
-        f"CV x {REPEATS[args.quick]} repeats (seeds 0..), the same folds for every representation; "
+        f"CV x {REPEATS[args.quick]} repeats (seeds 0..; simulator: 1), the same folds for every representation; "
         "mean ± std over all folds; ROC-AUC (binary), accuracy (multiclass)"), "details": {}}
     for name in args.only.split(","):
         results[name], results["details"][name] = bench_dataset(name, work, args.quick, args.reuse)
