@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from pantherseq.errors import ConfigError
 from pantherseq.eval.representation import (
@@ -239,7 +240,7 @@ def load_representation(run_dir: str | Path, name: str, split: str = "all", hist
 
 def run_probe(run_dir: str | Path, names: list[str], target: str, folds: int = 5, seed: int = 0,
               repeats: int = 1, split: str = "all", history: str = "full", profile: str = "mean",
-              cfg: ProbeConfig | None = None) -> dict:
+              cfg: ProbeConfig | None = None, progress: bool = True) -> dict:
     """Probe every representation in `names` (`a+b` = concatenated) on `target` with the same folds;
     merge the report into RUN/probe.json under the target's name and return it."""
     run = Path(run_dir)
@@ -252,10 +253,12 @@ def run_probe(run_dir: str | Path, names: list[str], target: str, folds: int = 5
     for p in parts:  # load everything first: a bad name fails before minutes of probing
         parts[p] = load_representation(run, p, split, history, profile)
     results = {}
-    for name in names:
+    bar = tqdm(names, desc=f"probe {target}", unit="repr", disable=None if progress else True)
+    for name in bar:
         X = np.hstack([parts[p][users] for p in name.split("+")])
-        log.info("probing %s (%d users x %d) on %s", name, *X.shape, target)
+        bar.set_postfix_str(f"{name} ({X.shape[1]} columns)")
         results[name] = {**probe(X, y, task, folds, seed, repeats, cfg), "dim": int(X.shape[1])}
+        log.info("%s on %s: %.4f ± %.4f", name, target, results[name]["mean"], results[name]["std"])
     report = {"target": target, "about": TARGETS[target].about, "task": task, "metric": METRIC[task],
               "users": len(y), "class_counts": np.bincount(y).tolist(), "folds": folds, "repeats": repeats,
               "seed": seed, "split": split, "history": history, "profile": profile, "lgbm": asdict(cfg),
