@@ -19,7 +19,7 @@ Decisions (the paper leaves them open):
   never an input, the fraudulent events are). The simulator's gender does not change behaviour at all,
   so probing it there is a noise control (≈ 0.5), not a task.
 - `name+name` concatenates representations column-wise (e.g. `aggregates+panther`).
-- A model that read the target as a profile input is refused (`ProfileLeak`): PANTHER adds e_u to every
+- A model that read the target as a profile input is refused (`check_no_profile_leak`): PANTHER adds e_u to every
   input, so its weights learn every user's label, test folds included. Replacing e_u by the population
   mean at embedding time does not undo it: on MovieLens-100k gender, the mean *token* embedding of a
   PANTHER trained with the profile scored ROC-AUC 0.786, of the profile-free transformer 0.543 (one-off
@@ -58,8 +58,7 @@ AGE_BUCKETS = ("<25", "25-34", "35-44", "45+")
 AGE_EDGES = (25, 35, 45)
 
 __all__ = ["TARGETS", "ProbeConfig", "aggregate_features", "check_no_profile_leak", "format_probe_table",
-           "load_representation",
-           "probe", "run_probe", "stratified_folds", "user_embeddings", "user_targets"]
+           "load_representation", "probe", "run_probe", "stratified_folds", "user_embeddings", "user_targets"]
 
 
 # --- folds and the probe --------------------------------------------------------------------------
