@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nextevent import PY, REPO, sh
-from userlevel import DATASETS, ROUNDS, prepare, print_table, probe_task
+from userlevel import DATASETS, ROUNDS, markdown_table, prepare, print_table, probe_task
 
 DATASET = "movielens100k"
 VARIANTS = {  # name -> (packaged model, fine-tune)
@@ -74,17 +74,6 @@ def summary(info: dict | str) -> dict | str:
             "embedding_dim": info["embedding_dim"], "max_tokens": info["config"]["finetune"]["max_tokens"]}
 
 
-def markdown(results: dict) -> str:
-    table = results[DATASET]
-    tasks = list(table)
-    out = ["| representation | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for n in dict.fromkeys(n for t in tasks for n in table[t]):
-        cells = [table[t].get(n) for t in tasks]
-        out.append(f"| {n} | " + " | ".join(f"{c[0]:.3f} ± {c[1]:.3f}" if isinstance(c, list) else str(c or "-")
-                                              for c in cells) + " |")
-    return "\n".join(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 tokens, 2 fine-tuning steps, 1 CV repeat")
@@ -98,7 +87,7 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""
     out = Path(args.out or REPO / "benchmarks" / "results" / f"llm4es{suffix}.json")
     if args.markdown:
-        print(markdown(json.loads(out.read_text())))
+        print(markdown_table(json.loads(out.read_text())[DATASET]))
         return
     steps, max_tokens = (2, 64) if args.quick else (args.steps, args.max_tokens)
     run = Path(args.work or REPO / "runs" / f"bench-llm4es{suffix}") / DATASET

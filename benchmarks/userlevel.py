@@ -173,14 +173,19 @@ def markdown(results: dict) -> str:
     for ds in DATASETS:
         if ds not in results:
             continue
-        table = results[ds]
-        tasks = list(table)
         out += [f"\n**{ds}** ({results['details'][ds]['budget_s']} s training budget per model)\n",
-                "| representation | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        for n in dict.fromkeys(n for t in tasks for n in table[t]):
-            cells = [table[t].get(n) for t in tasks]
-            out.append(f"| {n} | " + " | ".join(f"{c[0]:.3f} ± {c[1]:.3f}" if isinstance(c, list) else str(c or "-")
-                                                  for c in cells) + " |")
+                markdown_table(results[ds])]
+    return "\n".join(out)
+
+
+def markdown_table(table: dict) -> str:
+    """{task: {representation: [mean, std] | reason}} -> a markdown table, one row per representation."""
+    tasks = list(table)
+    out = ["| representation | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for n in dict.fromkeys(n for t in tasks for n in table[t]):
+        cells = [table[t].get(n) for t in tasks]
+        out.append(f"| {n} | " + " | ".join(f"{c[0]:.3f} ± {c[1]:.3f}" if isinstance(c, list) else str(c or "-")
+                                              for c in cells) + " |")
     return "\n".join(out)
 
 
