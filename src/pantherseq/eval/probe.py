@@ -22,8 +22,8 @@ Decisions (the paper leaves them open):
 - A model that read the target as a profile input is refused (`check_no_profile_leak`): PANTHER adds e_u to every
   input, so its weights learn every user's label, test folds included. Replacing e_u by the population
   mean at embedding time does not undo it: on MovieLens-100k gender, the mean *token* embedding of a
-  PANTHER trained with the profile scored ROC-AUC 0.786, of the profile-free transformer 0.543 (one-off
-  measurement, see docs/BENCHMARKS.md). Train the model with `model.profile_mode="none"` instead.
+  PANTHER trained with the profile scored ROC-AUC 0.785, of the profile-free transformer 0.583
+  (benchmarks/profile_leak.py). Train the model with `model.profile_mode="none"` instead.
 - LightGBM with fixed rounds and no early stopping, as pytorch-lifestream's embedding validation
   (`ProbeConfig`); one thread: with two it ran 10–20x slower on our 2-core machines (MEASURED.md).
 """
