@@ -34,6 +34,13 @@ RESERVED = {USER, TIME, LABEL, SCENARIO, EVENT_ID, GAP}
 DATASETS = ("simulated", "handbook", "tabformer", "movielens100k", "csv")
 TIME_DERIVED = ("hour", "weekday", "log_gap")
 
+# token ids every vocabulary starts with (the tokenizer's SPECIAL_TOKENS, in this order); PAD = 0 everywhere
+PAD, UNK, BOS, PROFILE = 0, 1, 2, 3
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[PROFILE]")
+N_SPECIAL = len(SPECIAL_TOKENS)
+GAP_BUCKETS = 16  # log2-second time-gap buckets: 1 = same second ... 15 = months; 0 = first / padding
+DAY = 86_400  # seconds
+
 
 @dataclass
 class FieldConfig:
