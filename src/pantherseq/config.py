@@ -5,6 +5,7 @@ an unknown key raises `ConfigError` naming the valid keys, a wrong type names th
 `load_toml` reads a file, `merge` deep-merges dicts (a user file over a built-in one) and
 `apply_overrides` applies `a.b.c=value` strings whose values are parsed as TOML (`bins=20`,
 `name="x"`, `fields=["a","b"]`; a bare word is taken as a string, `none` / `null` as None).
+`load_config(cls, file, overrides)` does all three: the one loader of a stage's config.
 """
 
 from __future__ import annotations
@@ -133,6 +134,15 @@ def build_config(cls: type[T], data: Any, where: str = "config") -> T:
     if check is not None:
         check(where)
     return obj
+
+
+def load_config(cls: type[T], file: str | Path | None = None, overrides: list[str] | None = None,
+                where: str | None = None) -> T:
+    """Dataclass `cls` from a TOML `file` (optional) with `key.path=value` overrides applied over it.
+
+    Errors name `where` (default: the file, else "config"); unknown keys and wrong types raise ConfigError."""
+    raw = load_toml(file) if file else {}
+    return build_config(cls, apply_overrides(raw, overrides), where or (str(file) if file else "config"))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

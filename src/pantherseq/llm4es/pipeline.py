@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pantherseq.config import apply_overrides, build_config, load_toml
+from pantherseq.config import load_config
 from pantherseq.data.schema import USER
 from pantherseq.errors import ConfigError
 from pantherseq.llm4es.model import (
@@ -64,8 +64,7 @@ class LLM4ESConfig:
 
 
 def load_llm4es_config(file: str | None = None, overrides: list[str] | None = None) -> LLM4ESConfig:
-    raw = load_toml(file) if file else {}
-    return build_config(LLM4ESConfig, apply_overrides(raw, overrides), str(file) if file else "config")
+    return load_config(LLM4ESConfig, file, overrides)
 
 
 def encode_users(lm: LoadedLM, texts: pl.DataFrame, max_tokens: int = 512) -> Encoded:

@@ -26,7 +26,12 @@ class UnknownModelError(ConfigError, ValueError):
     """A model name not in MODELS: a user-fixable config error (the CLI exits 2)."""
 
 
-def build_model(name: str, cfg: ModelConfig, info: DataInfo) -> SequenceModel:
+def check_model(name: str) -> str:
+    """`name` if it is in MODELS, else UnknownModelError listing the valid names."""
     if name not in MODELS:
         raise UnknownModelError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](cfg, info)
+    return name
+
+
+def build_model(name: str, cfg: ModelConfig, info: DataInfo) -> SequenceModel:
+    return MODELS[check_model(name)](cfg, info)

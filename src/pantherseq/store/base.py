@@ -1,4 +1,7 @@
-"""The user-state store behind real-time scoring: the `Store` interface and `open_store(url)`.
+"""The user-state store behind real-time scoring: the `Store` interface every backend implements.
+
+Backends (sqlite.py, redis.py) subclass `Store` and are chosen by URL scheme in registry.py (`STORES`,
+`open_store(url)`); this module imports none of them.
 
 The scoring service keeps, per user, one state record and an append-only log of accepted events, plus a
 few named metadata records (e.g. which model checkpoint the states belong to). The interface is
@@ -36,14 +39,9 @@ import abc
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit
-
-from pantherseq.errors import ConfigError
 
 SCHEMA_VERSION = 1
 KEY_PREFIX = f"ps:{SCHEMA_VERSION}:"
-
-URL_FORMS = "sqlite:///relative/path.db, sqlite:////absolute/path.db or redis://host:port/db"
 
 
 def state_key(user: str) -> str:
@@ -72,7 +70,14 @@ def as_bytes(value: object) -> bytes:
 
 
 class Store(abc.ABC):
-    """One state record and one append-only event log per user, plus named metadata; values are bytes."""
+    """One state record and one append-only event log per user, plus named metadata; values are bytes.
+
+    A backend is opened from a URL by `from_url` (its URL forms are listed in registry.STORES)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str) -> Self:
+        """Open the store named by `url`; ValueError when `url` is not one of the backend's URL forms."""
 
     @abc.abstractmethod
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -113,38 +118,3 @@ class Store(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def sqlite_path(url: str) -> str:
-    """The file path in `sqlite:///rel/path.db` (relative to the working directory) or `sqlite:////abs`."""
-    path = url.removeprefix("sqlite:///")
-    if path == url or not path.strip() or path == ":memory:":
-        raise ConfigError(f"bad store URL {url!r}: expected {URL_FORMS}")
-    return path
-
-
-def check_redis_url(url: str) -> None:
-    """Raise ConfigError unless `url` is `redis://host[:port][/db]`."""
-    bad = ConfigError(f"bad store URL {url!r}: expected {URL_FORMS}")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises ValueError when not a number in 0..65535
-    except ValueError:
-        raise bad from None
-    db = parts.path.removeprefix("/")
-    if parts.scheme != "redis" or not parts.hostname or port == 0 or not (db == "" or db.isdigit()):
-        raise bad
-
-
-def open_store(url: str) -> Store:
-    """Open the store at `url`: `sqlite:///path.db`, `sqlite:////abs/path.db` or `redis://host:port/db`."""
-    if url.startswith("sqlite:"):
-        from pantherseq.store.sqlite import SQLiteStore
-
-        return SQLiteStore(sqlite_path(url))
-    if url.startswith("redis:"):
-        check_redis_url(url)
-        from pantherseq.store.redis import RedisStore
-
-        return RedisStore(url)
-    raise ConfigError(f"bad store URL {url!r}: expected {URL_FORMS}")

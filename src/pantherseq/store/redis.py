@@ -45,6 +45,16 @@ def redact(url: str) -> str:
 class RedisStore(Store):
     """A store in a Redis server; `url` is `redis://host:port/db`, checked by a PING when opened."""
 
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """`redis://host[:port][/db]`; ValueError for anything else."""
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError when not a number in 0..65535
+        db = parts.path.removeprefix("/")
+        if parts.scheme != "redis" or not parts.hostname or port == 0 or not (db == "" or db.isdigit()):
+            raise ValueError(url)
+        return cls(url)
+
     def __init__(self, url: str, *, timeout: float = 5.0):
         try:
             import redis

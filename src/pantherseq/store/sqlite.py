@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 class SQLiteStore(Store):
     """A store in one SQLite file (created with its parent folders when missing)."""
 
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """`sqlite:///rel/path.db` (relative to the working directory) or `sqlite:////abs/path.db`."""
+        path = url.removeprefix("sqlite:///")
+        if path == url or not path.strip() or path == ":memory:":
+            raise ValueError(url)
+        return cls(path)
+
     def __init__(self, path: str | Path, *, timeout: float = 30.0):
         self.path = Path(path)
         self._lock = threading.Lock()
