@@ -25,13 +25,11 @@ import numpy as np
 import polars as pl
 
 from pantherseq.config import build_config, to_dict
-from pantherseq.data.schema import FieldConfig
+from pantherseq.data.schema import BOS, N_SPECIAL, PAD, PROFILE, SPECIAL_TOKENS, UNK, FieldConfig
 from pantherseq.encoders import FieldEncoder, build_encoder
 from pantherseq.errors import ConfigError, DataError
 
-PAD, UNK, BOS, PROFILE = 0, 1, 2, 3
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[PROFILE]")
-N_SPECIAL = len(SPECIAL_TOKENS)
+__all__ = ["BOS", "N_SPECIAL", "PAD", "PROFILE", "SPECIAL_TOKENS", "UNK", "Encoded", "StructuredTokenizer"]
 FORMAT_VERSION = 1
 LUT_MAX = 1 << 23  # key spaces up to 8M combinations get a dense lookup table (32 MB at most)
 

@@ -25,12 +25,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from pantherseq.config import build_config, load_toml
-from pantherseq.data.schema import DatasetConfig
+from pantherseq.data.batch import Batch, DataInfo, collate
+from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
 from pantherseq.data.sequences import Sequences
 from pantherseq.data.split import SPLIT_NAMES
-from pantherseq.model.base import GAP_BUCKETS, PAD, Batch, DataInfo
-from pantherseq.tokenizer import UNK, StructuredTokenizer
+from pantherseq.errors import DataError
+from pantherseq.run import RunDir
 
 
 def gap_buckets(gap_s: np.ndarray) -> np.ndarray:
@@ -109,16 +109,13 @@ class Profile:
 class RunData:
     """A prepared run opened for training / evaluation."""
 
-    def __init__(self, run_dir: str | Path):
-        self.run = Path(run_dir)
-        self.cfg = build_config(DatasetConfig, load_toml(self.run / "config.toml"), "config.toml")
-        self.seq = Sequences.load(self.run / "sequences")
-        self.tokenizer = StructuredTokenizer.load(self.run / "tokenizer.json")
-        path = self.run / "profile.parquet"
-        if path.is_file() and self.cfg.profile.fields:
-            self.profile = Profile.from_frame(pl.read_parquet(path).sort("user_idx"), self.cfg)
-        else:
-            self.profile = Profile.empty(self.seq.n_users)
+    def __init__(self, run_dir: RunDir | str | Path):
+        self.run = RunDir.of(run_dir)
+        self.cfg = self.run.config()
+        self.seq = Sequences.load(self.run.sequences)
+        self.tokenizer = self.run.tokenizer()
+        profile = self.run.read_profile() if self.cfg.profile.fields else None
+        self.profile = Profile.empty(self.seq.n_users) if profile is None else Profile.from_frame(profile, self.cfg)
         self.gap_bucket = gap_buckets(np.asarray(self.seq.gap))
         self.user_of = np.repeat(np.arange(self.seq.n_users), np.diff(self.seq.offsets))
 
@@ -131,31 +128,18 @@ class RunData:
     # -- batches ---------------------------------------------------------------------------------
     def _batch(self, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray | None = None
                ) -> Batch:
-        """Windows [start, start + length) of inputs; targets = the next events (masked as described)."""
-        T = int(lengths.max())
-        idx = starts[:, None] + np.arange(T)[None, :]  # (B, T)
-        real = np.arange(T)[None, :] < lengths[:, None]
-        idx = np.where(real, idx, 0)
-        seq = self.seq
-        tokens = np.where(real, seq.tokens[idx], PAD)
-        nxt = np.minimum(idx + 1, seq.n_events - 1)
-        targets = np.where(real, seq.tokens[nxt], PAD)
-        targets[targets == UNK] = PAD
-        if target_from is not None:  # evaluation: only targets at or after target_from
-            targets[(idx + 1) < target_from[:, None]] = PAD
-        codes = np.where(real[..., None], seq.codes[idx], 0)
-        gaps = np.where(real, self.gap_bucket[idx], 0)
+        """Windows [start, start + length) of inputs; targets = the next events (see `collate`)."""
         users = self.user_of[starts]
-        return Batch(
-            tokens=torch.from_numpy(tokens.astype(np.int64)), targets=torch.from_numpy(targets.astype(np.int64)),
-            codes=torch.from_numpy(codes.astype(np.int64)), gap_bucket=torch.from_numpy(gaps),
-            profile_cat=self.profile.cat[users], profile_num=self.profile.num[users],
-            positives=self.profile.positives(users), users=torch.from_numpy(users.astype(np.int64)),
-        )
+        return collate(self.seq.tokens, self.seq.codes, self.gap_bucket, starts, lengths, users,
+                       self.profile.cat[users], self.profile.num[users], self.profile.positives(users),
+                       target_from)
 
     def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
                       ) -> Iterator[Batch]:
-        """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th."""
+        """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th.
+
+        Raises DataError (on the first batch) when the training period has no target at all."""
+        require_train_targets(self.seq, max_len, self.run)
         win = self.seq.windows(max_len + 1, split="train")
         order = np.random.default_rng(seed).permutation(len(win))
         n_batches = math.ceil(len(order) / batch_size)
@@ -196,3 +180,19 @@ class RunData:
             w = windows[i:i + batch_size]
             yield self._batch(w[:, 0], w[:, 1], target_from=w[:, 2])
 
+
+
+def train_targets(seq: Sequences, max_len: int) -> int:
+    """How many training targets (next events that are not UNK) the training windows hold."""
+    win = seq.windows(max_len + 1, split="train")
+    if not len(win):
+        return 0
+    known = np.concatenate([[0], np.cumsum(np.asarray(seq.tokens) != UNK)])
+    return int((known[win[:, 1]] - known[win[:, 0] + 1]).sum())
+
+
+def require_train_targets(seq: Sequences, max_len: int, run: RunDir | str | Path) -> None:
+    """One DataError line when there is nothing to train on (no user with two known training events)."""
+    if train_targets(seq, max_len) == 0:
+        raise DataError(f"{run}: the training period has no targets (no user has a training event followed "
+                        "by another one in the vocabulary): move split.t1 later or prepare more data")

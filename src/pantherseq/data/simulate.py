@@ -11,7 +11,8 @@ Genuine events come from routines whose mix and strength depend on the persona:
 - monthly: utilities on a fixed day of the month, for some users a subscription (same amount) on another;
 - background: Poisson purchases over a user-specific category mix, at category-typical hours.
 Amounts per (user, category) are lognormal around a user-specific level that grows with income; the channel
-depends on the category and the persona. Fraud (`SCENARIOS`) is injected by `simulate_fraud`.
+depends on the category and the persona. Fraud (`SCENARIOS`) is injected by `simulate_fraud`;
+the users, merchants and their tables (`World`) live in `simulate_world`.
 
 Everything is vectorised over events (Python loops only over routine kinds, scenarios and the few dozen
 (region, category) cells) and drawn from generators spawned from `SeedSequence(cfg.seed)`: the same config
@@ -28,43 +29,26 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from pantherseq.data.schema import SimulateConfig
+from pantherseq.data.schema import DAY, SimulateConfig
 from pantherseq.data.simulate_fraud import Compromise, inject_fraud
+from pantherseq.data.simulate_world import (
+    CATEGORIES,
+    CATEGORY_ID,
+    CATEGORY_PARAMS,
+    CHANNELS,
+    EVENT_KEYS,
+    PERSONAS,
+    REGIONS,
+    RISKS,
+    World,
+    build_world,
+)
 
 logger = logging.getLogger(__name__)
 
 SCENARIOS = {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant",
              4: "account_takeover"}
-CATEGORIES = ("grocery", "fuel", "restaurant", "coffee", "transport", "utilities", "online_retail",
-              "electronics", "travel", "pharmacy", "entertainment", "cash_withdrawal")
-CHANNELS = ("chip", "contactless", "online", "swipe")
-RISKS = ("low", "medium", "high")
-REGIONS = ("north", "south", "east", "west", "central", "coastal")
-PERSONAS = ("commuter", "family", "student", "retiree", "traveller", "online_shopper")
-DAY = 86_400  # seconds
-EVENT_KEYS = ("user", "t", "merchant", "category", "amount", "channel", "scenario")
 
-_C = {name: i for i, name in enumerate(CATEGORIES)}
-_REGION_SHARE = np.array([0.2, 0.15, 0.15, 0.15, 0.2, 0.15])
-_REGION_INCOME = np.array([0.05, -0.15, 0.0, -0.05, 0.2, 0.1])  # log-income shift per region
-
-# Per category: typical amount (median at income 40k), its log-sd, income elasticity, share of merchants,
-# P(high risk), hour-of-day mixture (mean1, sd1, weight1, mean2, sd2), channel probabilities.
-_CAT = np.array([
-    # amt   sd  elast shops high  h1    s1   w1   h2    s2   chip cless online swipe
-    [45.0, .45, .5, 1.6, .03, 11.0, 2.0, .4, 18.0, 1.5, .45, .45, .05, .05],  # grocery
-    [50.0, .30, .3, 0.8, .05, 8.0, 1.5, .4, 17.5, 2.0, .60, .25, .00, .15],  # fuel
-    [35.0, .50, .7, 1.6, .05, 12.5, .8, .35, 19.5, 1.2, .45, .40, .10, .05],  # restaurant
-    [4.5, .25, .2, 1.2, .02, 8.0, 1.0, .7, 14.0, 1.5, .20, .75, .03, .02],  # coffee
-    [3.0, .30, .1, 0.6, .02, 8.0, 1.0, .5, 18.0, 1.0, .10, .75, .15, .00],  # transport
-    [90.0, .08, .4, 0.4, .02, 9.0, 2.0, 1., 9.0, 2.0, .00, .00, 1.0, .00],  # utilities
-    [40.0, .80, .7, 1.0, .25, 13.0, 3.0, .4, 21.0, 1.5, .00, .00, 1.0, .00],  # online_retail
-    [180., .90, .8, 0.6, .30, 14.0, 2.5, 1., 14.0, 2.5, .40, .20, .35, .05],  # electronics
-    [250., .80, .9, 0.5, .20, 12.0, 4.0, 1., 12.0, 4.0, .10, .05, .85, .00],  # travel
-    [18.0, .60, .2, 0.8, .03, 11.0, 2.0, .6, 17.0, 1.5, .50, .40, .05, .05],  # pharmacy
-    [25.0, .60, .6, 0.9, .20, 20.0, 1.5, .8, 15.0, 2.0, .30, .30, .35, .05],  # entertainment
-    [80.0, .50, .4, 0.5, .20, 12.0, 4.0, 1., 12.0, 4.0, .85, .05, .00, .10],  # cash_withdrawal
-])
 # Per persona: P(commute on a workday), P(coffee), P(way back) on a commute day, P(weekly grocery),
 # P(dinner out on a Friday/Saturday), P(weekly fuel), P(has a subscription), background purchases per day.
 _ROUTINE = np.array([
@@ -84,11 +68,6 @@ _BACKGROUND = np.array([
     [1.0, 1., 3.5, 2.0, 2.0, .02, 1.5, .4, 3.0, .5, 2.0, 1.5],  # traveller
     [1.0, .5, 1.0, 1.0, .5, .02, 6.0, 1.5, .3, .5, 1.5, .5],  # online_shopper
 ])
-# Per persona: channel taste multipliers (chip, contactless, online, swipe).
-_TASTE = np.array([[1, 1.5, 1, .5], [1.2, 1, 1, 1], [.7, 1.8, 1.5, .3], [1.5, .4, .4, 2.5], [1, 1.2, 1.3, .5],
-                   [1, 1, 2.5, .5]])
-_CHANNEL_P = _CAT[None, :, 10:14] * _TASTE[:, None, :]
-_CHANNEL_CUM = np.cumsum(_CHANNEL_P / _CHANNEL_P.sum(-1, keepdims=True), -1).reshape(-1, 4)  # (P*C, 4)
 _ROUTINE_SLOTS = np.array([0.9, 0.97, 1.0])  # cumulative choice among favourite merchants, routines
 _BACKGROUND_SLOTS = np.array([0.55, 0.85, 1.0])  # ... and background purchases
 
@@ -100,70 +79,6 @@ class Simulation:
     merchants: pl.DataFrame  # merchant_id, category, merchant_risk, region, compromised, compromised_from/_to
 
 
-@dataclass
-class World:
-    """The hidden state: users, merchants, where each user shops. Event dicts hold `EVENT_KEYS` arrays."""
-
-    days: int
-    age: np.ndarray  # (U,) int
-    female: np.ndarray  # (U,) bool
-    region: np.ndarray  # (U,) region index
-    income: np.ndarray  # (U,) float
-    persona: np.ndarray  # (U,) persona index
-    typical: np.ndarray  # (U, C) typical amount per category
-    merchant_cat: np.ndarray  # (M,)
-    merchant_region: np.ndarray  # (M,)
-    merchant_risk: np.ndarray  # (M,) index into RISKS
-    pool_members: np.ndarray  # merchants of every (region, category) cell, region len(REGIONS) = anywhere
-    pool_start: np.ndarray  # (R+1, C)
-    pool_count: np.ndarray  # (R+1, C)
-    favourites: np.ndarray | None = None  # (U, C, 3) favourite merchants per category
-
-    n_regions = len(REGIONS)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.persona)
-
-    @property
-    def n_merchants(self) -> int:
-        return len(self.merchant_cat)
-
-    @staticmethod
-    def cat_ids(*names: str) -> np.ndarray:
-        return np.array([_C[n] for n in names])
-
-    @staticmethod
-    def channel_id(name: str) -> int:
-        return CHANNELS.index(name)
-
-    def merchants_in(self, rng: np.random.Generator, region, cat, skew: float = 1.0) -> np.ndarray:
-        """Random merchants of category `cat` in `region` (broadcast); skew > 1 favours popular ones."""
-        region, cat = np.broadcast_arrays(region, cat)
-        offset = (rng.random(cat.shape) ** skew * self.pool_count[region, cat]).astype(np.int64)
-        return self.pool_members[self.pool_start[region, cat] + offset]
-
-    def amounts(self, rng: np.random.Generator, user, cat, sigma: float | None = None) -> np.ndarray:
-        s = _CAT[cat, 1] if sigma is None else sigma
-        return self.typical[user, cat] * np.exp(s * rng.standard_normal(len(user)))
-
-    def channels(self, rng: np.random.Generator, user, cat) -> np.ndarray:
-        row = self.persona[user].astype(np.int64) * len(CATEGORIES) + cat
-        u = rng.random(len(user))
-        return sum((u > _CHANNEL_CUM[row, k]).astype(np.int8) for k in range(3))
-
-    def events(self, user, t, merchant, amount, channel, scenario: int = 0) -> dict[str, np.ndarray]:
-        """An event dict; amounts rounded to cents (cash to multiples of 20), times kept in the period."""
-        cat = self.merchant_cat[merchant]
-        cash = cat == _C["cash_withdrawal"]
-        amount = np.where(cash, np.maximum(20.0, np.round(amount / 20) * 20),
-                          np.maximum(0.01, np.round(amount, 2)))
-        return {"user": np.asarray(user, np.int32), "t": np.clip(t, 0, self.days * DAY - 1).astype(np.int64),
-                "merchant": np.asarray(merchant, np.int32), "category": cat.astype(np.int8), "amount": amount,
-                "channel": np.broadcast_to(np.asarray(channel, np.int8), cat.shape).copy(),
-                "scenario": np.full(len(cat), scenario, np.int8)}
-
-
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in EVENT_KEYS}
 
@@ -172,69 +87,6 @@ def _sorted(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Events sorted by (user, time), stable (ties keep their order)."""
     order = np.argsort(ev["user"].astype(np.int64) * (ev["t"].max(initial=0) + 1) + ev["t"], kind="stable")
     return {k: v[order] for k, v in ev.items()}
-
-
-def _bump(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    return np.exp(-(((x - center) / width) ** 2))
-
-
-def _demographics(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
-    age = (18 + rng.beta(1.6, 2.2, n) * 67.999).astype(np.int64)
-    female = rng.random(n) < 0.5
-    region = rng.choice(len(REGIONS), size=n, p=_REGION_SHARE)
-    log_income = (10.35 + 0.55 * _bump(age, 50, 16) - 0.25 * (age >= 67) + _REGION_INCOME[region]
-                  + 0.4 * rng.standard_normal(n))
-    return age, female, region, np.round(np.exp(log_income), -2)
-
-
-def _personas(rng: np.random.Generator, age, region, income) -> np.ndarray:
-    """Persona = argmax of demographic scores plus Gumbel noise: predictable from demographics only partly."""
-    z = (np.log(income) - 10.6) / 0.45
-    scores = np.column_stack([
-        1.3 * _bump(age, 40, 14) + 0.7 * np.isin(region, (0, 4)),  # commuter: working age, urban
-        1.6 * _bump(age, 41, 9) + 0.4 * z,  # family
-        3.5 / (1 + np.exp((age - 25) / 2.0)) - 0.3 * z,  # student
-        3.5 / (1 + np.exp((64 - age) / 2.5)),  # retiree
-        0.9 * z + 0.8 * (region == 5) + 0.3 * _bump(age, 40, 15),  # traveller: well-off, coastal
-        1.2 * _bump(age, 30, 9) + 0.5 * (region == 3),  # online_shopper
-    ])
-    return np.argmax(scores + 0.8 * rng.gumbel(size=scores.shape), axis=1)
-
-
-def _merchants(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Category (each at least once), region and risk level of `n` merchants."""
-    shares = _CAT[:, 3] / _CAT[:, 3].sum()
-    cat = np.concatenate([np.arange(len(shares)), rng.choice(len(shares), n - len(shares), p=shares)])
-    region = rng.integers(0, len(REGIONS), n)
-    u, high = rng.random(n), _CAT[cat, 4]
-    risk = np.where(u < high, 2, np.where(u < high + 0.3, 1, 0))
-    return cat, region, risk
-
-
-def _pools(cat: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merchants per (region, category) cell; the last region row is 'anywhere'; an empty cell falls back."""
-    shape = (len(REGIONS) + 1, len(CATEGORIES))
-    start, count, members = np.zeros(shape, np.int64), np.zeros(shape, np.int64), []
-    for r in range(shape[0]):
-        for c in range(shape[1]):
-            idx = np.flatnonzero((cat == c) & ((region == r) | (r == len(REGIONS))))
-            idx = idx if idx.size else np.flatnonzero(cat == c)
-            start[r, c], count[r, c] = sum(len(m) for m in members), len(idx)
-            members.append(idx)
-    return np.concatenate(members), start, count
-
-
-def _build_world(rng: np.random.Generator, cfg: SimulateConfig) -> World:
-    age, female, region, income = _demographics(rng, cfg.n_users)
-    persona = _personas(rng, age, region, income)
-    typical = (_CAT[:, 0] * (income[:, None] / 40_000) ** _CAT[:, 2]
-               * np.exp(0.25 * rng.standard_normal((cfg.n_users, len(CATEGORIES)))))
-    m_cat, m_region, m_risk = _merchants(rng, cfg.n_merchants)
-    world = World(cfg.days, age, female, region, income, persona, typical, m_cat, m_region, m_risk,
-                  *_pools(m_cat, m_region))
-    cells = np.broadcast_to(np.arange(len(CATEGORIES))[None, :, None], (cfg.n_users, len(CATEGORIES), 3))
-    world.favourites = world.merchants_in(rng, region[:, None, None], cells, skew=1.5).astype(np.int32)
-    return world
 
 
 @dataclass
@@ -254,8 +106,8 @@ class _Habits:
 
 
 def _category_hours(rng: np.random.Generator, cat: np.ndarray) -> np.ndarray:
-    first = rng.random(len(cat)) < _CAT[cat, 7]
-    mean, sd = np.where(first, _CAT[cat, 5], _CAT[cat, 8]), np.where(first, _CAT[cat, 6], _CAT[cat, 9])
+    first = rng.random(len(cat)) < CATEGORY_PARAMS[cat, 7]
+    mean, sd = np.where(first, CATEGORY_PARAMS[cat, 5], CATEGORY_PARAMS[cat, 8]), np.where(first, CATEGORY_PARAMS[cat, 6], CATEGORY_PARAMS[cat, 9])
     return mean + sd * rng.standard_normal(len(cat))
 
 
@@ -263,7 +115,7 @@ def _habits(rng: np.random.Generator, world: World) -> _Habits:
     n = world.n_users
     return _Habits(
         strength=rng.uniform(0.7, 1.15, n), commute_hour=np.clip(rng.normal(7.8, 0.8, n), 5.5, 10.0),
-        grocery_day=rng.integers(0, 7, n), grocery_hour=_category_hours(rng, np.full(n, _C["grocery"])),
+        grocery_day=rng.integers(0, 7, n), grocery_hour=_category_hours(rng, np.full(n, CATEGORY_ID["grocery"])),
         fuel_day=rng.integers(0, 7, n), bill_day=rng.integers(1, 29, n), sub_day=rng.integers(1, 29, n),
         subscribed=rng.random(n) < _ROUTINE[world.persona, 6], activity=rng.lognormal(0.0, 0.35, n),
         chronotype=rng.normal(0.0, 0.7, n))
@@ -297,7 +149,7 @@ def _pick_merchants(rng, world: World, user, cat, p_fav: float, slots: np.ndarra
 
 
 def _routine_events(rng, world: World, user, t, category: str, sigma=None, channel=None, scale=1.0):
-    cat = np.full(len(user), _C[category])
+    cat = np.full(len(user), CATEGORY_ID[category])
     merchant = _pick_merchants(rng, world, user, cat, 0.92, _ROUTINE_SLOTS)
     amount = world.amounts(rng, user, cat, sigma) * scale
     ch = world.channels(rng, user, cat) if channel is None else world.channel_id(channel)
@@ -400,7 +252,7 @@ def simulate(cfg: SimulateConfig) -> Simulation:
     start = np.datetime64(datetime.fromisoformat(cfg.start), "us")
     seeds = np.random.SeedSequence(cfg.seed).spawn(4)
     rng_world, rng_habits, rng_events = (np.random.default_rng(s) for s in seeds[:3])
-    world = _build_world(rng_world, cfg)
+    world = build_world(rng_world, cfg)
     habits = _habits(rng_habits, world)
     weekday, dom = _calendar(start, cfg.days)
     parts = [*_daily(rng_events, world, habits, weekday), *_weekly(rng_events, world, habits, weekday),

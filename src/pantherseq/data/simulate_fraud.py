@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-if TYPE_CHECKING:
-    from pantherseq.data.simulate import World
+from pantherseq.data.schema import DAY
+from pantherseq.data.simulate_world import World
 
 logger = logging.getLogger(__name__)
 
 SHARES = {1: 0.25, 2: 0.15, 3: 0.25, 4: 0.35}  # share of the fraud users per scenario
-DAY = 86_400
 _RISKY = ("electronics", "online_retail", "cash_withdrawal", "travel")
 _RISKY_P = (0.35, 0.3, 0.25, 0.1)
 _TESTED = ("online_retail", "electronics", "entertainment", "travel")  # where card testers try a card

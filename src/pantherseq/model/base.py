@@ -21,45 +21,15 @@ gradient steps, the same `scores` interface.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD = 0  # the one definition used by models; equals tokenizer.PAD
-GAP_BUCKETS = 16  # log2-second time-gap buckets: 1 = same second ... 15 = months; 0 = first / padding
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    codes: torch.Tensor
-    gap_bucket: torch.Tensor
-    profile_cat: torch.Tensor
-    profile_num: torch.Tensor
-    positives: torch.Tensor
-    users: torch.Tensor
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """(B, T) bool: real (non-padding) input positions."""
-        return self.tokens != PAD
-
-
-@dataclass
-class DataInfo:
-    """Sizes a model needs from the prepared run; derived once, never written twice."""
-
-    vocab_size: int
-    field_sizes: list[int] = field(default_factory=list)
-    profile_cat_sizes: list[int] = field(default_factory=list)
-    profile_num: int = 0
+from pantherseq.data.batch import Batch, DataInfo  # defined in data/, re-exported for the models
+from pantherseq.data.schema import GAP_BUCKETS, PAD  # noqa: F401 (GAP_BUCKETS re-exported)
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""What the data side hands every next-behaviour model: the `Batch`, the `DataInfo` sizes and `collate`.
+
+A `Batch` holds right-padded windows of events (PAD = 0):
+
+    tokens       (B, T)    int64   input token ids
+    targets      (B, T)    int64   the next token at each position, PAD (0) where there is none
+    codes        (B, T, F) int64   per-field codes of the input events (0 = the field's UNK, and padding)
+    gap_bucket   (B, T)    int64   log time-gap bucket of the input events (0 = first event / padding)
+    profile_cat  (B, Pc)   int64   categorical profile codes (0 = unknown); Pc may be 0
+    profile_num  (B, Pn)   float32 standardised numeric profile values (0 = unknown); Pn may be 0
+    positives    (B, B)    bool    contrastive positive pairs (profile rule), False on the diagonal
+    users        (B,)      int64   user index
+
+`collate` cuts windows out of flat per-event arrays (the CSR layout of `data/sequences.py`) into a Batch;
+`RunData` (data/dataset.py) and anything else that holds such arrays build their batches with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from pantherseq.data.schema import PAD, UNK
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    codes: torch.Tensor
+    gap_bucket: torch.Tensor
+    profile_cat: torch.Tensor
+    profile_num: torch.Tensor
+    positives: torch.Tensor
+    users: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T) bool: real (non-padding) input positions."""
+        return self.tokens != PAD
+
+
+@dataclass
+class DataInfo:
+    """Sizes a model needs from the prepared run; derived once, never written twice."""
+
+    vocab_size: int
+    field_sizes: list[int] = field(default_factory=list)
+    profile_cat_sizes: list[int] = field(default_factory=list)
+    profile_num: int = 0
+
+
+def collate(tokens: np.ndarray, codes: np.ndarray, gap_bucket: np.ndarray, starts: np.ndarray,
+            lengths: np.ndarray, users: np.ndarray, profile_cat: torch.Tensor, profile_num: torch.Tensor,
+            positives: torch.Tensor, target_from: np.ndarray | None = None) -> Batch:
+    """A Batch of the windows [start, start + length) of flat per-event arrays.
+
+    tokens (N,), codes (N, F), gap_bucket (N,): every event of every user, user-major (the windows never
+    cross a user's end except for the last target, which the caller avoids by the window length).
+    starts, lengths, users (B,): each window's first row, length (>= 1) and user index.
+    profile_cat (B, Pc), profile_num (B, Pn), positives (B, B): the windows' users' profile tensors.
+    Targets are the next events; UNK targets become PAD (never a target); with `target_from` (B,)
+    (evaluation) only targets at rows >= target_from count.
+    """
+    T = int(lengths.max())
+    idx = starts[:, None] + np.arange(T)[None, :]  # (B, T)
+    real = np.arange(T)[None, :] < lengths[:, None]
+    idx = np.where(real, idx, 0)
+    toks = np.where(real, tokens[idx], PAD)
+    nxt = np.minimum(idx + 1, len(tokens) - 1)
+    targets = np.where(real, tokens[nxt], PAD)
+    targets[targets == UNK] = PAD
+    if target_from is not None:
+        targets[(idx + 1) < target_from[:, None]] = PAD
+    field_codes = np.where(real[..., None], codes[idx], 0)
+    gaps = np.where(real, gap_bucket[idx], 0)
+    return Batch(
+        tokens=torch.from_numpy(toks.astype(np.int64)), targets=torch.from_numpy(targets.astype(np.int64)),
+        codes=torch.from_numpy(field_codes.astype(np.int64)), gap_bucket=torch.from_numpy(gaps.astype(np.int64)),
+        profile_cat=profile_cat, profile_num=profile_num, positives=positives,
+        users=torch.from_numpy(np.asarray(users).astype(np.int64)),
+    )
+
+
+__all__ = ["Batch", "DataInfo", "collate"]
