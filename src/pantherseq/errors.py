@@ -1,9 +1,18 @@
 """The project's exceptions: every error a user can cause says where (file, row, column, field) and why.
 
-The CLI turns any `PantherseqError` into one line on stderr and exit code 2 — never a traceback.
+The CLI turns any `PantherseqError` into one line on stderr and exit code 2 — never a traceback. A message
+never echoes more than `MAX_ECHO` characters of one input value.
 """
 
 from __future__ import annotations
+
+MAX_ECHO = 80
+
+
+def echo(value: object, limit: int = MAX_ECHO) -> str:
+    """repr(value), cut to `limit` characters ("..." marks the cut)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class PantherseqError(Exception):
@@ -35,5 +44,5 @@ class DataError(PantherseqError):
         if column is not None:
             where.append(f"column {column!r}")
         prefix = ", ".join(where)
-        detail = f" (value {value!r})" if value is not None else ""
+        detail = f" (value {echo(value)})" if value is not None else ""
         super().__init__(f"{prefix}: {message}{detail}" if prefix else f"{message}{detail}")

@@ -186,6 +186,9 @@ class DatasetConfig:
     contrastive: dict[str, float] = field(default_factory=dict)  # profile field -> tolerance (0 = equal)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     bad_rows: Literal["error", "drop"] = "error"
+    max_value_chars: int = 256  # a longer text value (user id, event id, categorical) is bad input
+    min_year: int = 1970  # a timestamp before this year ...
+    max_year: int = 2100  # ... or after this one is bad input
 
     def field(self, name: str) -> FieldConfig:
         for f in self.fields:
@@ -211,6 +214,11 @@ class DatasetConfig:
             raise ConfigError(f"{where}.tokenizer.fields: name at least one field to form the token")
         if self.tokenizer.top_k < 1:
             raise ConfigError(f"{where}.tokenizer.top_k must be >= 1")
+        if self.max_value_chars < 1:
+            raise ConfigError(f"{where}.max_value_chars must be >= 1, got {self.max_value_chars}")
+        if not 1 <= self.min_year <= self.max_year <= 9999:
+            raise ConfigError(f"{where}: min_year ({self.min_year}) and max_year ({self.max_year}) must satisfy "
+                              "1 <= min_year <= max_year <= 9999")
         profile_names = {f.name for f in self.profile.fields}
         bad = sorted(set(self.contrastive) - profile_names)
         if bad:
