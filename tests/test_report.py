@@ -1,6 +1,6 @@
 """The run report (report.py, report_sections.py): every section drawn from a full run (pretrained, evaluated,
 fraud, served), the HTML rendered by headless Chromium with every image decoded, a run with only
-prepare.json, a missing run directory."""
+prepare.json, the prototype figure drawn from prototypes.json alone, a missing run directory."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pantherseq.cli import main
 from pantherseq.report import write_report
-from pantherseq.report_sections import SECTIONS, frequent_ngrams
+from pantherseq.report_sections import SECTIONS
 from stolen_routine import PERIODS
 
 pytest.importorskip("matplotlib")
@@ -54,19 +53,6 @@ def full_run(trained_run: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(full_run: Path) -> tuple[Path, Path]:
     return write_report(full_run)
-
-
-def test_frequent_ngrams_count_within_one_users_kept_events():
-    # user 0: 5 6 7 5 6 7 5 (5-6-7 twice, 6-7-5 twice, 7-5-6 once); user 1: 6 7 5 (a third 6-7-5)
-    tokens = np.array([5, 6, 7, 5, 6, 7, 5, 6, 7, 5])
-    offsets = np.array([0, 7, 10])
-    grams, counts, occ = frequent_ngrams(tokens, offsets, np.ones(10, bool))
-    assert grams.tolist() == [[6, 7, 5], [5, 6, 7]] and counts.tolist() == [3, 2]
-    assert [o.tolist() for o in occ] == [[1, 4, 7], [0, 3]]  # 7-5-6 once: the one at row 5 spans two users
-    keep = np.ones(10, bool)
-    keep[4] = False  # drops every 3-gram through row 4
-    grams, counts, _ = frequent_ngrams(tokens, offsets, keep)
-    assert grams.tolist() == [[6, 7, 5]] and counts.tolist() == [2]
 
 
 def test_every_section_is_drawn(report, full_run):
@@ -112,6 +98,21 @@ def test_a_run_with_only_prepare_json(trained_run, tmp_path, capsys):
     assert html.count('class="missing"') == 6 and html.count("not run: ") == 6
     assert (run / "report.md").read_text().count("*not run: ") == 6
     assert str(run / "report.html") in capsys.readouterr().out
+
+
+def test_the_prototype_figure_is_drawn_from_prototypes_json_alone(trained_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("prepare.json", "prototypes.json"):  # no model, no sequences: the report reads the analysis
+        shutil.copy(trained_run / name, run)
+    html = write_report(run)[0].read_text()
+    assert html.count(IMG) == 2 and html.count("not run: ") == 5  # the coverage curve and the prototypes
+    assert '<section id="prototypes">' in html and "→" in html
+    analysis = json.loads((run / "prototypes.json").read_text())
+    analysis["panther"] = {"model": "panther", "error": "no token 3-gram occurs twice in the training split"}
+    (run / "prototypes.json").write_text(json.dumps(analysis))
+    html = write_report(run)[0].read_text()
+    assert "could not be drawn: no token 3-gram occurs twice" in html
 
 
 def test_a_missing_run_dir_is_one_line_and_exit_2(tmp_path, capsys):

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pantherseq.run import RunDir
+
 log = logging.getLogger(__name__)
 
 DEMO_MODELS = ("panther", "transformer", "markov")
@@ -106,7 +108,7 @@ def serve_demo(run: Path, model: str, store_url: str, since: str, n: int = 300) 
 
 
 def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None, report: bool = True) -> int:
-    from pantherseq.cli import format_prepare_report, load_pretrain_config
+    from pantherseq.cli import format_prepare_report
     from pantherseq.config import build_config
     from pantherseq.data.schema import load_dataset_config
     from pantherseq.eval.nextevent import evaluate_run, format_table
@@ -115,17 +117,17 @@ def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None,
     from pantherseq.serve.embed import embed_users
     from pantherseq.serve.online import OnlineModel
     from pantherseq.store import open_store
-    from pantherseq.train.loop import train
+    from pantherseq.train.loop import load_pretrain_config, train
 
     started = time.perf_counter()
-    run = Path(out)
+    run = RunDir(out)
     _step(1, "prepare: simulating users and events")
-    rep = prepare(load_dataset_config("simulated", None, sets), run)
+    rep = prepare(load_dataset_config("simulated", None, sets), run.path)
     print(format_prepare_report(rep), flush=True)
 
     _step(2, f"pretrain: {', '.join(DEMO_MODELS)} ({budget:.0f} s budget per neural model)")
-    for name in DEMO_MODELS:
-        train(run, name, load_pretrain_config(None, [*DEMO_TRAIN, f"train.time_budget_s={budget}"]))
+    for name in DEMO_MODELS:  # PANTHER's SPRM prototype analysis (RUN/prototypes.json) comes with its training
+        train(run, name, load_pretrain_config(None, [*DEMO_TRAIN, f"train.time_budget_s={budget}"], model=name))
 
     _step(3, "evaluate: next-behaviour prediction on the test period")
     results = evaluate_run(run, list(DEMO_MODELS), ("test",))
@@ -137,16 +139,16 @@ def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None,
     print(format_fraud_table(fraud), flush=True)
 
     test_start = fraud["periods"]["test"][0][:19]
-    _step(5, f"embed: every user's state as of {test_start} into {run / 'states.db'}")
-    store_url = f"sqlite:///{run / 'states.db'}"
-    (run / "states.db").unlink(missing_ok=True)
-    om = OnlineModel(run, "panther")
+    _step(5, f"embed: every user's state as of {test_start} into {run.states}")
+    store_url = f"sqlite:///{run.states}"
+    run.states.unlink(missing_ok=True)
+    om = OnlineModel(run.path, "panther")
     with open_store(store_url) as store:
         meta = embed_users(om, store, test_start)
     print(f"{meta['users']:,} users in {meta['seconds']:.1f} s", flush=True)
 
     _step(6, "serve: scoring live test transactions through HTTP")
-    served = serve_demo(run, "panther", store_url, test_start)
+    served = serve_demo(run.path, "panther", store_url, test_start)
     print(f"{served['requests']} transactions scored over HTTP: p50 {served['p50_ms']:.1f} ms, "
           f"p99 {served['p99_ms']:.1f} ms (client side, with the background refresh on)", flush=True)
 
@@ -156,7 +158,7 @@ def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None,
         from pantherseq.report import write_report
 
         report_path, _ = write_report(run)
-    summary(run, results, fraud, served, report_path, time.perf_counter() - started)
+    summary(run.path, results, fraud, served, report_path, time.perf_counter() - started)
     return 0
 
 

@@ -2,11 +2,13 @@
 
     write_report(run_dir) -> (RUN_DIR/report.html, RUN_DIR/report.md)      figures in RUN_DIR/report/*.png
 
+The report only reads artefacts the stages wrote (RunDir names them); it never loads or runs a model.
+
 A header (dataset, sizes, models; summary tables of eval.json and fraud.json), then the seven sections of
 report_sections.py: pretraining curves, next-behaviour metrics, SPRM prototype attention (paper Fig. 3),
 fraud Recall@Top-K% (paper Fig. 4), tokenizer coverage, merchant risk, serving latency. Every section is
-optional: one whose stage has not run says "not run"; one whose inputs are unusable (e.g. the tokenizer
-changed since the model was trained) says why and the others still render.
+optional: one whose stage has not run says "not run"; one whose inputs are unusable (e.g. no 3-gram recurs
+for the prototype analysis) says why and the others still render.
 
 report.html is one self-contained file: figures are base64 PNG data URIs, the CSS is inline and nothing
 is fetched (no CDN, no font, no script). report.md links the PNG files written to RUN_DIR/report/.
@@ -23,11 +25,10 @@ from datetime import datetime
 from pathlib import Path
 
 from pantherseq.errors import ConfigError, PantherseqError
-from pantherseq.report_sections import SECTIONS, NotRun, Section, Table, cell, eval_split, read_json
+from pantherseq.report_sections import SECTIONS, NotRun, Section, Table, cell, eval_split
+from pantherseq.run import RunDir
 
 log = logging.getLogger(__name__)
-
-RUN_OUTPUTS = ("prepare.json", "models", "eval.json", "fraud", "serve_demo.json")
 SUMMARY_EVAL = ("hr@1", "hr@10", "ndcg@10", "mrr")
 SUMMARY_FRAUD = ("average_precision", "roc_auc", "recall@1%", "recall@5%")
 
@@ -71,10 +72,15 @@ class Part:
 
 
 # -- content ------------------------------------------------------------------------------------------
-def facts(run: Path) -> list[tuple[str, str]]:
+def run_outputs(run: RunDir) -> tuple[Path, ...]:
+    """What any stage writes: a report needs at least one of them."""
+    return run.prepare_report, run.models, run.eval_report, run.fraud_dir().path, run.serve_demo
+
+
+def facts(run: RunDir) -> list[tuple[str, str]]:
     """(label, value) lines of the header: the dataset and its sizes, the trained models."""
-    prep = read_json(run / "prepare.json")
-    out = [("run directory", str(run.resolve()))]
+    prep = run.read_prepare_report()
+    out = [("run directory", str(run.path.resolve()))]
     if prep:
         split = prep["split"]
         out += [("dataset", f"{prep['dataset']} ({prep['source']})"),
@@ -86,21 +92,21 @@ def facts(run: Path) -> list[tuple[str, str]]:
         if prep.get("labels"):
             out.append(("labels", f"{prep['labels'].get('positive', 0):,} positive events"))
     else:
-        out.append(("prepare", "not run (no prepare.json)"))
-    models = sorted(p.parent.name for p in (run / "models").glob("*/checkpoint.pt"))
+        out.append(("prepare", f"not run (no {run.prepare_report.name})"))
+    models = run.trained_models()
     out.append(("models", ", ".join(models) or "none trained"))
     return out
 
 
-def summary_tables(run: Path) -> list[Table]:
+def summary_tables(run: RunDir) -> list[Table]:
     tables = []
-    results = read_json(run / "eval.json") or {}
+    results = run.read_eval() or {}
     split = eval_split(results)
     if split:
         rows = [[m, *(cell(r[split].get(k)) for k in SUMMARY_EVAL)] for m, r in results.items() if split in r]
         tables.append(Table(["model", *(k.upper() for k in SUMMARY_EVAL)], rows,
                             f"next-behaviour prediction ({split} split)"))
-    fraud = read_json(run / "fraud" / "fraud.json")
+    fraud = run.fraud_dir().read_report()
     if fraud:
         rows = [[s, *(cell(r.get(k)) for k in SUMMARY_FRAUD)] for s, r in fraud["feature_sets"].items()]
         tables.append(Table(["feature set", "AP", "ROC-AUC", "Recall@1%", "Recall@5%"], rows,
@@ -109,7 +115,7 @@ def summary_tables(run: Path) -> list[Table]:
     return tables
 
 
-def build_parts(run: Path) -> list[Part]:
+def build_parts(run: RunDir) -> list[Part]:
     parts = []
     for key, title, build in SECTIONS:
         try:
@@ -189,15 +195,18 @@ def render_markdown(title: str, lines: list[tuple[str, str]], summary: list[Tabl
     return "\n".join(out)
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Render RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ RUN_DIR/report/*.png)."""
-    run = Path(run_dir)
-    if not run.is_dir():
+def write_report(run_dir: RunDir | str | Path) -> tuple[Path, Path]:
+    """Render RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ RUN_DIR/report/*.png).
+
+    Not `RunDir.require()`: a run with any stage's outputs gets a report, even without prepare.json."""
+    run = RunDir.of(run_dir)
+    if not run.path.is_dir():
         raise ConfigError(f"no run directory at {run}: run `pantherseq prepare` (or `pantherseq demo`) first")
-    if not any((run / name).exists() for name in RUN_OUTPUTS):
-        raise ConfigError(f"{run} holds no pantherseq outputs ({', '.join(RUN_OUTPUTS)})")
+    outputs = run_outputs(run)
+    if not any(p.exists() for p in outputs):
+        raise ConfigError(f"{run} holds no pantherseq outputs ({', '.join(p.name for p in outputs)})")
     parts = build_parts(run)
-    figures = run / "report"
+    figures = run.report_figures
     figures.mkdir(exist_ok=True)
     for p in parts:
         png = figures / f"{p.key}.png"
@@ -205,9 +214,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             png.write_bytes(p.section.png)
         else:
             png.unlink(missing_ok=True)  # no stale figure from an earlier report
-    title = f"pantherseq run report — {run.resolve().name}"
+    title = f"pantherseq run report — {run.path.resolve().name}"
     lines, summary = facts(run), summary_tables(run)
-    html_path, md_path = run / "report.html", run / "report.md"
+    html_path, md_path = run.report_html, run.report_md
     html_path.write_text(render_html(title, lines, summary, parts), encoding="utf-8")
     md_path.write_text(render_markdown(title, lines, summary, parts, figures.name), encoding="utf-8")
     drawn = sum(p.section is not None for p in parts)

@@ -5,15 +5,15 @@ outputs from the run directory and returning its figure (PNG bytes), a caption a
     1. pretraining         models/*/train_log.jsonl: training loss per logged step and validation NDCG@10 per
                            epoch (the trainer logs no validation loss); models/*/metrics.json as a table
     2. next behaviour      eval.json: HR@K and NDCG@K bars per model (the test split, else the first one)
-    3. SPRM prototypes     the paper's Fig. 3 (SPEC §4): the most frequent token 3-grams of the training split,
-                           each fed alone as a 3-event window through PANTHER; the last SPRM layer's weights
-                           over the M prototypes at the 3-gram's last event, averaged over up to PER_GRAM
-                           occurrences (whose other fields, gaps and profiles differ)
+    3. SPRM prototypes     prototypes.json (the paper's Fig. 3, written by eval/prototypes.py when a model with
+                           SPRM is pretrained): the last SPRM layer's weights over the M prototypes at the last
+                           event of the training split's most frequent token 3-grams
     4. fraud recall        the paper's Fig. 4: Recall@Top-K% of fraud/scores.parquet, one line per feature set
     5. tokenizer coverage  prepare.json coverage_curve (training events kept by the top K tokens), K marked
     6. merchant risk       fraud/merchant_risk.parquet: the R_m distribution and top rows; fraud.json's metrics
     7. serving latency     serve_demo.json: client-side latencies, p50 and p99 marked
 
+Sections only read artefacts: nothing here loads a model or runs one.
 Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas), never through pyplot's global state;
 matplotlib (the `report` extra) is imported only when a figure is drawn.
 """
@@ -21,7 +21,6 @@ matplotlib (the `report` extra) is imported only when a figure is drawn.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,8 @@ from typing import Any
 import numpy as np
 
 from pantherseq.errors import ConfigError
+from pantherseq.run import RunDir, read_json
 
-TOP_GRAMS = 12  # 3-grams in the prototype heatmap
-PER_GRAM = 32  # occurrences averaged per 3-gram
 TOP_MERCHANTS = 15
 DPI = 110
 
@@ -56,10 +54,6 @@ class NotRun(Exception):
 
 
 # -- small helpers ------------------------------------------------------------------------------------
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -90,12 +84,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _rel(run: RunDir, path: Path) -> str:
+    """`path` relative to the run directory, e.g. fraud/scores.parquet."""
+    return path.relative_to(run.path).as_posix()
+
+
 # -- 1. pretraining ------------------------------------------------------------------------------------
-def training_section(run: Path) -> Section:
-    logs = {p.parent.name: _jsonl(p) for p in sorted((run / "models").glob("*/train_log.jsonl"))}
-    metrics = {p.parent.name: read_json(p) for p in sorted((run / "models").glob("*/metrics.json"))}
+def training_section(run: RunDir) -> Section:
+    names = sorted(p.name for p in run.models.glob("*") if p.is_dir())
+    logs = {n: _jsonl(run.train_log(n)) for n in names if run.train_log(n).is_file()}
+    metrics = {n: read_json(run.model_metrics(n)) for n in names if run.model_metrics(n).is_file()}
     if not logs and not metrics:
-        raise NotRun("no models/*/train_log.jsonl (pantherseq pretrain)")
+        raise NotRun(f"no {run.models.name}/*/{run.train_log('*').name} (pantherseq pretrain)")
     fig = _figure(11, 3.6)
     loss_ax, valid_ax = fig.subplots(1, 2)
     for i, (name, records) in enumerate(logs.items()):
@@ -115,7 +115,8 @@ def training_section(run: Path) -> Section:
     cols = ("model", "epochs", "best_epoch", "steps", "train_s", "train_events_per_s", "n_params")
     rows = [[name, *(cell(m.get(c)) for c in cols), cell(m.get("valid", {}).get("ndcg@10"))]
             for name, m in metrics.items() if m]
-    table = Table(["name", *cols, "valid NDCG@10"], rows, "models/*/metrics.json (best epoch's weights)")
+    where = f"{run.models.name}/*/{run.model_metrics('*').name}"
+    table = Table(["name", *cols, "valid NDCG@10"], rows, f"{where} (best epoch's weights)")
     text = ("Left: the training loss at every logged step (count models such as markov take no gradient "
             "steps). Right: validation NDCG@10 after each epoch; early stopping keeps the best epoch.")
     return Section(text, _png(fig), [table])
@@ -127,11 +128,11 @@ def eval_split(results: dict) -> str | None:
     return "test" if "test" in splits else (splits[0] if splits else None)
 
 
-def eval_section(run: Path) -> Section:
-    results = read_json(run / "eval.json") or {}
+def eval_section(run: RunDir) -> Section:
+    results = run.read_eval() or {}
     split = eval_split(results)
     if split is None:
-        raise NotRun("no eval.json (pantherseq evaluate)")
+        raise NotRun(f"no {run.eval_report.name} (pantherseq evaluate)")
     rows = {name: r[split] for name, r in results.items() if split in r}
     metric_names = [k for k in next(iter(rows.values())) if k not in ("n", "users")]
     fig = _figure(11, 3.6)
@@ -147,115 +148,59 @@ def eval_section(run: Path) -> Section:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     table = Table(["model", *metric_names, "n"], [[m, *(cell(r[k]) for k in metric_names), cell(r.get("n"))]
-                                                  for m, r in rows.items()], f"eval.json, {split} split")
+                                                  for m, r in rows.items()], f"{run.eval_report.name}, {split} split")
     text = (f"Full ranking over the vocabulary of every {split}-split event, predicted from the user's earlier "
             "events: hit rate and NDCG at K per model.")
     return Section(text, _png(fig), [table])
 
 
 # -- 3. SPRM prototype attention ----------------------------------------------------------------------
-def frequent_ngrams(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray, n: int = 3, top: int = TOP_GRAMS,
-                    min_count: int = 2) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The `top` most frequent n-grams (seen at least `min_count` times) of consecutive events of one user, all
-    of them `keep` (e.g. training split and not UNK): (G, n) token ids, (G,) counts, each one's start rows."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    starts = np.arange(max(len(tokens) - n + 1, 0))
-    ok = user[starts] == user[starts + n - 1]
-    for j in range(n):
-        ok &= keep[starts + j]
-    starts = starts[ok]
-    if not len(starts):
-        return np.zeros((0, n), np.int64), np.zeros(0, np.int64), []
-    vocab = int(tokens.max()) + 1
-    codes = np.ravel_multi_index(tuple(tokens[starts + j] for j in range(n)), (vocab,) * n)
-    _, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:top]
-    order = order[counts[order] >= min_count]
-    if not len(order):
-        return np.zeros((0, n), np.int64), np.zeros(0, np.int64), []
-    occurrences = [starts[inverse == g] for g in order]
-    grams = np.stack([tokens[occ[0] + np.arange(n)] for occ in occurrences])
-    return grams, counts[order], occurrences
+def _prototype_entry(run: RunDir) -> dict[str, Any]:
+    """prototypes.json's analysis of `panther` if there is one, else of the first model by name."""
+    analyses = read_json(run.prototypes) or {}
+    if not analyses:
+        raise NotRun(f"no {run.prototypes.name} (pantherseq pretrain --model panther)")
+    return analyses.get("panther") or analyses[min(analyses)]
 
 
-def ngram_attention(model, data, occurrences: list[np.ndarray], n: int = 3, per_gram: int = PER_GRAM
-                    ) -> np.ndarray:
-    """(G, M): mean prototype weights of the last SPRM layer at the last event of each n-gram fed alone."""
-    import torch
+def attention_section(run: RunDir) -> Section:
+    entry = _prototype_entry(run)
+    name = entry["model"]
+    if entry.get("error"):
+        raise ConfigError(entry["error"])
+    att = np.asarray(entry["attention"], dtype=float)  # (G, M)
+    labels, counts = entry["labels"], np.asarray(entry["counts"])
 
-    picked = [occ[np.unique(np.linspace(0, len(occ) - 1, min(per_gram, len(occ))).astype(int))]
-              for occ in occurrences]  # spread over the occurrences (users, time)
-    starts = np.concatenate(picked)
-    windows = np.stack([starts, np.full(len(starts), n), starts + 1], axis=1)  # [start, length, first target]
-    with torch.no_grad():
-        model.hidden(next(data.eval_batches(windows, len(windows))))
-    att = model.prototype_attention()  # (B, n, M)
-    if att is None:
-        raise ConfigError("the model has no SPRM (sprm = false): no prototype attention to plot")
-    last = att[:, n - 1].numpy()  # (B, M)
-    bounds = np.cumsum([0, *map(len, picked)])
-    return np.stack([last[a:b].mean(0) for a, b in itertools.pairwise(bounds)])
-
-
-def _panther_name(run: Path) -> str | None:
-    if (run / "models" / "panther" / "checkpoint.pt").is_file():
-        return "panther"
-    for path in sorted((run / "models").glob("*/metrics.json")):
-        if (read_json(path) or {}).get("model") == "panther" and (path.parent / "checkpoint.pt").is_file():
-            return path.parent.name
-    return None
-
-
-def attention_section(run: Path) -> Section:
-    name = _panther_name(run)
-    if name is None:
-        raise NotRun("no trained PANTHER model (pantherseq pretrain --model panther)")
-    from pantherseq.data.dataset import RunData
-    from pantherseq.data.split import SPLIT_NAMES
-    from pantherseq.tokenizer import N_SPECIAL
-    from pantherseq.train.checkpoint import load_model
-
-    model, _ = load_model(run, name)
-    data = RunData(run)
-    seq = data.seq
-    keep = (np.asarray(seq.split) == SPLIT_NAMES.index("train")) & (np.asarray(seq.tokens) >= N_SPECIAL)
-    grams, counts, occurrences = frequent_ngrams(seq.tokens, seq.offsets, keep)
-    if not len(grams):
-        raise ConfigError("no token 3-gram occurs twice in the training split (too fine a vocabulary)")
-    att = ngram_attention(model, data, occurrences)  # (G, M)
-    label = data.tokenizer.token_label
-
-    def short(t: int) -> str:  # values only: "merchant_id=m1|amount=<4" -> "m1|<4"
-        return "|".join(p.split("=", 1)[-1] for p in label(int(t)).split("|"))
+    def short(text: str) -> str:  # values only: "merchant_id=m1|amount=<4" -> "m1|<4"
+        return "|".join(p.split("=", 1)[-1] for p in text.split("|"))
 
     G, M = att.shape
     fig = _figure(min(max(10, 6 + 0.14 * M), 16), 1.4 + 0.34 * G)
     ax = fig.subplots()
     image = ax.imshow(att, aspect="auto", cmap="viridis")  # colour range = the weights' range (see colorbar)
-    ax.set_yticks(np.arange(G), [" → ".join(short(t) for t in g) for g in grams], fontsize=8)
+    ax.set_yticks(np.arange(G), [" → ".join(short(t) for t in g) for g in labels], fontsize=8)
     ax.set_xticks(np.arange(0, M, 1 if M <= 32 else 4))
     ax.tick_params(axis="x", labelsize=7)
     ax.set(xlabel="prototype", title=f"{name}: prototype weights at each 3-gram's last event")
     fig.colorbar(image, ax=ax, label="attention weight", shrink=0.9)
-    rows = [[str(i + 1), " → ".join(label(int(t)) for t in g), cell(int(c)), f"{int(a.argmax())} ({a.max():.3f})"]
-            for i, (g, c, a) in enumerate(zip(grams, counts, att))]
-    table = Table(["#", "3-gram (token fields: " + " × ".join(data.tokenizer.token_fields) + ")", "in training",
+    rows = [[str(i + 1), " → ".join(g), cell(int(c)), f"{int(a.argmax())} ({a.max():.3f})"]
+            for i, (g, c, a) in enumerate(zip(labels, counts, att))]
+    table = Table(["#", "3-gram (token fields: " + " × ".join(entry["token_fields"]) + ")", "in training",
                    "top prototype (weight)"], rows, "rows of the heatmap, most frequent first")
     text = (f"The {G} most frequent token 3-grams of the training split (rows; each seen {counts.min():,} to "
             f"{counts.max():,} times), each fed alone to the "
             f"{name} model as a 3-event window; the cells are the weights of the last SPRM layer's "
-            f"{M} prototypes (columns) at the 3-gram's last event, averaged over up to {PER_GRAM} "
+            f"{M} prototypes (columns) at the 3-gram's last event, averaged over up to {entry['per_gram']} "
             f"occurrences. A uniform row would be 1/M = {1 / M:.3f}; mean row maximum "
             f"{att.max(1).mean():.3f}.")
     return Section(text, _png(fig), [table])
 
 
 # -- 4. fraud recall curves ---------------------------------------------------------------------------
-def fraud_curve_section(run: Path) -> Section:
-    path = run / "fraud" / "scores.parquet"
+def fraud_curve_section(run: RunDir) -> Section:
+    path = run.fraud_dir().scores
     if not path.is_file():
-        raise NotRun("no fraud/scores.parquet (pantherseq fraud)")
+        raise NotRun(f"no {_rel(run, path)} (pantherseq fraud)")
     import polars as pl
 
     from pantherseq.data.schema import LABEL
@@ -286,10 +231,10 @@ def fraud_curve_section(run: Path) -> Section:
 
 
 # -- 5. tokenizer coverage ----------------------------------------------------------------------------
-def coverage_section(run: Path) -> Section:
-    prep = read_json(run / "prepare.json")
+def coverage_section(run: RunDir) -> Section:
+    prep = run.read_prepare_report()
     if not prep or not prep.get("coverage_curve"):
-        raise NotRun("no prepare.json with a coverage curve (pantherseq prepare)")
+        raise NotRun(f"no {run.prepare_report.name} with a coverage curve (pantherseq prepare)")
     ks, cov = np.asarray(prep["coverage_curve"], dtype=float).T
     k = min(prep["top_k"], prep["raw_combinations"])
     at_k = float(np.interp(np.log(k), np.log(ks), cov))
@@ -312,17 +257,17 @@ def coverage_section(run: Path) -> Section:
 
 
 # -- 6. merchant risk and fraud metrics ---------------------------------------------------------------
-def merchant_section(run: Path) -> Section:
-    report = read_json(run / "fraud" / "fraud.json")
-    path = run / "fraud" / "merchant_risk.parquet"
+def merchant_section(run: RunDir) -> Section:
+    fraud = run.fraud_dir()
+    report, path = fraud.read_report(), fraud.merchant_risk
     if report is None and not path.is_file():
-        raise NotRun("no fraud/fraud.json (pantherseq fraud)")
+        raise NotRun(f"no {_rel(run, fraud.report)} (pantherseq fraud)")
     tables, png, text = [], None, "No merchant risk table (no merchant field or no deviation features)."
     if report is not None:
         sets = report["feature_sets"]
         cols = [c for c, v in next(iter(sets.values())).items() if not isinstance(v, dict)]
         tables.append(Table(["feature set", *cols], [[s, *(cell(r.get(c)) for c in cols)] for s, r in sets.items()],
-                            "fraud.json: risk models scored on the test period"))
+                            f"{fraud.report.name}: risk models scored on the test period"))
     if path.is_file():
         import polars as pl
 
@@ -347,16 +292,16 @@ def merchant_section(run: Path) -> Section:
                    if auc is not None else "") + f"Top {TOP_MERCHANTS} below.")
         head = table.head(TOP_MERCHANTS)
         tables.insert(0, Table(head.columns, [[cell(v) for v in row] for row in head.iter_rows()],
-                               f"fraud/merchant_risk.parquet, top {TOP_MERCHANTS} by R_m"))
+                               f"{_rel(run, path)}, top {TOP_MERCHANTS} by R_m"))
     return Section(text, png, tables)
 
 
 # -- 7. serving latency -------------------------------------------------------------------------------
-def latency_section(run: Path) -> Section:
-    served = read_json(run / "serve_demo.json") or {}
+def latency_section(run: RunDir) -> Section:
+    served = read_json(run.serve_demo) or {}
     lat = np.asarray(served.get("latencies_ms") or [], dtype=float)
     if not len(lat):
-        raise NotRun("no serve_demo.json with latencies (pantherseq demo)")
+        raise NotRun(f"no {run.serve_demo.name} with latencies (pantherseq demo)")
     p50, p99 = np.percentile(lat, [50, 99])
     fig = _figure(7.5, 3.6)
     ax = fig.subplots()

@@ -10,7 +10,8 @@ Layout (docs/DATA.md, docs/MODELS.md, docs/FRAUD.md):
 
     prepare.json  config.toml  tokenizer.json  sequences/  events.parquet  users.parquet  [profile.parquet]
     models/NAME/  checkpoint.pt  last.pt  train_log.jsonl  metrics.json  pretrain.toml
-    eval.json     fraud/ (FraudDir)  prototypes.json  serve_demo.json  report.html  report.md
+    eval.json     fraud/ (FraudDir)  prototypes.json  serve_demo.json  report.html  report.md  report/
+    probe.json    states.db          llm4es/ (EmbeddingsDir)
 
 Every stage takes a `RunDir` (or a path, turned into one by `RunDir.of`); no other module spells these
 names.
@@ -71,6 +72,33 @@ class FraudDir:
 
     def read_report(self) -> dict[str, Any] | None:
         return read_json(self.report)
+
+
+@dataclass(frozen=True)
+class EmbeddingsDir:
+    """Per-user embeddings a stage wrote into RUN_DIR/NAME/ (`pantherseq llm4es` -> RUN_DIR/llm4es/, CoLES):
+    what `pantherseq probe` reads as representation NAME."""
+
+    path: Path
+
+    @property
+    def embeddings(self) -> Path:
+        """float32 (U, D), row i = user_idx i."""
+        return self.path / "embeddings.npy"
+
+    @property
+    def users(self) -> Path:
+        return self.path / "users.parquet"
+
+    @property
+    def report(self) -> Path:
+        """What the stage used and measured (llm4es: model, text format, fine-tuning, timings)."""
+        return self.path / "config.json"
+
+    @property
+    def model(self) -> Path:
+        """The fine-tuned model, when there is one."""
+        return self.path / "model"
 
 
 @dataclass(frozen=True)
@@ -169,6 +197,23 @@ class RunDir:
     def llm4es(self) -> Path:
         return self.path / "llm4es"
 
+    @property
+    def report_figures(self) -> Path:
+        """The report's PNG files (report.md links them)."""
+        return self.path / "report"
+
+    @property
+    def probe_report(self) -> Path:
+        return self.path / "probe.json"
+
+    @property
+    def states(self) -> Path:
+        """The default SQLite user-state store of `embed` / `serve` / `demo`."""
+        return self.path / "states.db"
+
+    def embeddings_dir(self, name: str) -> EmbeddingsDir:
+        return EmbeddingsDir(self.path / name)
+
     # -- checks ------------------------------------------------------------------------------------
     def is_prepared(self) -> bool:
         return self.prepare_report.is_file()
@@ -244,4 +289,4 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-__all__ = ["FraudDir", "RunDir", "read_json"]
+__all__ = ["EmbeddingsDir", "FraudDir", "RunDir", "read_json"]

@@ -1,4 +1,5 @@
-"""The trainer, checkpoints, resume, evaluation protocol and torchrun, on a small simulated run."""
+"""The trainer, checkpoints, resume, count models and torchrun, on a small simulated run (the evaluation protocol
+itself is tested in tests/eval/test_nextevent.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from pantherseq.cli import main
 from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import load_dataset_config
-from pantherseq.eval.nextevent import evaluate_split
-from pantherseq.model.base import PAD, ModelConfig, SequenceModel
+from pantherseq.model.base import ModelConfig
 from pantherseq.prepare import prepare
 from pantherseq.train.checkpoint import load_model
 from pantherseq.train.loop import PretrainConfig, TrainConfig, train
@@ -34,45 +33,6 @@ def small_cfg(**train) -> PretrainConfig:
     model = ModelConfig(d_model=32, n_layers=1, n_heads=2, max_len=32, n_prototypes=8)
     return PretrainConfig(model=model, train=TrainConfig(**{"epochs": 1, "batch_size": 32, "warmup_steps": 5,
                                                              "eval_max_users": None, **train}))
-
-
-class Oracle(SequenceModel):
-    """Scores the true next token highest: evaluation must give HR@1 = 1."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab = vocab
-
-    def target_scores(self, batch):
-        keep = batch.targets != PAD
-        y = batch.targets[keep]
-        return torch.nn.functional.one_hot(y, self.vocab).float(), y
-
-
-def test_an_oracle_scores_hr1_of_one(run_dir):
-    data = RunData(run_dir)
-    res = evaluate_split(Oracle(data.info.vocab_size), data, "test", max_len=16)
-    assert res["n"] > 100 and res["hr@1"] == 1.0 and res["mrr"] == 1.0 and res["ndcg@10"] == 1.0
-
-
-def test_every_eval_target_once_with_enough_context(run_dir):
-    data = RunData(run_dir)
-    seq = data.seq
-    max_len = 16
-    win = data.eval_windows("test", max_len)
-    seen = []
-    for start, length, first in win.tolist():
-        batch = data._batch(np.array([start]), np.array([length]), target_from=np.array([first]))
-        pos = np.flatnonzero(batch.targets[0].numpy() != PAD)
-        for p in pos.tolist():
-            target = start + p + 1
-            user = data.user_of[target]
-            context = p + 1
-            assert context >= min(max_len // 2, target - seq.offsets[user])
-            seen.append(target)
-    expected = [i for i in np.flatnonzero(np.asarray(seq.split) == 2).tolist()
-                if i not in set(seq.offsets[:-1].tolist()) and seq.tokens[i] != 1]
-    assert sorted(seen) == expected
 
 
 def test_train_checkpoint_round_trip_and_resume(run_dir):

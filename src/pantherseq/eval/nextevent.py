@@ -19,6 +19,7 @@ from pantherseq.data.dataset import RunData
 from pantherseq.errors import ConfigError
 from pantherseq.eval.metrics import METRICS, MetricSum, ranks
 from pantherseq.model.base import SequenceModel
+from pantherseq.run import RunDir
 
 SCORE_BUDGET = 40_000_000  # score-matrix entries per evaluation batch (~160 MB of float32)
 
@@ -52,7 +53,7 @@ def evaluate_split(model: SequenceModel, data: RunData, split: str, max_len: int
     return acc.result()
 
 
-def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ...] = ("test",),
+def evaluate_run(run_dir: RunDir | str | Path, models: list[str] | None = None, splits: tuple[str, ...] = ("test",),
                  progress: bool = True, max_users: int | None = None, seed: int = 0
                  ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate every trained model (or `models`) of a run on `splits`; merge into RUN_DIR/eval.json.
@@ -60,22 +61,21 @@ def evaluate_run(run_dir, models: list[str] | None = None, splits: tuple[str, ..
     `max_users` evaluates the targets of a seeded subset of users (the same subset for every model)."""
     from pantherseq.train.checkpoint import load_model  # train imports this module: load lazily
 
-    run = Path(run_dir)
-    trained = sorted(p.name for p in (run / "models").glob("*") if (p / "checkpoint.pt").is_file())
+    run = RunDir.of(run_dir).require()
+    trained = run.trained_models()
     names = models or trained
     missing = [m for m in names if m not in trained]
     if missing:
-        raise ConfigError(f"no trained model {missing} in {run}/models (trained: {trained or 'none'})")
-    data = RunData(run)
-    path = run / "eval.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+        raise ConfigError(f"no trained model {missing} in {run.models} (trained: {trained or 'none'})")
+    data = RunData(run.path)
+    results = run.read_eval() or {}
     for name in names:
         model, ckpt = load_model(run, name)
         max_len = ckpt["model_config"]["max_len"]
         for split in splits:
             res = evaluate_split(model, data, split, max_len, max_users=max_users, seed=seed, progress=progress)
             results.setdefault(name, {})[split] = {**res, "users": max_users or data.seq.n_users}
-    path.write_text(json.dumps(results, indent=1))
+    run.eval_report.write_text(json.dumps(results, indent=1))
     return results
 
 

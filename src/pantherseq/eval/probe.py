@@ -9,7 +9,7 @@ and the seed only, so every representation compared in one call is scored on the
     stratified_folds(y, k, seed)          fold id per user: each class spread evenly over the folds
     probe(X, y, task, folds, seed)        -> {mean, std, per_fold}: ROC-AUC (binary) / accuracy (multiclass)
     user_targets(run_dir, name)           -> (user_idx, y) for a name in TARGETS
-    load_representation(run_dir, name)    -> (U, D) for aggregates | random | a trained model | a file
+    load_representation(run_dir, name)    -> (U, D) for a name in REPRESENTATIONS | a trained model | a file
     run_probe(run_dir, names, target)     everything above for several representations; RUN/probe.json
 
 Decisions (the paper leaves them open):
@@ -49,6 +49,7 @@ from pantherseq.eval.representation import (
     user_embeddings,
 )
 from pantherseq.fraud.metrics import roc_auc
+from pantherseq.run import RunDir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ METRIC = {"binary": "roc_auc", "multiclass": "accuracy"}
 AGE_BUCKETS = ("<25", "25-34", "35-44", "45+")
 AGE_EDGES = (25, 35, 45)
 
-__all__ = ["TARGETS", "ProbeConfig", "aggregate_features", "check_no_profile_leak", "format_probe_table",
+__all__ = ["REPRESENTATIONS", "TARGETS", "ProbeConfig", "aggregate_features", "check_no_profile_leak", "format_probe_table",
            "load_representation", "probe", "run_probe", "stratified_folds", "user_embeddings", "user_targets"]
 
 
@@ -136,8 +137,8 @@ def probe(X: np.ndarray, y: np.ndarray, task: str = "binary", folds: int = 5, se
 
 # --- targets ----------------------------------------------------------------------------------------
 
-def _profile_column(run: Path, column: str, target: str) -> pl.DataFrame:
-    path = run / "profile.parquet"
+def _profile_column(run: RunDir, column: str, target: str) -> pl.DataFrame:
+    path = run.profile
     cols = pl.read_parquet_schema(path).names() if path.is_file() else []
     if column not in cols:
         raise ConfigError(f"target {target!r} needs column {column!r} in {path} "
@@ -145,29 +146,28 @@ def _profile_column(run: Path, column: str, target: str) -> pl.DataFrame:
     return pl.read_parquet(path, columns=["user_idx", column]).drop_nulls(column)
 
 
-def _gender(run: Path) -> pl.DataFrame:
+def _gender(run: RunDir) -> pl.DataFrame:
     df = _profile_column(run, "gender", "gender")
     return df.select("user_idx", (pl.col("gender").cast(pl.Utf8).str.to_uppercase() == "F").cast(pl.Int64).alias("y"))
 
 
-def _age(run: Path) -> pl.DataFrame:
+def _age(run: RunDir) -> pl.DataFrame:
     df = _profile_column(run, "age", "age")
     age = pl.col("age").cast(pl.Float64)
     bucket = pl.when(age < AGE_EDGES[0]).then(0).when(age < AGE_EDGES[1]).then(1).when(age < AGE_EDGES[2]).then(2)
     return df.select("user_idx", bucket.otherwise(3).cast(pl.Int64).alias("y"))
 
 
-def _persona(run: Path) -> pl.DataFrame:
+def _persona(run: RunDir) -> pl.DataFrame:
     df = _profile_column(run, "persona", "persona")
     codes = {v: i for i, v in enumerate(sorted(df["persona"].cast(pl.Utf8).unique().to_list()))}
     return df.select("user_idx", pl.col("persona").cast(pl.Utf8).replace_strict(codes).cast(pl.Int64).alias("y"))
 
 
-def _fraud_victim(run: Path) -> pl.DataFrame:
-    path = run / "events.parquet"
-    if "label" not in pl.read_parquet_schema(path).names():
-        raise ConfigError(f"target 'fraud_victim' needs a 'label' column in {path}: this dataset has no labels")
-    return (pl.scan_parquet(path).group_by("user_idx").agg((pl.col("label") == 1).any().cast(pl.Int64).alias("y"))
+def _fraud_victim(run: RunDir) -> pl.DataFrame:
+    if "label" not in run.event_columns():
+        raise ConfigError(f"target 'fraud_victim' needs a 'label' column in {run.events}: this dataset has no labels")
+    return (run.scan_events().group_by("user_idx").agg((pl.col("label") == 1).any().cast(pl.Int64).alias("y"))
             .collect())
 
 
@@ -175,7 +175,7 @@ def _fraud_victim(run: Path) -> pl.DataFrame:
 class Target:
     task: str
     about: str
-    build: Callable[[Path], pl.DataFrame]  # -> user_idx, y (0..C-1)
+    build: Callable[[RunDir], pl.DataFrame]  # -> user_idx, y (0..C-1)
     profile_column: str | None = None  # the profile.parquet column the label is made from
 
 
@@ -189,20 +189,20 @@ TARGETS = {
 }
 
 
-def user_targets(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def user_targets(run_dir: RunDir | str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(user_idx, y) of the users that have the target `name` (see TARGETS), sorted by user_idx."""
     if name not in TARGETS:
         raise ConfigError(f"unknown target {name!r}; valid: {', '.join(TARGETS)}")
-    df = TARGETS[name].build(Path(run_dir)).sort("user_idx")
+    df = TARGETS[name].build(RunDir.of(run_dir).require()).sort("user_idx")
     return df["user_idx"].cast(pl.Int64).to_numpy(), df["y"].to_numpy().astype(np.int64)
 
 
 # --- representations --------------------------------------------------------------------------------
 
-def check_no_profile_leak(run_dir: str | Path, name: str, target: str) -> None:
+def check_no_profile_leak(run_dir: RunDir | str | Path, name: str, target: str) -> None:
     """Refuse a trained model that read the target's profile column as an input (see module docstring)."""
     column = TARGETS[target].profile_column
-    if column is None or not (Path(run_dir) / "models" / name).is_dir():
+    if column is None or not RunDir.of(run_dir).model_dir(name).is_dir():
         return
     inputs = profile_inputs(run_dir, name)
     if column in inputs:
@@ -213,36 +213,54 @@ def check_no_profile_leak(run_dir: str | Path, name: str, target: str) -> None:
             f"--set 'model.profile_mode=\"none\"' (pantherseq pretrain --name NAME ...)")
 
 
-def load_representation(run_dir: str | Path, name: str, split: str = "all", history: str = "full",
-                        profile: str = "mean") -> np.ndarray:
-    """(U, D) float32, row u = user_idx u (NaN rows: users without events), for one of:
-    `aggregates`; `random` (a label-free control); a model trained under RUN/models/NAME;
-    RUN/NAME/embeddings.npy (e.g. `llm4es`, `coles`); a path to a .npy file."""
-    run = Path(run_dir)
-    U = n_users(run)
-    if name == "aggregates":
-        return aggregate_features(run, split)[1]
-    if name == "random":
-        return np.random.default_rng(0).standard_normal((U, RANDOM_DIM)).astype(np.float32)
-    if (run / "models" / name).is_dir():
-        return user_embeddings(run, name, split, history=history, profile=profile)[1]
-    path = run / name / "embeddings.npy" if not name.endswith(".npy") else Path(name)
+def _aggregates(run: RunDir, split: str, history: str, profile: str) -> np.ndarray:
+    return aggregate_features(run, split)[1]
+
+
+def _random(run: RunDir, split: str, history: str, profile: str) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n_users(run), RANDOM_DIM)).astype(np.float32)
+
+
+# name -> builder(run, split, history, profile) -> (U, D); any other name is a trained model or a file
+REPRESENTATIONS: dict[str, Callable[[RunDir, str, str, str], np.ndarray]] = {
+    "aggregates": _aggregates,  # hand-made aggregates of each user's events (representation.py)
+    "random": _random,  # a label-free control
+}
+
+
+def _embeddings_file(run: RunDir, name: str) -> np.ndarray:
+    """RUN/NAME/embeddings.npy (e.g. `llm4es`, `coles`) or the .npy file `name`, checked to be (U, D)."""
+    path = Path(name) if name.endswith(".npy") else run.embeddings_dir(name).embeddings
     if not path.is_file():
-        models = sorted(p.name for p in (run / "models").glob("*") if p.is_dir())
-        raise ConfigError(f"unknown representation {name!r}: not aggregates or random, no model "
-                          f"{run / 'models' / name}, no file {path} (trained models: {', '.join(models) or 'none'})")
+        models = sorted(p.name for p in run.models.glob("*") if p.is_dir())
+        raise ConfigError(f"unknown representation {name!r}: not {' or '.join(REPRESENTATIONS)}, no model "
+                          f"{run.model_dir(name)}, no file {path} (trained models: {', '.join(models) or 'none'})")
     X = np.load(path)
+    U = n_users(run)
     if X.ndim != 2 or X.shape[0] != U:
         raise ConfigError(f"{path} has shape {X.shape}; expected ({U}, D): one row per user_idx")
     return X.astype(np.float32)
 
 
-def run_probe(run_dir: str | Path, names: list[str], target: str, folds: int = 5, seed: int = 0,
+def load_representation(run_dir: RunDir | str | Path, name: str, split: str = "all", history: str = "full",
+                        profile: str = "mean") -> np.ndarray:
+    """(U, D) float32, row u = user_idx u (NaN rows: users without events), for one of:
+    a name in REPRESENTATIONS (`aggregates`, `random`); a model trained under RUN/models/NAME;
+    RUN/NAME/embeddings.npy (e.g. `llm4es`, `coles`); a path to a .npy file."""
+    run = RunDir.of(run_dir).require()
+    if name in REPRESENTATIONS:
+        return REPRESENTATIONS[name](run, split, history, profile)
+    if run.model_dir(name).is_dir():
+        return user_embeddings(run, name, split, history=history, profile=profile)[1]
+    return _embeddings_file(run, name)
+
+
+def run_probe(run_dir: RunDir | str | Path, names: list[str], target: str, folds: int = 5, seed: int = 0,
               repeats: int = 1, split: str = "all", history: str = "full", profile: str = "mean",
               cfg: ProbeConfig | None = None, progress: bool = True) -> dict:
     """Probe every representation in `names` (`a+b` = concatenated) on `target` with the same folds;
     merge the report into RUN/probe.json under the target's name and return it."""
-    run = Path(run_dir)
+    run = RunDir.of(run_dir).require()
     cfg = cfg or ProbeConfig()
     users, y = user_targets(run, target)  # fails fast on a bad target, before any embedding is computed
     task = TARGETS[target].task
@@ -262,10 +280,9 @@ def run_probe(run_dir: str | Path, names: list[str], target: str, folds: int = 5
               "users": len(y), "class_counts": np.bincount(y).tolist(), "folds": folds, "repeats": repeats,
               "seed": seed, "split": split, "history": history, "profile": profile, "lgbm": asdict(cfg),
               "results": results}
-    path = run / "probe.json"
-    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged = read_json(run.probe_report) or {}
     merged[target] = report
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    run.probe_report.write_text(json.dumps(merged, indent=1) + "\n")
     return report
 
 

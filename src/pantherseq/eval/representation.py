@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pantherseq.config import build_config, load_toml
-from pantherseq.data.schema import DatasetConfig
+from pantherseq.data.schema import DAY
 from pantherseq.data.split import SPLIT_NAMES
 from pantherseq.errors import ConfigError
+from pantherseq.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,9 @@ RANDOM_DIM = 64  # width of the `random` control representation
 MAX_CATEGORY_VALUES = 50  # share columns per categorical field (its most frequent values)
 
 
-def n_users(run_dir: str | Path) -> int:
-    path = Path(run_dir) / "users.parquet"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a prepared run directory (no users.parquet)")
-    return pl.scan_parquet(path).select(pl.len()).collect().item()
+def n_users(run_dir: RunDir | str | Path) -> int:
+    run = RunDir.of(run_dir).require()
+    return pl.scan_parquet(run.users).select(pl.len()).collect().item()
 
 
 def _check(value: str, valid: tuple[str, ...], what: str) -> None:
@@ -84,19 +82,18 @@ class _ConstantProfile(nn.Module):
         return self.e.expand(batch.tokens.shape[0], -1)
 
 
-def profile_inputs(run_dir: str | Path, model_name: str) -> list[str]:
+def profile_inputs(run_dir: RunDir | str | Path, model_name: str) -> list[str]:
     """The profile fields the model trained under RUN/models/NAME reads as inputs ([] when none)."""
     from pantherseq.train.checkpoint import load_model
 
     model, _ = load_model(run_dir, model_name)
     if getattr(model, "profile", None) is None:
         return []
-    cfg = build_config(DatasetConfig, load_toml(Path(run_dir) / "config.toml"), "config.toml")
-    return [f.name for f in cfg.profile.fields]
+    return [f.name for f in RunDir.of(run_dir).config().profile.fields]
 
 
 @torch.no_grad()
-def user_embeddings(run_dir: str | Path, model_name: str, split: str = "all", history: str = "full",
+def user_embeddings(run_dir: RunDir | str | Path, model_name: str, split: str = "all", history: str = "full",
                     profile: str = "mean", batch_size: int = 256, progress: bool = True
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(user_idx (U,), X (U, D) float32) from the model trained under RUN/models/NAME; NaN rows for
@@ -111,7 +108,7 @@ def user_embeddings(run_dir: str | Path, model_name: str, split: str = "all", hi
     if not hasattr(model, "embed"):
         raise ConfigError(f"model {model_name!r} ({ckpt['model_name']}) has no user embedding: "
                           "use a neural model (panther, transformer, sasrec, hstu)")
-    data = RunData(run_dir)
+    data = RunData(RunDir.of(run_dir).path)
     if profile == "mean" and getattr(model, "profile", None) is not None:
         everyone = SimpleNamespace(profile_cat=data.profile.cat, profile_num=data.profile.num)
         e_u = model.profile(everyone)  # (U, D); ProfileEncoder reads these two fields only
@@ -146,7 +143,7 @@ def _category_exprs(events: pl.LazyFrame, name: str) -> list[pl.Expr]:
     return exprs
 
 
-def aggregate_features(run_dir: str | Path, split: str = "all") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def aggregate_features(run_dir: RunDir | str | Path, split: str = "all") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(user_idx (U,), X (U, F) float32, feature names) from RUN/events.parquet, one Polars group_by.
 
     Per user: event count, active span in days, events per day (count / (span + 1)), mean and median
@@ -155,14 +152,14 @@ def aggregate_features(run_dir: str | Path, split: str = "all") -> tuple[np.ndar
     and their mean popularity when there are more); hour-of-day (24) and weekday (7) shares.
     Labels and scenarios are never features. Users without events: count 0, other columns NaN."""
     _check(split, SPLITS, "split")
-    run = Path(run_dir)
-    cfg = build_config(DatasetConfig, load_toml(run / "config.toml"), "config.toml")
-    events = pl.scan_parquet(run / "events.parquet")
+    run = RunDir.of(run_dir).require()
+    cfg = run.config()
+    events = run.scan_events()
     if split != "all":
         events = events.filter(pl.col("split") <= SPLIT_NAMES.index(split))
     cols = set(events.collect_schema().names())
     ts = pl.col("timestamp")
-    span = (ts.max() - ts.min()).dt.total_seconds() / 86_400
+    span = (ts.max() - ts.min()).dt.total_seconds() / DAY
     exprs = [pl.len().alias("count"), span.alias("span_days"), (pl.len() / (span + 1)).alias("events_per_day")]
     if "gap_s" in cols:
         exprs += [pl.col("gap_s").mean().alias("gap_mean_s"), pl.col("gap_s").median().alias("gap_median_s")]

@@ -40,9 +40,9 @@ from pantherseq.llm4es.text import (
     USER_IDX,
     TextConfig,
     builtin_descriptions,
-    load_run_config,
     serialise_users,
 )
+from pantherseq.run import EmbeddingsDir, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +82,25 @@ def embed_users(lm: LoadedLM, texts: pl.DataFrame, n_users: int, n_layers: int =
     return out
 
 
-def _users(run: Path, texts: pl.DataFrame) -> pl.DataFrame:
-    users = pl.read_parquet(run / "users.parquet", columns=[USER, USER_IDX])
+def _users(run: RunDir, texts: pl.DataFrame) -> pl.DataFrame:
+    users = pl.read_parquet(run.users, columns=[USER, USER_IDX])
     counts = texts.select(pl.col(USER_IDX).cast(users.schema[USER_IDX]), "n_events")
     return users.join(counts, on=USER_IDX, how="left").with_columns(pl.col("n_events").fill_null(0)
                                                                     ).sort(USER_IDX)
 
 
-def run_llm4es(run_dir: str | Path, model_dir: str | Path, cfg: LLM4ESConfig | None = None,
+def run_llm4es(run_dir: RunDir | str | Path, model_dir: str | Path, cfg: LLM4ESConfig | None = None,
                out: str | Path | None = None, descriptions: dict[str, dict[str, str]] | None = None,
                progress: bool = True) -> dict[str, Any]:
     """LLM4ES on a prepared run (see the module docstring). `descriptions` (field -> code -> text) are
     merged over the dataset's built-in tables (`text.builtin_descriptions`)."""
     cfg = cfg or LLM4ESConfig()
-    run = Path(run_dir)
-    if not (run / "prepare.json").is_file():
-        raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
-    out = Path(out) if out else run / "llm4es"
+    run = RunDir.of(run_dir).require()
+    out = EmbeddingsDir(Path(out)) if out else run.embeddings_dir(run.llm4es.name)
     lm = load_lm(model_dir, cfg.kind)
     timings: dict[str, float] = {}
 
-    descriptions = {**builtin_descriptions(load_run_config(run)), **(descriptions or {})}
+    descriptions = {**builtin_descriptions(run.config()), **(descriptions or {})}
     started = time.perf_counter()
     texts = serialise_users(run, cfg.text, descriptions)
     timings["serialise_s"] = round(time.perf_counter() - started, 3)
@@ -118,16 +116,16 @@ def run_llm4es(run_dir: str | Path, model_dir: str | Path, cfg: LLM4ESConfig | N
         log.warning("%s is an encoder model: embedding without fine-tuning", lm.model_dir)
     if trained:
         result = finetune(lm, enc, cfg.finetune, progress)
-    out.mkdir(parents=True, exist_ok=True)
+    out.path.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     emb = embed_users(lm, texts, users.height, cfg.n_layers, cfg.finetune.max_tokens, cfg.embed_batch_size,
                       progress, enc)
     timings["embed_s"] = round(time.perf_counter() - started, 3)
-    np.save(out / "embeddings.npy", emb)
-    users.write_parquet(out / "users.parquet")
+    np.save(out.embeddings, emb)
+    users.write_parquet(out.users)
     report = {
-        "run": str(run), "model_dir": str(lm.model_dir), "out": str(out),
+        "run": str(run), "model_dir": str(lm.model_dir), "out": str(out.path),
         "model": describe(lm), "format": cfg.text.format, "n_layers": cfg.n_layers,
         "n_layers_used": used_layers(lm, cfg.n_layers), "finetuned": trained,
         "steps": result["steps"], "seconds": round(result["seconds"] + sum(timings.values()), 2),
@@ -138,9 +136,9 @@ def run_llm4es(run_dir: str | Path, model_dir: str | Path, cfg: LLM4ESConfig | N
         "versions": _versions(),
     }
     if trained:
-        report["finetuned_model_dir"] = str(save_lm(lm, out / "model", {k: report[k] for k in (
+        report["finetuned_model_dir"] = str(save_lm(lm, out.model, {k: report[k] for k in (
             "run", "format", "steps", "n_layers")}))
-    (out / "config.json").write_text(json.dumps(report, indent=1, default=str))
+    out.report.write_text(json.dumps(report, indent=1, default=str))
     return report
 
 

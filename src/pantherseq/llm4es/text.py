@@ -34,10 +34,10 @@ from typing import Literal
 
 import polars as pl
 
-from pantherseq.config import build_config, load_toml
 from pantherseq.data.schema import TIME, USER, DatasetConfig
 from pantherseq.data.split import SPLIT, SPLIT_NAMES
 from pantherseq.errors import ConfigError, DataError
+from pantherseq.run import RunDir
 
 log = logging.getLogger(__name__)
 USER_IDX = "user_idx"
@@ -187,32 +187,24 @@ def serialise_frame(events: pl.DataFrame, fields: list[tuple[str, str]], profile
     return out.with_columns(text.alias("text")).sort(USER_IDX)
 
 
-def load_run_config(run: str | Path) -> DatasetConfig:
-    path = Path(run) / "config.toml"
-    if not path.is_file():
-        raise ConfigError(f"{run} is not a prepared run directory (no config.toml): run `pantherseq prepare`")
-    return build_config(DatasetConfig, load_toml(path), str(path))
-
-
 def text_fields(cfg: DatasetConfig) -> list[tuple[str, str]]:
     """The (field, kind) pairs written per event: every field read from a column, in config order."""
     return [(f.name, f.kind) for f in cfg.column_fields]
 
 
-def serialise_users(run: str | Path, cfg: TextConfig | None = None,
+def serialise_users(run_dir: RunDir | str | Path, cfg: TextConfig | None = None,
                     descriptions: dict[str, dict[str, str]] | None = None) -> pl.DataFrame:
     """The texts of every user of a prepared run (see `serialise_frame`); row i is user_idx i when every user
     has events in the chosen splits. `descriptions` defaults to `builtin_descriptions(dataset config)`."""
     cfg = cfg or TextConfig()
-    run = Path(run)
-    dataset = load_run_config(run)
+    run = RunDir.of(run_dir).require()
+    dataset = run.config()
     fields = text_fields(dataset)
-    events = pl.scan_parquet(run / "events.parquet")
+    events = run.scan_events()
     if cfg.splits is not None:
         events = events.filter(pl.col(SPLIT).is_in([SPLIT_NAMES.index(s) for s in cfg.splits]))
     events = events.select(USER_IDX, USER, TIME, *[n for n, _ in fields])
-    path = run / "profile.parquet"
-    profile = pl.read_parquet(path) if path.is_file() else None
+    profile = pl.read_parquet(run.profile) if run.profile.is_file() else None
     names = [f.name for f in dataset.profile.fields] if cfg.profile_fields is None else cfg.profile_fields
     if profile is None:
         names = []

@@ -4,7 +4,8 @@ AdamW (weight decay on matrices only), warm-up + cosine, gradient clipping, seed
 the epoch's batch order is a function of (seed, epoch), so a resumed run sees the same batches), early
 stopping on validation NDCG@10 (the best weights are kept), resume from `last.pt`, a wall-clock budget,
 a progress bar with loss and events/s, and a JSON-lines log. Count models take one counting pass over
-the same batches instead of gradient steps.
+the same batches instead of gradient steps. A model with SPRM ends with its prototype analysis
+(eval/prototypes.py -> RUN_DIR/prototypes.json).
 
 Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel over gloo, each rank
 takes every world-th batch and every world-th evaluation window, metric sums are all-reduced, and only
@@ -29,11 +30,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from pantherseq.config import load_config
 from pantherseq.data.dataset import RunData
+from pantherseq.data.schema import PAD
 from pantherseq.eval.nextevent import evaluate_split
-from pantherseq.model.base import PAD, ModelConfig, SequenceModel
-from pantherseq.model.registry import build_model
-from pantherseq.train.checkpoint import load_checkpoint, model_dir, save_checkpoint
+from pantherseq.eval.prototypes import write_prototypes
+from pantherseq.model.base import ModelConfig, SequenceModel
+from pantherseq.model.registry import build_model, check_model
+from pantherseq.run import RunDir
+from pantherseq.train.checkpoint import load_checkpoint, save_checkpoint
 from pantherseq.train.schedule import get_lr
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,15 @@ class TrainConfig:
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_pretrain_config(file: str | Path | None = None, overrides: list[str] | None = None,
+                         model: str | None = None) -> PretrainConfig:
+    """`pantherseq pretrain`'s config: a TOML file with [model] and [train] tables, `key=value` overrides.
+    `model`, when given, must be a registry model (checked before anything is trained or written)."""
+    if model is not None:
+        check_model(model)
+    return load_config(PretrainConfig, file, overrides)
 
 
 def seed_everything(seed: int) -> None:
@@ -182,22 +196,22 @@ def _resume(path: Path, core, opt, state: State) -> dict | None:
     return ckpt.get("best_state_dict")
 
 
-def train(run_dir: str | Path, model: str, cfg: PretrainConfig, resume: bool = False,
+def train(run_dir: RunDir | str | Path, model: str, cfg: PretrainConfig, resume: bool = False,
           name: str | None = None) -> dict[str, Any]:
     """Train registry model `model` on a prepared run; writes RUN_DIR/models/NAME/ (NAME defaults to the
-    model: give another to keep variants, e.g. ablations, side by side). Returns the metrics."""
+    model: give another to keep variants, e.g. ablations, side by side) and, for a model with SPRM, its
+    entry of RUN_DIR/prototypes.json. Returns the metrics."""
     name = name or model
-    run = Path(run_dir)
+    run = RunDir.of(run_dir).require()
     rank, world = _dist()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    data = RunData(run)
+    data = RunData(run.path)
     info = data.info
     core = build_model(model, cfg.model, info)
-    out = model_dir(run, name)
-    out.mkdir(parents=True, exist_ok=True)
-    logger = Logger(out / "train_log.jsonl", rank == 0, append=resume)
+    run.model_dir(name).mkdir(parents=True, exist_ok=True)
+    logger = Logger(run.train_log(name), rank == 0, append=resume)
     if not core.trainable:
         state = _fit_counts(core, data, cfg)
         best_state = None
@@ -216,14 +230,15 @@ def train(run_dir: str | Path, model: str, cfg: PretrainConfig, resume: bool = F
     logger(kind="final", **metrics)
     logger.close()
     if rank == 0:
-        save_checkpoint(out / "checkpoint.pt", core, model, cfg.model, info, run, cfg.train, metrics)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        save_checkpoint(run.checkpoint(name), core, model, cfg.model, info, run.path, cfg.train, metrics)
+        run.model_metrics(name).write_text(json.dumps(metrics, indent=1))
+        write_prototypes(run, name, core, data)
     if world > 1:
         dist.barrier()
     return metrics
 
 
-def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, model_name: str, rank: int,
+def _train_neural(core, data, cfg: PretrainConfig, run: RunDir, name: str, model_name: str, rank: int,
                   world: int, logger: Logger, resume: bool):
     tc = cfg.train
     model = core
@@ -232,7 +247,7 @@ def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, model_n
     opt = _optimizer(core, tc)
     state = State()
     best_state = None
-    last = model_dir(run, name) / "last.pt"
+    last = run.checkpoint(name, "last")
     if resume and last.is_file():
         best_state = _resume(last, core, opt, state)
     steps_per_epoch = max(1, int(np.ceil(len(data.seq.windows(cfg.model.max_len + 1)) / tc.batch_size)) // world)
@@ -255,7 +270,7 @@ def _train_neural(core, data, cfg: PretrainConfig, run: Path, name: str, model_n
         if rank == 0:
             log.info("%s epoch %d: valid NDCG@10 %.4f HR@10 %.4f (best %.4f at epoch %d)", name, state.epoch,
                      score, valid["hr@10"], state.best, state.best_epoch + 1)
-            save_checkpoint(last, core, model_name, cfg.model, data.info, run, tc, valid, extra={
+            save_checkpoint(last, core, model_name, cfg.model, data.info, run.path, tc, valid, extra={
                 "optimizer": opt.state_dict(), "best_state_dict": best_state,
                 "trainer_state": {k: v for k, v in vars(state).items()}})
         if not finished or state.bad_epochs >= tc.patience:
