@@ -12,6 +12,7 @@
     pantherseq demo [--out RUN_DIR] [--budget SECONDS]
 
 Every user error (bad input, bad config) ends with one line on stderr and exit code 2, never a traceback.
+This module is the parser and the dispatch; what each subcommand does is `commands.py`'s.
 """
 
 from __future__ import annotations
@@ -20,208 +21,25 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
+from pantherseq.commands import (
+    cmd_demo,
+    cmd_embed,
+    cmd_evaluate,
+    cmd_fraud,
+    cmd_llm4es,
+    cmd_prepare,
+    cmd_pretrain,
+    cmd_probe,
+    cmd_report,
+    cmd_serve,
+)
 from pantherseq.data.schema import DATASETS
 from pantherseq.errors import PantherseqError
+from pantherseq.run import RunDir
 
 log = logging.getLogger("pantherseq")
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "-"
-    return str(value)
-
-
-def format_prepare_report(report: dict[str, Any]) -> str:
-    """The terminal summary of prepare.json."""
-    split = report["split"]
-    rows = [
-        ("dataset", f"{report['dataset']} ({report['source']})"),
-        ("rows read / kept", f"{report['rows_read']:,} / {report['rows_kept']:,}"),
-        ("rows dropped", _fmt(report["rows_dropped"])),
-        ("users", f"{report['users']:,}"),
-        ("token fields", " x ".join(report["token_fields"])),
-        ("raw combinations", f"{report['raw_combinations']:,}"),
-        ("vocabulary", f"{report['vocab_size']:,} (top_k {report['top_k']:,})"),
-        ("coverage", f"{report['coverage']:.2%} of kept events (96% needs K = {report['k_for_96pct']:,})"),
-        ("users with any UNK", f"{report['unk_users']:.2%}"),
-        ("split", f"{split['kind']}: events {_fmt(split['events'])}"),
-        ("labels", _fmt(report.get("labels") or {})),
-        ("wall time", f"{report['wall_s']:.1f} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from pantherseq.data.schema import load_dataset_config
-    from pantherseq.prepare import prepare
-
-    cfg = load_dataset_config(args.dataset, args.config, args.set, data=args.data)
-    report = prepare(cfg, args.out)
-    print(f"prepared {args.out}\n{format_prepare_report(report)}")
-    return 0
-
-
-def load_pretrain_config(file: str | None, overrides: list[str] | None):
-    from pantherseq.config import apply_overrides, build_config, load_toml
-    from pantherseq.train.loop import PretrainConfig
-
-    raw = load_toml(file) if file else {}
-    return build_config(PretrainConfig, apply_overrides(raw, overrides), str(file) if file else "config")
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pantherseq.config import save_toml
-    from pantherseq.train.checkpoint import model_dir
-    from pantherseq.train.loop import train
-
-    cfg = load_pretrain_config(args.config, args.set)
-    _check_run(args.run)
-    name = args.name or args.model
-    out = model_dir(args.run, name)
-    out.mkdir(parents=True, exist_ok=True)
-    save_toml(cfg, out / "pretrain.toml")
-    metrics = train(args.run, args.model, cfg, resume=args.resume, name=name)
-    v = metrics["valid"]
-    print(f"trained {name} ({args.model}) on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
-          f"{metrics['train_events_per_s']:,.0f} events/s, peak {metrics['peak_mb']:.0f} MB\n"
-          f"  valid HR@1 {v['hr@1']:.4f}  HR@10 {v['hr@10']:.4f}  NDCG@10 {v['ndcg@10']:.4f}  "
-          f"MRR {v['mrr']:.4f}  (n = {v['n']:,})\n  -> {out}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pantherseq.eval.nextevent import evaluate_run, format_table
-
-    _check_run(args.run)
-    models = [m for m in args.models.split(",") if m] if args.models else None
-    splits = tuple(s for s in args.split.split(",") if s)
-    results = evaluate_run(args.run, models, splits, max_users=args.max_users, seed=args.seed)
-    for split in splits:
-        print(f"{split}:\n{format_table(results, split)}")
-    print(f"-> {Path(args.run) / 'eval.json'}")
-    return 0
-
-
-def cmd_fraud(args: argparse.Namespace) -> int:
-    from pantherseq.fraud.pipeline import format_fraud_table, load_fraud_config, run_fraud
-
-    cfg = load_fraud_config(args.config, args.set)
-    _check_run(args.run)
-    report = run_fraud(args.run, args.model, cfg)
-    print(f"fraud risk models on {args.run} with {args.model}: {report['rows']['test']:,} test transactions, "
-          f"{report['rows']['test_frauds']:,} frauds\n{format_fraud_table(report)}\n"
-          f"-> {report['out']}")
-    return 0
-
-
-def _check_run(run: str) -> None:
-    from pantherseq.errors import ConfigError
-
-    if not (Path(run) / "prepare.json").is_file():
-        raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from pantherseq.serve.embed import embed_users
-    from pantherseq.serve.online import OnlineModel
-    from pantherseq.store import open_store
-
-    _check_run(args.run)
-    om = OnlineModel(args.run, args.model, args.fraud_dir, threads=args.threads)
-    with open_store(args.store) as store:
-        meta = embed_users(om, store, args.until, args.batch_size)
-    print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "
-          f"{meta['until'] or 'the last event'} into {args.store} in {meta['seconds']:.1f} s")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pantherseq.serve.app import Service, create_app
-    from pantherseq.serve.online import OnlineModel
-    from pantherseq.store import open_store
-
-    _check_run(args.run)
-    om = OnlineModel(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
-    store = open_store(args.store)
-    service = Service(om, store, refresh=not args.no_refresh)
-    service.start()
-    print(f"serving {om.model_version} ({om.feature_set or 'deviation score: no risk model'}) from {args.store} "
-          f"on http://{args.host}:{args.port} (docs: /docs)", flush=True)
-    try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", access_log=False)
-    finally:
-        service.stop()
-        store.close()
-    return 0
-
-
-def cmd_llm4es(args: argparse.Namespace) -> int:
-    from pantherseq.errors import ConfigError
-    from pantherseq.llm4es.pipeline import load_llm4es_config, run_llm4es
-    from pantherseq.llm4es.pretrained import resolve_model_dir
-    from pantherseq.llm4es.text import load_descriptions
-
-    sets = list(args.set or [])
-    for key, value in (("text.format", args.format), ("kind", args.kind), ("finetune.steps", args.steps),
-                       ("finetune.budget_s", args.budget_s)):
-        if value is not None:
-            sets.append(f"{key}={value}")
-    if args.budget_s is not None and args.steps is None:
-        sets.append("finetune.steps=0")  # the budget alone decides
-    if args.no_finetune:
-        sets.append("train=false")
-    cfg = load_llm4es_config(args.config, sets)
-    _check_run(args.run)
-    descriptions = {}
-    for item in args.describe or []:
-        name, sep, file = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--describe {item!r} is not of the form FIELD=FILE")
-        descriptions[name] = load_descriptions(file)
-    report = run_llm4es(args.run, resolve_model_dir(args.model_dir), cfg, args.out, descriptions)
-    m, r = report["model"], report["finetune_result"]
-    trained = (f"fine-tuned {r['steps']} steps in {r['seconds']:.0f} s (loss {r['loss_first']:.3f} -> "
-               f"{r['loss_last']:.3f})" if report["finetuned"] else "not fine-tuned")
-    print(f"llm4es on {args.run}: {report['users']:,} users as {report['format']} text, {m['kind']} model "
-          f"{m['architecture']} ({m['params'] / 1e6:.1f}M parameters), {trained}\n"
-          f"  embeddings {report['users']:,} x {report['embedding_dim']} (mean of the last "
-          f"{report['n_layers_used']} layers) in {report['timings']['embed_s']:.1f} s\n  -> {report['out']}")
-    return 0
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    from pantherseq.eval.probe import ProbeConfig, format_probe_table, run_probe
-
-    _check_run(args.run)
-    names = [n for n in args.embeddings.split(",") if n]
-    report = run_probe(args.run, names, args.target, folds=args.folds, seed=args.seed, repeats=args.repeats,
-                       split=args.split, history=args.history, profile=args.profile,
-                       cfg=ProbeConfig(rounds=args.rounds))
-    print(f"{format_probe_table(report)}\n-> {Path(args.run) / 'probe.json'}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from pantherseq.report import write_report
-
-    html_path, md_path = write_report(args.run_dir)
-    print(f"report of {args.run_dir}\n  -> {html_path}\n  -> {md_path}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pantherseq.demo import run_demo
-
-    return run_demo(args.out, args.budget, args.set, report=not args.no_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config key, e.g. --set tokenizer.top_k=20000 (repeatable)")
     p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--force", action="store_true",
+                   help="prepare into a run directory that holds trained models (they will not fit it any more)")
     p.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("pretrain", help="train one next-behaviour model on a prepared run",
@@ -382,13 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if getattr(args, "store", "unset") is None:
-        args.store = f"sqlite:///{Path(args.run) / 'states.db'}"
+        args.store = f"sqlite:///{RunDir(args.run).states}"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
     except PantherseqError as exc:
-        print(f"pantherseq {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())  # always one line
+        print(f"pantherseq {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -419,6 +240,19 @@ def run() -> None:
     argv = sys.argv[1:]
     _preload_tcmalloc(argv)
     sys.exit(main(argv))
+
+
+def __getattr__(name: str) -> Any:
+    """`format_prepare_report` and `load_pretrain_config` moved to their stages; old imports still work."""
+    if name == "format_prepare_report":
+        from pantherseq.prepare import format_prepare_report
+
+        return format_prepare_report
+    if name == "load_pretrain_config":
+        from pantherseq.commands import load_pretrain_config
+
+        return load_pretrain_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

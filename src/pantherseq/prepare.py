@@ -1,8 +1,10 @@
 """The `prepare` stage: raw events -> validated events, fitted tokenizer, token sequences, split, report.
 
-    prepare(cfg, run_dir) -> dict   (the contents of prepare.json)
+    prepare(cfg, run_dir, force=False) -> dict   (the contents of prepare.json)
+    format_prepare_report(report) -> str         (its terminal summary)
 
-Writes into the run directory (never modifying its inputs):
+Writes into the run directory (never modifying its inputs; the names are `RunDir`'s, run.py). A run
+directory that already holds trained models is refused unless `force` (they would no longer fit it).
     prepare.json       counts that reconcile (rows_read = rows_kept + sum(rows_dropped)), coverage, split
     config.toml        the resolved dataset config
     tokenizer.json     the fitted StructuredTokenizer (human-readable)
@@ -24,12 +26,13 @@ import numpy as np
 import polars as pl
 
 from pantherseq.config import save_toml
-from pantherseq.data.schema import EVENT_ID, GAP, LABEL, SCENARIO, TIME, USER, DatasetConfig
+from pantherseq.data.schema import EVENT_ID, GAP, LABEL, SCENARIO, TIME, UNK, USER, DatasetConfig
 from pantherseq.data.sequences import Sequences
 from pantherseq.data.sources import FILE, ROW, Loaded, load_source
-from pantherseq.data.split import SPLIT, TRAIN, split_expr, split_summary
-from pantherseq.errors import DataError
-from pantherseq.tokenizer import UNK, StructuredTokenizer
+from pantherseq.data.split import SPLIT, SPLIT_NAMES, TRAIN, split_expr, split_summary
+from pantherseq.errors import ConfigError, DataError
+from pantherseq.run import RunDir
+from pantherseq.tokenizer import StructuredTokenizer
 
 log = logging.getLogger(__name__)
 USER_IDX = "user_idx"
@@ -107,10 +110,44 @@ def _labels(frame: pl.DataFrame) -> dict[str, Any]:
     return out
 
 
-def prepare(cfg: DatasetConfig, run_dir: str | Path) -> dict[str, Any]:
+def _check_out(run: RunDir, force: bool) -> None:
+    """The run directory must be a directory, and not hold trained models unless `force`."""
+    if run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"--out {run}: a file is in the way; the run directory must be a directory")
+    trained = run.trained_models() if run.path.is_dir() else []
+    if trained and not force:
+        raise ConfigError(f"--out {run} holds trained models ({', '.join(trained[:5])}) that would no longer "
+                          "fit a prepared-again run: use another --out, or --force to prepare it anyway")
+
+
+def _check_split(frame: pl.DataFrame, cfg: DatasetConfig) -> None:
+    """Every split must have events: evaluation (valid, test) has nothing to measure otherwise."""
+    present = set(frame[SPLIT].unique().to_list())
+    for code, name in enumerate(SPLIT_NAMES):
+        if code not in present:
+            rule = (f"t1 = {cfg.split.t1}, t2 = {cfg.split.t2}" if cfg.split.kind == "time"
+                    else "every user has fewer than 3 events")
+            raise DataError(f"split {cfg.split.kind}: the {name} part is empty ({rule}): set split.t1 / split.t2 "
+                            "inside the data's time range")
+
+
+def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.DataFrame, users: pl.DataFrame,
+           codes: np.ndarray, profile: pl.DataFrame | None) -> None:
+    log.info("writing %s", run)
+    run.path.mkdir(parents=True, exist_ok=True)
+    tok.save(run.tokenizer_file)
+    save_toml(cfg, run.config_file)
+    _sequences(frame, users, codes, tok).save(run.sequences)
+    users.write_parquet(run.users)
+    frame.drop(FILE, ROW).write_parquet(run.events)
+    if profile is not None:
+        profile.write_parquet(run.profile)
+
+
+def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    run = RunDir.of(run_dir)
+    _check_out(run, force)
     log.info("reading %s", cfg.source)
     loaded = load_source(cfg)
     dropped = dict(loaded.dropped)
@@ -119,22 +156,15 @@ def prepare(cfg: DatasetConfig, run_dir: str | Path) -> dict[str, Any]:
     if frame.height == 0:
         raise DataError(f"no events left after dropping {dropped}")
     frame = frame.with_columns(split_expr(cfg.split))
+    _check_split(frame, cfg)
     log.info("fitting the tokenizer on %d training events", int((frame[SPLIT] == TRAIN).sum()))
     tok = StructuredTokenizer.from_config(cfg).fit(frame.filter(pl.col(SPLIT) == TRAIN))
     encoded = tok.transform(frame)
     users = _user_table(frame)
     user_idx = np.repeat(users[USER_IDX].to_numpy(), users["events"].to_numpy())  # frame is user-major
     frame = frame.with_columns(pl.Series(TOKEN, encoded.tokens), pl.Series(USER_IDX, user_idx))
-
-    log.info("writing %s", run)
-    tok.save(run / "tokenizer.json")
-    save_toml(cfg, run / "config.toml")
-    _sequences(frame, users, encoded.codes, tok).save(run / "sequences")
-    users.write_parquet(run / "users.parquet")
-    frame.drop(FILE, ROW).write_parquet(run / "events.parquet")
     profile = _profile(loaded, users)
-    if profile is not None:
-        profile.write_parquet(run / "profile.parquet")
+    _write(run, cfg, tok, frame, users, encoded.codes, profile)
 
     unk = frame.group_by(USER).agg((pl.col(TOKEN) == UNK).any().alias("u"))["u"]
     report = {
@@ -164,5 +194,34 @@ def prepare(cfg: DatasetConfig, run_dir: str | Path) -> dict[str, Any]:
     if report["rows_kept"] + sum(dropped.values()) != report["rows_read"]:
         raise AssertionError(f"row counts do not reconcile: {report['rows_read']} read, "
                              f"{report['rows_kept']} kept, {dropped} dropped")
-    (run / "prepare.json").write_text(json.dumps(report, indent=1, default=str))
+    run.prepare_report.write_text(json.dumps(report, indent=1, default=str))
     return report
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def format_prepare_report(report: dict[str, Any]) -> str:
+    """The terminal summary of prepare.json."""
+    split = report["split"]
+    rows = [
+        ("dataset", f"{report['dataset']} ({report['source']})"),
+        ("rows read / kept", f"{report['rows_read']:,} / {report['rows_kept']:,}"),
+        ("rows dropped", _fmt(report["rows_dropped"])),
+        ("users", f"{report['users']:,}"),
+        ("token fields", " x ".join(report["token_fields"])),
+        ("raw combinations", f"{report['raw_combinations']:,}"),
+        ("vocabulary", f"{report['vocab_size']:,} (top_k {report['top_k']:,})"),
+        ("coverage", f"{report['coverage']:.2%} of kept events (96% needs K = {report['k_for_96pct']:,})"),
+        ("users with any UNK", f"{report['unk_users']:.2%}"),
+        ("split", f"{split['kind']}: events {_fmt(split['events'])}"),
+        ("labels", _fmt(report.get("labels") or {})),
+        ("wall time", f"{report['wall_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,188 @@
+"""What each `pantherseq` subcommand does with its parsed arguments: check them, call the stage, print a summary.
+
+cli.py holds the parser and dispatches to the `cmd_*` function a subcommand names; the stages themselves
+live in their modules (prepare.py, train/, eval/, fraud/, serve/, llm4es/, report.py, demo.py) and are
+imported only when their command runs, so `pantherseq --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pantherseq.errors import ConfigError, echo
+from pantherseq.run import RunDir
+
+EVAL_SPLITS = ("valid", "test")
+
+
+def _run(path: str) -> RunDir:
+    """The prepared run `--run` names (one ConfigError line when it is not one)."""
+    return RunDir(path).require()
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pantherseq.data.schema import load_dataset_config
+    from pantherseq.prepare import format_prepare_report, prepare
+
+    cfg = load_dataset_config(args.dataset, args.config, args.set, data=args.data)
+    report = prepare(cfg, args.out, force=args.force)
+    print(f"prepared {args.out}\n{format_prepare_report(report)}")
+    return 0
+
+
+def load_pretrain_config(file: str | None, overrides: list[str] | None, model: str | None = None):
+    """train.loop's loader when it has one (issue 11 moves it there), else the same done here."""
+    from pantherseq.train import loop
+
+    if hasattr(loop, "load_pretrain_config"):
+        return loop.load_pretrain_config(file, overrides, model=model)
+    from pantherseq.config import apply_overrides, build_config, load_toml
+
+    raw = load_toml(file) if file else {}
+    return build_config(loop.PretrainConfig, apply_overrides(raw, overrides), str(file) if file else "config")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pantherseq.config import save_toml
+    from pantherseq.data.dataset import require_train_targets
+    from pantherseq.data.sequences import Sequences
+    from pantherseq.train.loop import train
+
+    cfg = load_pretrain_config(args.config, args.set, model=args.model)
+    run = _run(args.run)
+    require_train_targets(Sequences.load(run.sequences), cfg.model.max_len, run)
+    name = args.name or args.model
+    out = run.model_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    save_toml(cfg, run.pretrain_config(name))
+    metrics = train(run, args.model, cfg, resume=args.resume, name=name)
+    v = metrics["valid"]
+    print(f"trained {name} ({args.model}) on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
+          f"{metrics['train_events_per_s']:,.0f} events/s, peak {metrics['peak_mb']:.0f} MB\n"
+          f"  valid HR@1 {v['hr@1']:.4f}  HR@10 {v['hr@10']:.4f}  NDCG@10 {v['ndcg@10']:.4f}  "
+          f"MRR {v['mrr']:.4f}  (n = {v['n']:,})\n  -> {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pantherseq.eval.nextevent import evaluate_run, format_table
+
+    splits = tuple(s for s in args.split.split(",") if s)
+    bad = [s for s in splits if s not in EVAL_SPLITS]
+    if bad or not splits:
+        raise ConfigError(f"--split {echo(args.split)}: {echo(bad[0]) if bad else 'nothing'} is not a split; "
+                          f"choose from {', '.join(EVAL_SPLITS)} (comma-separated)")
+    run = _run(args.run)
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    results = evaluate_run(run, models, splits, max_users=args.max_users, seed=args.seed)
+    for split in splits:
+        print(f"{split}:\n{format_table(results, split)}")
+    print(f"-> {run.eval_report}")
+    return 0
+
+
+def cmd_fraud(args: argparse.Namespace) -> int:
+    from pantherseq.fraud.pipeline import format_fraud_table, load_fraud_config, run_fraud
+
+    cfg = load_fraud_config(args.config, args.set)
+    _run(args.run)
+    report = run_fraud(args.run, args.model, cfg)
+    print(f"fraud risk models on {args.run} with {args.model}: {report['rows']['test']:,} test transactions, "
+          f"{report['rows']['test_frauds']:,} frauds\n{format_fraud_table(report)}\n"
+          f"-> {report['out']}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pantherseq.serve.embed import embed_users
+    from pantherseq.serve.online import OnlineModel
+    from pantherseq.store import open_store
+
+    _run(args.run)
+    om = OnlineModel(args.run, args.model, args.fraud_dir, threads=args.threads)
+    with open_store(args.store) as store:
+        meta = embed_users(om, store, args.until, args.batch_size)
+    print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "
+          f"{meta['until'] or 'the last event'} into {args.store} in {meta['seconds']:.1f} s")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pantherseq.serve.app import Service, create_app
+    from pantherseq.serve.online import OnlineModel
+    from pantherseq.store import open_store
+
+    _run(args.run)
+    om = OnlineModel(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
+    store = open_store(args.store)
+    service = Service(om, store, refresh=not args.no_refresh)
+    service.start()
+    print(f"serving {om.model_version} ({om.feature_set or 'deviation score: no risk model'}) from {args.store} "
+          f"on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        service.stop()
+        store.close()
+    return 0
+
+
+def cmd_llm4es(args: argparse.Namespace) -> int:
+    from pantherseq.llm4es.pipeline import load_llm4es_config, run_llm4es
+    from pantherseq.llm4es.pretrained import resolve_model_dir
+    from pantherseq.llm4es.text import load_descriptions
+
+    sets = list(args.set or [])
+    for key, value in (("text.format", args.format), ("kind", args.kind), ("finetune.steps", args.steps),
+                       ("finetune.budget_s", args.budget_s)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if args.budget_s is not None and args.steps is None:
+        sets.append("finetune.steps=0")  # the budget alone decides
+    if args.no_finetune:
+        sets.append("train=false")
+    cfg = load_llm4es_config(args.config, sets)
+    _run(args.run)
+    descriptions = {}
+    for item in args.describe or []:
+        name, sep, file = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--describe {item!r} is not of the form FIELD=FILE")
+        descriptions[name] = load_descriptions(file)
+    report = run_llm4es(args.run, resolve_model_dir(args.model_dir), cfg, args.out, descriptions)
+    m, r = report["model"], report["finetune_result"]
+    trained = (f"fine-tuned {r['steps']} steps in {r['seconds']:.0f} s (loss {r['loss_first']:.3f} -> "
+               f"{r['loss_last']:.3f})" if report["finetuned"] else "not fine-tuned")
+    print(f"llm4es on {args.run}: {report['users']:,} users as {report['format']} text, {m['kind']} model "
+          f"{m['architecture']} ({m['params'] / 1e6:.1f}M parameters), {trained}\n"
+          f"  embeddings {report['users']:,} x {report['embedding_dim']} (mean of the last "
+          f"{report['n_layers_used']} layers) in {report['timings']['embed_s']:.1f} s\n  -> {report['out']}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from pantherseq.eval.probe import ProbeConfig, format_probe_table, run_probe
+
+    _run(args.run)
+    names = [n for n in args.embeddings.split(",") if n]
+    report = run_probe(args.run, names, args.target, folds=args.folds, seed=args.seed, repeats=args.repeats,
+                       split=args.split, history=args.history, profile=args.profile,
+                       cfg=ProbeConfig(rounds=args.rounds))
+    print(f"{format_probe_table(report)}\n-> {RunDir(args.run).probe_report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pantherseq.report import write_report
+
+    html_path, md_path = write_report(args.run_dir)
+    print(f"report of {args.run_dir}\n  -> {html_path}\n  -> {md_path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pantherseq.demo import run_demo
+
+    return run_demo(args.out, args.budget, args.set, report=not args.no_report)
