@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pantherseq.model.base import PAD, Batch, CountModel, DataInfo, ModelConfig
+from pantherseq.data.schema import PAD
+from pantherseq.model.base import Batch, CountModel, DataInfo, ModelConfig
 
 
 class Popular(CountModel):

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pantherseq.model.base import GAP_BUCKETS, PAD, Batch, DataInfo, ModelConfig
+from pantherseq.data.schema import GAP_BUCKETS, PAD
+from pantherseq.model.base import Batch, DataInfo, ModelConfig
 
 
 def init_weights(module: nn.Module) -> None:
