@@ -204,6 +204,14 @@ def test_bad_urls_raise_config_error(url: str) -> None:
     assert "sqlite:///" in message and "redis://host:port/db" in message
 
 
+def test_stores_are_chosen_by_scheme_and_imported_only_when_opened() -> None:
+    code = ("import sys; from pantherseq.store import STORES, open_store; "
+            "print(sorted(STORES), [m for m in ('pantherseq.store.sqlite', 'pantherseq.store.redis', 'redis') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['redis', 'sqlite'] []"  # no backend (nor the redis client) until a URL is opened
+
+
 def test_unreachable_redis_raises_config_error() -> None:
     pytest.importorskip("redis")
     url = f"redis://127.0.0.1:{free_port()}/0"  # free: nothing listens there
