@@ -108,12 +108,11 @@ def serve_demo(run: Path, model: str, store_url: str, since: str, n: int = 300) 
 
 
 def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None, report: bool = True) -> int:
-    from pantherseq.cli import format_prepare_report
     from pantherseq.config import build_config
     from pantherseq.data.schema import load_dataset_config
     from pantherseq.eval.nextevent import evaluate_run, format_table
     from pantherseq.fraud.pipeline import FraudConfig, format_fraud_table, run_fraud
-    from pantherseq.prepare import prepare
+    from pantherseq.prepare import format_prepare_report, prepare
     from pantherseq.serve.embed import embed_users
     from pantherseq.serve.online import OnlineModel
     from pantherseq.store import open_store
