@@ -71,7 +71,7 @@ def save_checkpoint(path: Path, model: SequenceModel, name: str, model_cfg: Mode
 
 
 def _unreadable(path: Path, why: str) -> ConfigError:
-    return ConfigError(f"checkpoint {path} cannot be read ({why[:200]}): it is empty, truncated or not a "
+    return ConfigError(f"checkpoint {path} cannot be read ({why[:120]}): it is empty, truncated or not a "
                        "pantherseq checkpoint; train it again with `pantherseq pretrain`")
 
 
