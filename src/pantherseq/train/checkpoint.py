@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from pantherseq.config import build_config
-from pantherseq.errors import ConfigError
+from pantherseq.errors import ConfigError, echo
 from pantherseq.model.base import DataInfo, ModelConfig, SequenceModel
 from pantherseq.run import RunDir
 
 FORMAT_VERSION = 1
+KINDS = ("best", "last")
 REQUIRED_KEYS = ("model_name", "state_dict", "model_config", "data_info")
 
 
@@ -32,11 +33,13 @@ def model_dir(run_dir: RunDir | str | Path, name: str) -> Path:
 
 
 def checkpoint_path(run_dir: RunDir | str | Path, name: str, which: str = "best") -> Path:
-    """`which` = best | last (the file names checkpoint.pt | last.pt are accepted too)."""
-    kinds = {"best": "best", "last": "last", "checkpoint.pt": "best", "last.pt": "last"}
-    if which not in kinds:
-        raise ConfigError(f"checkpoint {which!r} is not one of best, last")
-    return RunDir.of(run_dir).checkpoint(name, kinds[which])
+    """`which` = best | last (their file names checkpoint.pt | last.pt are accepted too)."""
+    run = RunDir.of(run_dir)
+    by_file = {run.checkpoint(name, kind).name: kind for kind in KINDS}
+    kind = by_file.get(which, which)
+    if kind not in KINDS:
+        raise ConfigError(f"checkpoint {echo(which)} is not one of {', '.join(KINDS)}")
+    return run.checkpoint(name, kind)
 
 
 def file_sha256(path: Path) -> str:
