@@ -21,7 +21,6 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
 
 from pantherseq.commands import (
     cmd_demo,
@@ -240,19 +239,6 @@ def run() -> None:
     argv = sys.argv[1:]
     _preload_tcmalloc(argv)
     sys.exit(main(argv))
-
-
-def __getattr__(name: str) -> Any:
-    """`format_prepare_report` and `load_pretrain_config` moved to their stages; old imports still work."""
-    if name == "format_prepare_report":
-        from pantherseq.prepare import format_prepare_report
-
-        return format_prepare_report
-    if name == "load_pretrain_config":
-        from pantherseq.commands import load_pretrain_config
-
-        return load_pretrain_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -30,23 +30,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_pretrain_config(file: str | None, overrides: list[str] | None, model: str | None = None):
-    """train.loop's loader when it has one (issue 11 moves it there), else the same done here."""
-    from pantherseq.train import loop
-
-    if hasattr(loop, "load_pretrain_config"):
-        return loop.load_pretrain_config(file, overrides, model=model)
-    from pantherseq.config import apply_overrides, build_config, load_toml
-
-    raw = load_toml(file) if file else {}
-    return build_config(loop.PretrainConfig, apply_overrides(raw, overrides), str(file) if file else "config")
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pantherseq.config import save_toml
     from pantherseq.data.dataset import require_train_targets
     from pantherseq.data.sequences import Sequences
-    from pantherseq.train.loop import train
+    from pantherseq.train.loop import load_pretrain_config, train
 
     cfg = load_pretrain_config(args.config, args.set, model=args.model)
     run = _run(args.run)
