@@ -83,13 +83,13 @@ def cmd_fraud(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from pantherseq.serve.embed import embed_users
-    from pantherseq.serve.online import OnlineModel
+    from pantherseq.serve.scorer import Scorer
     from pantherseq.store import open_store
 
     _run(args.run)
-    om = OnlineModel(args.run, args.model, args.fraud_dir, threads=args.threads)
+    scorer = Scorer(args.run, args.model, args.fraud_dir, threads=args.threads)
     with open_store(args.store) as store:
-        meta = embed_users(om, store, args.until, args.batch_size)
+        meta = embed_users(scorer, store, args.until, args.batch_size)
     print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "
           f"{meta['until'] or 'the last event'} into {args.store} in {meta['seconds']:.1f} s")
     return 0
@@ -98,16 +98,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pantherseq.serve.app import Service, create_app
-    from pantherseq.serve.online import OnlineModel
+    from pantherseq.serve.app import create_app
+    from pantherseq.serve.scorer import Scorer
+    from pantherseq.serve.service import Service
     from pantherseq.store import open_store
 
     _run(args.run)
-    om = OnlineModel(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
+    scorer = Scorer(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
     store = open_store(args.store)
-    service = Service(om, store, refresh=not args.no_refresh)
+    service = Service(scorer, store, refresh=not args.no_refresh)
     service.start()
-    print(f"serving {om.model_version} ({om.feature_set or 'deviation score: no risk model'}) from {args.store} "
+    print(f"serving {scorer.model_version} ({scorer.feature_set or 'deviation score: no risk model'}) from {args.store} "
           f"on http://{args.host}:{args.port} (docs: /docs)", flush=True)
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", access_log=False)

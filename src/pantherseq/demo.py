@@ -47,27 +47,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_demo(run: Path, model: str, store_url: str, since: str, n: int = 300) -> dict[str, Any]:
+def serve_demo(run: RunDir | Path, model: str, store_url: str, since: str, n: int = 300) -> dict[str, Any]:
     """Start the service in this process on a free port, replay the first `n` transactions from `since` in
     time order through HTTP, stop it; returns and writes RUN/serve_demo.json."""
     import httpx
     import uvicorn
 
-    from pantherseq.serve.app import Service, create_app
-    from pantherseq.serve.online import OnlineModel
+    from pantherseq.serve.app import create_app
+    from pantherseq.serve.scorer import Scorer
+    from pantherseq.serve.service import Service
     from pantherseq.store import open_store
 
-    om = OnlineModel(run, model)
+    run = RunDir.of(run)
+    scorer = Scorer(run, model)
     store = open_store(store_url)
-    service = Service(om, store)
+    service = Service(scorer, store)
     service.start()
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    fields = [f.name for f in om.cfg.fields if getattr(f, "derive", None) is None]
-    ev = (pl.read_parquet(run / "events.parquet")
+    fields = [f.name for f in scorer.cfg.fields if getattr(f, "derive", None) is None]
+    ev = (run.read_events()
           .filter(pl.col("timestamp") >= pl.lit(since).str.to_datetime())
           .sort("timestamp", maintain_order=True).head(n))
     latencies, responses = [], []
@@ -101,9 +103,9 @@ def serve_demo(run: Path, model: str, store_url: str, since: str, n: int = 300) 
     result = {"requests": len(latencies), "latencies_ms": [round(x, 3) for x in latencies],
               "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
               "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-              "refresh_lag_s": stats["refresh_lag_s"], "model_version": om.model_version,
-              "feature_set": om.feature_set, "responses": responses[:20]}
-    (run / "serve_demo.json").write_text(json.dumps(result, indent=1))
+              "refresh_lag_s": stats["refresh_lag_s"], "model_version": scorer.model_version,
+              "feature_set": scorer.feature_set, "responses": responses[:20]}
+    run.serve_demo.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -114,14 +116,14 @@ def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None,
     from pantherseq.fraud.pipeline import FraudConfig, format_fraud_table, run_fraud
     from pantherseq.prepare import format_prepare_report, prepare
     from pantherseq.serve.embed import embed_users
-    from pantherseq.serve.online import OnlineModel
+    from pantherseq.serve.scorer import Scorer
     from pantherseq.store import open_store
     from pantherseq.train.loop import load_pretrain_config, train
 
     started = time.perf_counter()
     run = RunDir(out)
     _step(1, "prepare: simulating users and events")
-    rep = prepare(load_dataset_config("simulated", None, sets), run.path)
+    rep = prepare(load_dataset_config("simulated", None, sets), run.path, force=True)  # the demo re-runs itself
     print(format_prepare_report(rep), flush=True)
 
     _step(2, f"pretrain: {', '.join(DEMO_MODELS)} ({budget:.0f} s budget per neural model)")
@@ -141,13 +143,13 @@ def run_demo(out: str | Path, budget: float = 90, sets: list[str] | None = None,
     _step(5, f"embed: every user's state as of {test_start} into {run.states}")
     store_url = f"sqlite:///{run.states}"
     run.states.unlink(missing_ok=True)
-    om = OnlineModel(run.path, "panther")
+    scorer = Scorer(run, "panther")
     with open_store(store_url) as store:
-        meta = embed_users(om, store, test_start)
+        meta = embed_users(scorer, store, test_start)
     print(f"{meta['users']:,} users in {meta['seconds']:.1f} s", flush=True)
 
     _step(6, "serve: scoring live test transactions through HTTP")
-    served = serve_demo(run.path, "panther", store_url, test_start)
+    served = serve_demo(run, "panther", store_url, test_start)
     print(f"{served['requests']} transactions scored over HTTP: p50 {served['p50_ms']:.1f} ms, "
           f"p99 {served['p99_ms']:.1f} ms (client side, with the background refresh on)", flush=True)
 

@@ -1,4 +1,4 @@
-"""The behaviour pass: windows cover every wanted event once, nothing sees the future, e_u is embed()."""
+"""The behaviour pass: windows cover every wanted event once, nothing sees the future, the pooled state is embed()."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_changing_future_events_leaves_past_features_unchanged(fraud_run, random
     for name in a.delta:
         np.testing.assert_allclose(a.delta[name][past], b.delta[name][past], rtol=1e-4, atol=1e-5,
                                    err_msg=name)
-    np.testing.assert_allclose(a.e_u[past], b.e_u[past], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.pooled[past], b.pooled[past], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(a.recent[past], b.recent[past], rtol=1e-4, atol=1e-5)
     assert not np.allclose(a.delta["surprisal"][~past], b.delta["surprisal"][~past], equal_nan=True)
 
@@ -82,7 +82,7 @@ def test_user_state_is_embed_of_the_history_window(fraud_run, random_model):
         with torch.no_grad():
             e = random_model.embed(batch)[0].numpy()
             h = random_model.hidden(batch)[0, -1].numpy()
-        np.testing.assert_allclose(f.e_u[pos], e, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(f.pooled[pos], e, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(f.recent[pos], h, rtol=1e-4, atol=1e-5)
         assert w0 >= s
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pantherseq.fraud.deviation import (
+    Prediction,
     collision_entropy,
     deviation_features,
-    deviation_one,
     embedding_distance,
     expected_embedding,
     field_marginal,
@@ -19,6 +19,7 @@ from pantherseq.fraud.deviation import (
     field_members,
     field_onehot,
     field_surprisal,
+    predict,
     rank_of,
     standardised_deviation,
     surprisal,
@@ -87,15 +88,17 @@ def test_embedding_distance_is_one_minus_cosine():
 
 def test_deviation_features_agree_with_the_parts():
     torch.manual_seed(0)
-    logits = torch.randn(6, 4)
-    h, w = torch.randn(6, 3), torch.randn(4, 3)
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    h, w = torch.randn(6, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     obs = torch.tensor([0, 1, 2, 3, -1, 2])
     codes = torch.tensor([[1], [1], [2], [3], [2], [0]])
     members = [field_members(np.array([1, 1, 2, 3]), 4)]
-    f = deviation_features(logits, h, w, obs, codes, members, ["merchant"],
-                           {0: field_onehot(np.array([1, 1, 2, 3]), 4)})
     p = torch.softmax(logits, 1)
-    assert torch.allclose(f["surprisal"][:4], -torch.log_softmax(logits, 1)[torch.arange(4), obs[:4]], atol=1e-5)
+    f = deviation_features(Prediction(h, p), w, obs, codes, members, ["merchant"],
+                           {0: field_onehot(np.array([1, 1, 2, 3]), 4, torch.float64)})
+    assert all(v.dtype == torch.float32 for v in f.values())
+    assert torch.allclose(f["surprisal"][:4].double(), -torch.log_softmax(logits, 1)[torch.arange(4), obs[:4]],
+                          atol=1e-6)
     assert f["is_unk"].tolist() == [0, 0, 0, 0, 1, 0]
     assert math.isnan(f["surprisal"][4]) and not math.isnan(f["surprisal_merchant"][4])  # UNK keeps fields
     assert f["surprisal_merchant"][0] == pytest.approx(-math.log(float(p[0, 0] + p[0, 1])), rel=1e-5)
@@ -104,28 +107,38 @@ def test_deviation_features_agree_with_the_parts():
     assert f["tail_merchant"][2] == pytest.approx(-math.log(float(p[2, 2] + p[2, 3])), rel=1e-5)
 
 
-def test_the_one_position_numpy_path_equals_the_batched_one():
-    """deviation_one (the service's request path) against deviation_features on random rows, UNK and
-    unknown field codes included."""
+def test_one_event_equals_the_batch_bit_for_bit():
+    """The service scores one event with the same `predict` + `deviation_features` as the offline pass runs
+    on a chunk of positions: row by row, every Δ is the same float32 (computed in float64, rounded once),
+    UNK observations and unknown field codes included."""
     rng = np.random.default_rng(0)
-    v, d = 300, 8
+    v, d, n = 300, 8, 50
     codes_a, codes_b = rng.integers(1, 40, v), rng.integers(1, 6, v)
     members = [field_members(codes_a, 41), field_members(codes_b, 7)]
-    logits, h, w = rng.normal(size=(50, v)) * 3, rng.normal(size=(50, d)), rng.normal(size=(v, d))
-    obs = rng.integers(-1, v, 50)
-    obs_codes = np.stack([np.where(obs >= 0, codes_a[obs], rng.integers(0, 41, 50)),
-                          np.where(obs >= 0, codes_b[obs], rng.integers(0, 7, 50))], 1)
-    t = {k: torch.tensor(x, dtype=torch.float32) for k, x in (("l", logits), ("h", h), ("w", w))}
-    batched = deviation_features(t["l"], t["h"], t["w"], torch.from_numpy(obs), torch.from_numpy(obs_codes),
-                                 members, ["a", "b"], {1: field_onehot(codes_b, 7)})
-    groups = [[np.flatnonzero(c == k) for k in range(n)] for c, n in ((codes_a, 41), (codes_b, 7))]
-    for i in range(50):
-        one = deviation_one(logits[i].astype(np.float32), h[i].astype(np.float32), w.astype(np.float32),
-                            int(obs[i]), obs_codes[i].tolist(), groups, ["a", "b"], {1: codes_b})
+    ordered = {1: field_onehot(codes_b, 7, torch.float64)}
+    h = torch.tensor(rng.normal(size=(n, d)), dtype=torch.float32)
+    w = torch.tensor(rng.normal(size=(v, d)), dtype=torch.float64)
+    bias = torch.tensor(rng.normal(size=v), dtype=torch.float64)
+    obs = rng.integers(-1, v, n)
+    obs_codes = torch.from_numpy(np.stack([np.where(obs >= 0, codes_a[obs], rng.integers(0, 41, n)),
+                                           np.where(obs >= 0, codes_b[obs], rng.integers(0, 7, n))], 1))
+    obs = torch.from_numpy(obs)
+    wt = w.t().contiguous()
+    batched = deviation_features(predict(h, wt, bias), w, obs, obs_codes, members, ["a", "b"], ordered)
+    for i in range(n):
+        one = deviation_features(predict(h[i:i + 1], wt, bias), w, obs[i:i + 1], obs_codes[i:i + 1], members,
+                                 ["a", "b"], ordered)
         assert list(one) == list(batched)
         for k, val in one.items():
-            ref = float(batched[k][i])
-            assert (math.isnan(val) and math.isnan(ref)) or val == pytest.approx(ref, rel=1e-4, abs=1e-5), k
+            assert torch.equal(val, batched[k][i:i + 1]) or (val.isnan().all() and batched[k][i].isnan()), k
+
+
+def test_a_certain_prediction_has_surprisal_exactly_zero():
+    """A mass equal to 1 up to float64 error gives a surprisal of exactly 0 (not ±1e-16 by summation order)."""
+    p = torch.tensor([[1.0 - 2e-16, 1e-17, 1e-17]], dtype=torch.float64)
+    assert surprisal(p, torch.tensor([0])).item() == 0.0
+    tail = upper_tail_surprisal(torch.tensor([[0.0, 0.6, 0.4 + 1e-16]], dtype=torch.float64), torch.tensor([1]))
+    assert tail.item() == 0.0
 
 
 def test_upper_tail_surprisal_is_one_sided():

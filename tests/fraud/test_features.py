@@ -8,7 +8,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pantherseq.fraud.features import baseline_features, customer_features, terminal_features, window_sums
+from pantherseq.fraud.features import (
+    TerminalHistory,
+    amount_units,
+    baseline_features,
+    context_features,
+    context_one,
+    customer_features,
+    customer_one,
+    terminal_features,
+    window_sums,
+)
 
 T0 = dt.datetime(2024, 1, 1)
 
@@ -59,7 +69,7 @@ def test_terminal_windows_are_lagged_by_the_delay():
 def test_window_sums_matches_a_loop():
     rng = np.random.default_rng(0)
     n = 300
-    g, t, v = rng.integers(0, 5, n), rng.integers(0, 50, n), rng.normal(size=n)
+    g, t, v = rng.integers(0, 5, n), rng.integers(0, 50, n), rng.integers(-10**12, 10**12, n)
     for lag in (0, 7):
         got = window_sums(g, t, v, 10, lag)
         order = np.lexsort((np.arange(n), t, g))
@@ -69,7 +79,7 @@ def test_window_sums_matches_a_loop():
             m = (g == g[i]) & (t > t[i] - lag - 10) & (t <= t[i] - lag)
             if lag == 0:
                 m &= rank <= rank[i]
-            assert got[i] == pytest.approx(v[m].sum())
+            assert got[i] == v[m].sum()  # integer sums: exact
 
 
 def random_events(rng, n: int) -> pl.DataFrame:
@@ -102,3 +112,32 @@ def test_changing_the_future_leaves_past_features_unchanged(seed):
     a_past = a.filter(pl.col("timestamp") < cut).sort(key)
     b_past = b.filter(pl.col("timestamp") < cut).sort(key)
     assert a_past.height == past.height and a_past.equals(b_past)
+
+
+def test_one_event_forms_equal_the_batch_forms_bit_for_bit():
+    """The service's one-event forms against the batch forms on random events with cent amounts, same
+    timestamps and late frauds: every feature the same float32 (integer sums, one rounding)."""
+    rng = np.random.default_rng(7)
+    n = 600
+    days = np.sort(rng.uniform(0, 60, n))
+    amounts = np.round(rng.lognormal(3, 1.5, n), 2)
+    ev = frame([(f"u{rng.integers(0, 6)}", d, a, f"t{rng.integers(0, 4)}", int(rng.random() < 0.15))
+                for d, a in zip(days, amounts)])
+    ev = ev.with_columns(pl.col("timestamp").dt.truncate("1m"))  # ties within a minute
+    base = pl.concat([context_features(ev, "amount"), customer_features(ev, "amount"),
+                      terminal_features(ev, "terminal_id", delay_days=7)], how="horizontal", strict=True)
+    secs = (ev["timestamp"].dt.epoch("us").to_numpy() // 1_000_000).astype(np.int64)
+    terms = TerminalHistory(delay_days=7)
+    terms.load(ev["terminal_id"].to_numpy(), secs, ev["label"].to_numpy())
+    users = ev["user_id"].to_numpy()
+    for i in range(n):
+        earlier = np.flatnonzero((users == users[i]) & (np.arange(n) < i))
+        one = context_one(ev["timestamp"][i], float(ev["amount"][i]))
+        one |= customer_one(secs[earlier], ev["amount"].to_numpy()[earlier], int(secs[i]), float(ev["amount"][i]))
+        one |= terms.features(ev["terminal_id"][i], int(secs[i]))
+        row = base.row(i, named=True)
+        assert {k: np.float32(v) for k, v in one.items()} == {k: np.float32(row[k]) for k in one}, i
+
+
+def test_amount_units_are_exact_integers():
+    assert amount_units(np.array([0.1, 0.2, 12.345678, 1e9])).tolist() == [1000, 2000, 123457, 10**13]

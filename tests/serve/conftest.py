@@ -10,7 +10,7 @@ import pytest
 from pantherseq.fraud.hybrid import LGBMConfig
 from pantherseq.fraud.pipeline import FraudConfig, run_fraud
 from pantherseq.serve.embed import embed_users
-from pantherseq.serve.online import OnlineModel
+from pantherseq.serve.scorer import Scorer
 from pantherseq.store import open_store
 from stolen_routine import PERIODS
 
@@ -25,7 +25,7 @@ def served(trained_run: Path, tmp_path_factory) -> dict:
     cfg = FraudConfig(**periods, context=47, embedding_dims=4, feature_sets=["baseline", "hybrid"], lgbm=LGBM,
                       out_dir=str(fraud_dir))
     report = run_fraud(trained_run, "panther", cfg)
-    om = OnlineModel(trained_run, "panther", fraud_dir)
+    om = Scorer(trained_run, "panther", fraud_dir)
     url = f"sqlite:///{root / 'states.db'}"
     with open_store(url) as store:
         meta = embed_users(om, store, PERIODS["test_start"], progress=False)

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 
 import httpx
 
-from pantherseq.serve.app import Service
-from pantherseq.serve.online import OnlineModel
+from pantherseq.serve.scorer import Scorer
+from pantherseq.serve.service import Service
 from pantherseq.serve.state import UserState, decode_event
 from pantherseq.store import open_store
 
@@ -90,7 +90,7 @@ def test_kill_9_mid_load_loses_no_answered_event(served, tmp_path):
             for seq, amount in mine:
                 assert seq in logged and logged[seq]["fields"]["amount"] == amount
     # a restarted service folds every logged event into the states
-    om = OnlineModel(served["run"], "panther", served["fraud_dir"])
+    om = Scorer(served["run"], "panther", served["fraud_dir"])
     store = open_store(url)
     service = Service(om, store)
     service.start()

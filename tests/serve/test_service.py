@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pantherseq.serve.app import Service, create_app
-from pantherseq.serve.online import OnlineModel
+from pantherseq.serve.app import create_app
+from pantherseq.serve.scorer import Scorer
+from pantherseq.serve.service import Service
 from pantherseq.serve.state import UserState
 from pantherseq.store import open_store
 from stolen_routine import PERIODS
@@ -33,7 +34,7 @@ def _service(served, tmp_path, refresh: bool = True) -> Service:
         d.put_many({u: b for u, b in zip(users, s.get_many(users)) if b is not None})
         d.put_meta("embed", s.get_meta("embed"))
     assert src != str(dst)
-    om = OnlineModel(served["run"], "panther", served["fraud_dir"])
+    om = Scorer(served["run"], "panther", served["fraud_dir"])
     service = Service(om, open_store(f"sqlite:///{dst}"), refresh=refresh)
     service.start()
     return service
@@ -70,8 +71,13 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     assert both.height == day2.height > 500
     assert not both["cold"].any() and not both["stale"].any()
     diff = (both["online"] - both["score_hybrid"]).abs().to_numpy()
-    # float32 sums in another order can flip a tree split on a rare event: all but 0.5 % within 1e-6
-    assert np.mean(diff < 1e-6) > 0.995, np.sort(diff)[-10:]
+    # Every score within 1e-6, on any CPU. The offline pass (64 windows padded to one length) and the service
+    # (one user) run the same functions on differently shaped tensors, whose kernels sum in other orders;
+    # the hand-made features are integer sums (exact) and the model's states and Δ are computed in float64
+    # and rounded to float32 once, so the risk model's inputs agree bit for bit unless a float64 value falls
+    # within ~1e-16 of a float32 rounding boundary (~1e-9 per value). 1e-6 only absorbs LightGBM's own
+    # float64 sum of the trees' outputs.
+    assert (diff < 1e-6).all(), np.sort(diff)[-10:]
     service.stop()
 
 
@@ -99,7 +105,7 @@ def test_without_refresh_the_state_is_stale_and_the_scores_differ(served, tmp_pa
 
 
 def test_background_refresh_folds_the_event_in(service):
-    user = next(iter(service.om.user_index))
+    user = next(iter(service.scorer.user_index))
     before, cold, _ = service.current_state(user)
     assert not cold and before.has_prediction
     t = datetime.fromtimestamp(before.last_time) + timedelta(hours=1)
@@ -120,7 +126,7 @@ def test_unknown_user_is_a_cold_start_then_gets_state(service):
     out = service.score(tx)
     assert out["cold_start"] and math.isfinite(out["score"])
     assert out["deviation"]["surprisal"] is None  # no history: no Δ, as a user's first event offline
-    known = service.score({**tx, "user_id": next(iter(service.om.user_index))})
+    known = service.score({**tx, "user_id": next(iter(service.scorer.user_index))})
     assert list(out["deviation"]) == list(known["deviation"])  # the same Δ names, all missing
     assert service.refresher.wait_idle(30)
     out2 = service.score({**tx, "timestamp": "2024-03-01T11:00:00"})
@@ -133,7 +139,7 @@ def client(service):
 
 
 def test_http_endpoints(client, service):
-    user = next(iter(service.om.user_index))
+    user = next(iter(service.scorer.user_index))
     body = {"user_id": user, "timestamp": "2024-03-20 09:30:00", "merchant_id": "m1", "amount": 20.0,
             "category": "grocery", "channel": "pos"}
     r = client.post("/score", json=body)

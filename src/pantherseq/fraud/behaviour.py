@@ -10,15 +10,24 @@ chunk + context = max_len inputs. w0 depends only on c0, so adding or changing l
 changes an earlier transaction's features (tested).
 
 User state, as of each transaction j (strictly before it):
-- `e_u`: the mean of the causal states over the window's inputs up to j − 1, i.e. `model.embed()` of
-  the window [w0, j) (tested to be equal): the pooled recent history of up to max_len events;
+- `pooled`: the mean of the causal states over the window's inputs up to j − 1, i.e. `model.embed()` of
+  the window [w0, j) (tested to be equal): the pooled recent history of up to max_len events (not the
+  profile embedding e_u of model/profile.py);
 - `recent`: the causal state h_{j−1} itself, the model's encoding of the last events before j (with the
   default context of 100 it attends to at least the last 100 events when the user has them). It is
   also the vector the next-token prediction is made from.
+
+Exactness. The states come from a float64 copy of the model (`float64_copy`, `exact_hidden`) and are rounded
+to float32 once: a batch of windows padded to different lengths and one user's window alone run through
+kernels that sum in other orders, and in float32 that moves h by ~1e-7, enough to flip a tree split of the
+risk model; in float64 it stays ~1e-16 and the rounded float32 states agree (deviation.py's module doc).
+The service (serve/scorer.py) calls the same functions, so its features equal these.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -26,9 +35,17 @@ import numpy as np
 import torch
 
 from pantherseq.data.dataset import RunData
-from pantherseq.fraud.deviation import DELTA_NAMES, deviation_features, field_members, field_onehot
-from pantherseq.model.base import NeuralModel
-from pantherseq.tokenizer import N_SPECIAL, StructuredTokenizer
+from pantherseq.data.schema import N_SPECIAL
+from pantherseq.fraud.deviation import (
+    DELTA_NAMES,
+    Prediction,
+    deviation_features,
+    field_members,
+    field_onehot,
+    predict,
+)
+from pantherseq.model.base import Batch, NeuralModel
+from pantherseq.tokenizer import StructuredTokenizer
 
 log = logging.getLogger(__name__)
 MAX_ORDERED_CODES = 256  # numeric token fields with at most this many buckets get the upper-tail surprisal
@@ -68,19 +85,20 @@ def scoring_windows(offsets: np.ndarray, want: np.ndarray, max_len: int, context
 
 @dataclass
 class BehaviourFeatures:
-    """Features of the events `index` (flat event indices, ascending): Δ by name, e_u and recent (N, D)."""
+    """Features of the events `index` (flat event indices, ascending): Δ by name, pooled and recent (N, D)."""
 
     index: np.ndarray
     delta: dict[str, np.ndarray]
-    e_u: np.ndarray
+    pooled: np.ndarray
     recent: np.ndarray
 
 
 class DeviationVocab:
-    """What the Δ need from the tokenizer: per-field token members and the ordered fields' one-hot tables
-    (shared by the offline pass and the service: serve/online.py)."""
+    """What the Δ need from the tokenizer and the model's output layer, float64: per-field token members, the
+    ordered fields' one-hot tables and the head over the regular tokens (shared by the offline pass and the
+    service: serve/scorer.py)."""
 
-    def __init__(self, tok: StructuredTokenizer):
+    def __init__(self, tok: StructuredTokenizer, model: NeuralModel):
         v = tok.vocab_size - N_SPECIAL
         names = tok.field_names
         self.token_fields = list(tok.token_fields)
@@ -88,44 +106,54 @@ class DeviationVocab:
         token_codes = np.array([tok.token_codes(t) for t in range(N_SPECIAL, tok.vocab_size)],
                                dtype=np.int64).reshape(v, len(self.token_fields))
         sizes = [tok.field_sizes[c] for c in self.code_cols]
-        self.members = [field_members(token_codes[:, f], sizes[f])
-                        for f in range(len(self.token_fields))]
+        self.members = [field_members(token_codes[:, f], sizes[f]) for f in range(len(self.token_fields))]
         kinds = {f.name: f.kind for f in tok.fields}
-        self.ordered = {f: field_onehot(token_codes[:, f], sizes[f]) for f, n in enumerate(self.token_fields)
+        self.ordered = {f: field_onehot(token_codes[:, f], sizes[f], torch.float64)
+                        for f, n in enumerate(self.token_fields)
                         if kinds.get(n) == "numeric" and sizes[f] <= MAX_ORDERED_CODES}
-        self._weight_t: torch.Tensor | None = None
-        # the same tables as index arrays, for the one-position NumPy path (deviation_one)
-        self.member_index = [_groups(token_codes[:, f], sizes[f]) for f in range(len(self.token_fields))]
-        self.ordered_codes = {f: token_codes[:, f] for f in self.ordered}
+        with torch.no_grad():
+            self.weight = model.output_weight[N_SPECIAL:].detach().to(torch.float64).contiguous()  # (V, D)
+            self.weight_t = self.weight.t().contiguous()  # (D, V)
+            self.bias = model.out_bias[N_SPECIAL:].detach().to(torch.float64).contiguous()  # (V,)
+        self.delta_names = [*DELTA_NAMES, *(f"surprisal_{n}" for n in self.token_fields),
+                            *(f"tail_{self.token_fields[f]}" for f in self.ordered)]
 
-    def weight_t(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._weight_t is None:
-            self._weight_t = weight.t().contiguous()
-        return self._weight_t
+    def predict(self, h: torch.Tensor) -> Prediction:
+        """h (N, D) float32 -> the Prediction at those positions."""
+        return predict(h, self.weight_t, self.bias)
+
+    def deviation(self, pred: Prediction, tokens: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Δ of the observed events (tokens (N,), token-field codes (N, Ft)) against `pred` -> {name: (N,)}."""
+        obs = torch.where(tokens >= N_SPECIAL, tokens - N_SPECIAL, torch.full_like(tokens, -1))
+        return deviation_features(pred, self.weight, obs, codes, self.members, self.token_fields, self.ordered)
 
 
-def _groups(codes: np.ndarray, size: int) -> list[np.ndarray]:
-    """[indices of the tokens with code c for c in 0..size-1], by one stable sort."""
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(size + 1))
-    return [order[bounds[c]:bounds[c + 1]] for c in range(size)]
+def float64_copy(model: NeuralModel) -> NeuralModel:
+    """A float64 copy of the model, in eval mode, for the scoring passes (see the module doc)."""
+    return copy.deepcopy(model).to(torch.float64).eval()
 
 
-def delta_from_hidden(model: NeuralModel, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,
-                      vocab: DeviationVocab, pos_chunk: int = 128) -> dict[str, torch.Tensor]:
-    """h (N, D) states that predict the observed events, their tokens (N,) and token-field codes (N, Ft)
-    -> Δ by name (N,), `pos_chunk` rows at a time."""
-    weight = model.output_weight[N_SPECIAL:]
-    weight_t = vocab.weight_t(weight)  # (D, V) contiguous, made once
-    bias = model.out_bias[N_SPECIAL:]
-    obs = torch.where(tokens >= N_SPECIAL, tokens - N_SPECIAL, torch.full_like(tokens, -1))
+def exact_hidden(model64: NeuralModel, batch: Batch) -> torch.Tensor:
+    """(B, T, D) float64 causal states of a float64 model (`float64_copy`)."""
+    cast = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    cast = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in cast.items()}
+    return model64.hidden(Batch(**cast))
+
+
+def running_mean(h: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (B, T, D): at t, the mean of the states 0..t (the pooled history up to t)."""
+    T = h.shape[1]
+    return h.cumsum(1) / torch.arange(1, T + 1, dtype=h.dtype).view(1, T, 1)
+
+
+def delta_from_hidden(vocab: DeviationVocab, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,
+                      pos_chunk: int = 128) -> dict[str, torch.Tensor]:
+    """h (N, D) float32 states that predict the observed events, their tokens (N,) and token-field codes
+    (N, Ft) -> Δ by name (N,), `pos_chunk` rows at a time (the (n, V) passes stay small)."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, h.shape[0], pos_chunk):  # small chunks: the (n, V) passes stay in cache
-        hh = h[i:i + pos_chunk]
-        logits = torch.addmm(bias, hh, weight_t)  # (n, V)
-        feats = deviation_features(logits, hh, weight, obs[i:i + pos_chunk], codes[i:i + pos_chunk],
-                                   vocab.members, vocab.token_fields, vocab.ordered)
-        for k, val in feats.items():
+    for i in range(0, h.shape[0], pos_chunk):
+        pred = vocab.predict(h[i:i + pos_chunk])
+        for k, val in vocab.deviation(pred, tokens[i:i + pos_chunk], codes[i:i + pos_chunk]).items():
             parts.setdefault(k, []).append(val)
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -133,18 +161,19 @@ def delta_from_hidden(model: NeuralModel, h: torch.Tensor, tokens: torch.Tensor,
 @torch.no_grad()
 def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, context: int = 100,
                        batch_windows: int = 64, pos_chunk: int = 128) -> BehaviourFeatures:
-    """Δ, e_u and the recent-pattern state for every wanted event that has history (see the module doc)."""
+    """Δ, the pooled and the recent state for every wanted event that has history (see the module doc)."""
     model.eval()
+    model64 = float64_copy(model)
     max_len = model.cfg.max_len
     seq = data.seq
     windows, _ = scoring_windows(np.asarray(seq.offsets), want, max_len, context)
-    vocab = DeviationVocab(data.tokenizer)
+    vocab = DeviationVocab(data.tokenizer, model)
     tokens_all = np.asarray(seq.tokens)
     codes_all = np.asarray(seq.codes)[:, vocab.code_cols]
     n = int((windows[:, 2] - windows[:, 1]).sum())
     index = np.empty(n, dtype=np.int64)
     d = model.cfg.d_model
-    e_u = np.empty((n, d), dtype=np.float32)
+    pooled = np.empty((n, d), dtype=np.float32)
     recent = np.empty((n, d), dtype=np.float32)
     delta: dict[str, np.ndarray] = {}
     row = 0
@@ -154,28 +183,25 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
         if b and b % step == 0 and len(windows) > 20 * batch_windows:
             log.info("behaviour features: %d of %d windows", b, len(windows))
         w = windows[b:b + batch_windows]
-        batch = data._batch(w[:, 0], w[:, 2] - 1 - w[:, 0])
-        h = model.hidden(batch)  # (B, T, D)
-        T = h.shape[1]
-        cmean = h.cumsum(1) / torch.arange(1, T + 1, dtype=h.dtype).view(1, T, 1)  # (B, T, D)
+        h = exact_hidden(model64, data._batch(w[:, 0], w[:, 2] - 1 - w[:, 0]))  # (B, T, D) float64
         m = w[:, 2] - w[:, 1]
         r = np.repeat(np.arange(len(w)), m)
         j = np.concatenate([np.arange(c0, c1) for c0, c1 in zip(w[:, 1], w[:, 2])])  # target events
         p = j - 1 - w[r, 0]  # input position that predicts event j
         rt, pt = torch.from_numpy(r), torch.from_numpy(p)
-        hs = h[rt, pt]  # (n, D)
-        feats = delta_from_hidden(model, hs, torch.from_numpy(tokens_all[j].astype(np.int64)),
-                                torch.from_numpy(codes_all[j].astype(np.int64)), vocab, pos_chunk)
+        hs = h[rt, pt].to(torch.float32)  # (n, D): rounded once
+        feats = delta_from_hidden(vocab, hs, torch.from_numpy(tokens_all[j].astype(np.int64)),
+                                  torch.from_numpy(codes_all[j].astype(np.int64)), pos_chunk)
         k = len(j)
         index[row:row + k] = j
-        e_u[row:row + k] = cmean[rt, pt].numpy()
+        pooled[row:row + k] = running_mean(h)[rt, pt].to(torch.float32).numpy()
         recent[row:row + k] = hs.numpy()
         for name, val in feats.items():
             delta.setdefault(name, np.empty(n, dtype=np.float32))[row:row + k] = val.numpy()
         row += k
     order = np.argsort(index, kind="stable")
-    return BehaviourFeatures(index[order], {k: v[order] for k, v in delta.items()}, e_u[order], recent[order])
+    return BehaviourFeatures(index[order], {k: v[order] for k, v in delta.items()}, pooled[order], recent[order])
 
 
 __all__ = ["DELTA_NAMES", "BehaviourFeatures", "DeviationVocab", "behaviour_features", "delta_from_hidden",
-           "scoring_windows"]
+           "exact_hidden", "float64_copy", "running_mean", "scoring_windows"]

@@ -14,6 +14,8 @@ precision of the last `valid_share` of the training period by time, best weights
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from pantherseq.errors import ConfigError
-from pantherseq.fraud.metrics import average_precision
+from pantherseq.eval.metrics import average_precision
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ class Scaler:
         self.std[self.std < 1e-9] = 1.0
         self.missing = np.flatnonzero(np.isnan(X).any(0))
 
+    @classmethod
+    def from_stats(cls, mean: np.ndarray, std: np.ndarray, missing: np.ndarray) -> Scaler:
+        out = cls.__new__(cls)
+        out.mean, out.std, out.missing = mean, std, missing
+        return out
+
     def __call__(self, X: np.ndarray) -> torch.Tensor:
         nan = np.isnan(X)
         Z = np.where(nan, 0.0, (X - self.mean) / self.std)
@@ -92,23 +100,50 @@ class Scaler:
 
 
 class DCNRiskModel:
+    """A trained DCN-v2, its input scaler and the feature names it expects (registered as `dcn` in
+    fraud/risk.py's RISK_MODELS)."""
+
+    kind = "dcn"
+
     def __init__(self, net: DCNv2, scaler: Scaler, features: list[str], info: dict):
         self.net, self.scaler, self.features, self.info = net, scaler, features, info
 
-    @torch.no_grad()
     def predict(self, X: pl.DataFrame) -> np.ndarray:
+        return self.predict_matrix(X.select(self.features).cast(pl.Float64).to_numpy())
+
+    @torch.no_grad()
+    def predict_matrix(self, M: np.ndarray) -> np.ndarray:
+        """(N, F) in `features` order (NaN = missing) -> (N,) scores."""
         self.net.eval()
-        Z = self.scaler(X.select(self.features).cast(pl.Float64).to_numpy())
+        Z = self.scaler(np.asarray(M, dtype=np.float64))
         return torch.cat([torch.sigmoid(self.net(Z[i:i + 65536])) for i in range(0, len(Z), 65536)]).numpy()
 
     def importances(self) -> pl.DataFrame:
         return pl.DataFrame({"feature": self.features, "gain": [float("nan")] * len(self.features),
                              "split": [0] * len(self.features)})
 
-    def save(self, path: str | Path) -> None:
-        torch.save({"state_dict": self.net.state_dict(), "features": self.features, "mean": self.scaler.mean,
-                    "std": self.scaler.std, "missing": self.scaler.missing, "info": self.info},
-                   Path(path).with_suffix(".pt"))
+    def save(self, stem: str | Path) -> None:
+        """stem.pt (weights, scaler, config; `torch.load(weights_only=True)`) + stem.json (kind, features)."""
+        stem = Path(stem)
+        torch.save({"state_dict": self.net.state_dict(), "features": self.features,
+                    "mean": torch.from_numpy(np.asarray(self.scaler.mean, np.float64)),
+                    "std": torch.from_numpy(np.asarray(self.scaler.std, np.float64)),
+                    "missing": torch.from_numpy(np.asarray(self.scaler.missing, np.int64)),
+                    "config": dataclasses.asdict(self.cfg), "n_in": self.n_in, "info": self.info},
+                   stem.with_suffix(".pt"))
+        stem.with_suffix(".json").write_text(json.dumps({"kind": self.kind, "features": self.features,
+                                                         **self.info}, indent=1))
+
+    @classmethod
+    def load(cls, stem: str | Path) -> DCNRiskModel:
+        state = torch.load(Path(stem).with_suffix(".pt"), map_location="cpu", weights_only=True)
+        cfg = DCNConfig(**state["config"])
+        net = DCNv2(int(state["n_in"]), cfg)
+        net.load_state_dict(state["state_dict"])
+        scaler = Scaler.from_stats(state["mean"].numpy(), state["std"].numpy(), state["missing"].numpy())
+        model = cls(net.eval(), scaler, list(state["features"]), dict(state["info"]))
+        model.cfg, model.n_in = cfg, int(state["n_in"])
+        return model
 
 
 def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
@@ -155,4 +190,6 @@ def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
     info = {"epochs": epoch, "valid_average_precision": best, "pos_weight": float(weight),
             "train_rows": len(y), "train_frauds": pos}
     log.info("DCN risk model: %d inputs, %d epochs, early-stopping AP %.4f", Zf.shape[1], epoch, best)
-    return DCNRiskModel(net, scaler, features, info)
+    model = DCNRiskModel(net, scaler, features, info)
+    model.cfg, model.n_in = cfg, int(Zf.shape[1])
+    return model

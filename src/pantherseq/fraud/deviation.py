@@ -17,8 +17,16 @@ UNK (outside the vocabulary). Each returns (N,) float32, NaN where it is undefin
     upper_tail_surprisal(marginal, obs_code)   −log P(field >= observed bucket) for numeric fields: the
                                                one-sided surprise of an amount this high
     embedding_distance(pred, weight, obs)      1 − cos(predicted vector, observed token's output embedding)
-    head_stats + deviation_from_stats          all of them for one position in NumPy (the service's path:
-                                               the stats are cached per prediction); deviation_one = both
+    predict(h, weight, bias) -> Prediction     the prediction at N positions: h and P over V, float64
+    deviation_features(pred, obs, ...)         all of them at once, (N,) float32 each
+
+One implementation for the batch and for one event. `pantherseq fraud` calls `deviation_features` on chunks
+of positions, the service on one (its `Prediction` is cached per user by the refresh, so a request costs a
+few passes over V and no V × D product). Everything is computed in float64 from the float32 state h and
+rounded to float32 once, at the end: the two paths run the same formulas on differently shaped tensors,
+whose kernels may sum in other orders; in float64 those differences are ~1e-16 relative and vanish in the
+final rounding (two results can round apart only when one lies within ~1e-16 of a float32 rounding
+boundary: ~1e-9 per value), so the risk model sees the same features online as offline, on any CPU.
 
 Per-field surprisal. Our models have no per-field output heads: the only prediction is over tokens, each
 token a combination of field values (`tokenizer.token_codes`). The probability of a field value is the sum
@@ -43,27 +51,35 @@ import torch
 MASS_FLOOR = 1e-12
 
 
-def _nan(n: int, device=None) -> torch.Tensor:
-    return torch.full((n,), float("nan"), device=device)
+def _nan(n: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    return torch.full((n,), float("nan"), dtype=dtype)
+
+
+def _neg_log(mass: torch.Tensor, floor: float) -> torch.Tensor:
+    """−log of probability masses, each rounded to float32 first. A mass that is 1 up to the float64 error
+    (a certain prediction, the lowest bucket's upper tail) would give ±1e-16, whose sign depends on the
+    summation order; rounded, it is exactly 1 and the surprisal exactly 0 on every path."""
+    return -torch.log(mass.clamp_min(floor).to(torch.float32).to(mass.dtype))
 
 
 def _gather(x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-    """x (N, V), obs (N,) with -1 = none -> (N,) x[i, obs[i]], NaN where obs < 0."""
+    """x (N, V), obs (N,) with -1 = none -> (N,) x[i, obs[i]], NaN where obs < 0 (x's dtype)."""
     ok = obs >= 0
-    out = x.gather(1, obs.clamp_min(0).unsqueeze(1)).squeeze(1).float()
-    return torch.where(ok, out, _nan(len(obs), x.device))
+    out = x.gather(1, obs.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(ok, out, _nan(len(obs), x))
 
 
 def surprisal(p: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
     """p (N, V) probabilities -> (N,) −log P(obs) (P clamped at 1e-38, the float32 floor: at most 87.5)."""
-    return -torch.log(_gather(p, obs).clamp_min(1e-38))
+    return _neg_log(_gather(p, obs), 1e-38)
 
 
 def rank_of(logits: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
     """logits (N, V) -> (N,) 1-based rank of obs: 1 + #tokens with a strictly higher score."""
     t = logits.gather(1, obs.clamp_min(0).unsqueeze(1))
-    r = 1.0 + torch.gt(logits, t).sum(1, dtype=torch.int32).float()
-    return torch.where(obs >= 0, r, _nan(len(obs), logits.device))
+    r = 1.0 + torch.gt(logits, t).sum(1, dtype=torch.int64).to(logits.dtype)
+    return torch.where(obs >= 0, r, _nan(len(obs), logits))
 
 
 def _sum_sq(p: torch.Tensor) -> torch.Tensor:
@@ -82,7 +98,7 @@ def standardised_deviation(p: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
 def collision_entropy(p: torch.Tensor) -> torch.Tensor:
     """(N,) Rényi-2 entropy −log Σ p²: how spread the prediction is (0 when certain, log V when uniform).
     Used instead of the Shannon entropy because it comes from the same pass as σ."""
-    return -torch.log(_sum_sq(p).clamp_min(1e-38))
+    return _neg_log(_sum_sq(p), 1e-38)
 
 
 def field_members(token_codes: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +127,7 @@ def field_mass(p: torch.Tensor, obs_code: torch.Tensor, members: tuple[torch.Ten
     ids, valid = members
     ok = (obs_code > 0) & (obs_code < ids.shape[0])
     c = obs_code.clamp(0, ids.shape[0] - 1)
-    mass = (p.gather(1, ids[c]) * valid[c]).sum(1).float()  # (N, K) -> (N,)
+    mass = (p.gather(1, ids[c]) * valid[c]).sum(1)  # (N, K) -> (N,)
     return torch.where(ok, mass, torch.zeros_like(mass))
 
 
@@ -120,8 +136,8 @@ def field_surprisal(p: torch.Tensor, obs_code: torch.Tensor, members: tuple[torc
     """(N,) −log P(field = obs_code) with the token distribution marginalised; NaN when no token carries
     the value (or it is the field's UNK)."""
     mass = field_mass(p, obs_code, members)
-    out = -torch.log(mass.clamp_min(MASS_FLOOR))
-    return torch.where(mass > 0, out, _nan(len(mass), p.device))
+    out = _neg_log(mass, MASS_FLOOR)
+    return torch.where(mass > 0, out, _nan(len(mass), p))
 
 
 def field_marginal(p: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -135,23 +151,23 @@ def upper_tail_surprisal(marginal: torch.Tensor, obs_code: torch.Tensor) -> torc
     marginal (N, C), obs_code (N,) -> (N,); NaN for code 0 (the field's UNK)."""
     tail = marginal.flip(1).cumsum(1).flip(1)  # (N, C): P(field >= c)
     c = obs_code.clamp(0, marginal.shape[1] - 1)
-    val = tail.gather(1, c.unsqueeze(1)).squeeze(1).float()
-    out = -torch.log(val.clamp_min(MASS_FLOOR))
-    return torch.where(obs_code > 0, out, _nan(len(obs_code), marginal.device))
+    val = tail.gather(1, c.unsqueeze(1)).squeeze(1)
+    out = _neg_log(val, MASS_FLOOR)
+    return torch.where(obs_code > 0, out, _nan(len(obs_code), marginal))
 
 
-def field_onehot(token_codes: np.ndarray, size: int) -> torch.Tensor:
-    """(V, size) float32: row v is the one-hot code of token v for the field."""
-    out = torch.zeros(len(token_codes), size)
+def field_onehot(token_codes: np.ndarray, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(V, size): row v is the one-hot code of token v for the field."""
+    out = torch.zeros(len(token_codes), size, dtype=dtype)
     out[torch.arange(len(token_codes)), torch.from_numpy(np.asarray(token_codes, dtype=np.int64))] = 1.0
     return out
 
 
 def embedding_distance(pred: torch.Tensor, weight: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
     """pred (N, D) predicted vectors, weight (V, D) token embeddings -> (N,) 1 − cos(pred, weight[obs])."""
-    w = weight[obs.clamp_min(0)]
-    cos = torch.nn.functional.cosine_similarity(pred.float(), w.float(), dim=1, eps=1e-12)
-    return torch.where(obs >= 0, 1.0 - cos, _nan(len(obs), pred.device))
+    w = weight[obs.clamp_min(0)].to(pred.dtype)
+    cos = torch.nn.functional.cosine_similarity(pred, w, dim=1, eps=1e-12)
+    return torch.where(obs >= 0, 1.0 - cos, _nan(len(obs), pred))
 
 
 def expected_embedding(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -162,103 +178,54 @@ def expected_embedding(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 DELTA_NAMES = ("surprisal", "rank", "log_rank", "delta_std", "entropy2", "emb_distance", "is_unk")
 
 
-def deviation_features(logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, obs: torch.Tensor,
-                       obs_codes: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor]],
-                       field_names: list[str], ordered: dict[int, torch.Tensor] | None = None
-                       ) -> dict[str, torch.Tensor]:
-    """All Δ at N positions at once.
+@dataclass
+class Prediction:
+    """The model's prediction at N positions, float64: the states h (N, D) and P over the V regular tokens
+    (N, V). What every Δ of the next event needs; the service keeps one per user (8 V bytes)."""
 
-    logits (N, V) over the regular tokens, h (N, D) hidden states, weight (V, D) their output embeddings,
+    h: torch.Tensor
+    p: torch.Tensor
+
+    def row(self, i: int) -> Prediction:
+        """Row i alone (a copy: a cached row must not keep its whole batch alive)."""
+        return Prediction(self.h[i:i + 1].clone(), self.p[i:i + 1].clone())
+
+    @property
+    def nbytes(self) -> int:
+        return self.h.numel() * self.h.element_size() + self.p.numel() * self.p.element_size()
+
+
+def predict(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> Prediction:
+    """h (N, D) float32 states, weight_t (D, V) and bias (V,) of the output layer over the regular tokens
+    (float64: `DeviationVocab.weight_t`, `.bias`) -> Prediction. The logits are computed in float64 from the float32 h."""
+    h64 = h.detach().to(torch.float64)
+    return Prediction(h64, torch.softmax(torch.addmm(bias, h64, weight_t), dim=1))
+
+
+def deviation_features(pred: Prediction, weight: torch.Tensor, obs: torch.Tensor, obs_codes: torch.Tensor,
+                       members: list[tuple[torch.Tensor, torch.Tensor]], field_names: list[str],
+                       ordered: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All Δ at N positions at once, the batch and the one-event form alike (N = 1).
+
+    pred the `Prediction` at those positions, weight (V, D) the regular tokens' output embeddings (float64),
     obs (N,) observed index (-1 = UNK), obs_codes (N, Ft) the observed event's codes of the token fields,
-    members[f] the `field_members` tables of token field f; `ordered` {f: `field_onehot` (V, C)} for the
-    ordered (numeric) token fields, which also get `tail_<name>` = `upper_tail_surprisal`.
-    Returns {name: (N,) float32}.
+    members[f] the `field_members` tables of token field f; `ordered` {f: `field_onehot` (V, C) float64}
+    for the ordered (numeric) token fields, which also get `tail_<name>` = `upper_tail_surprisal`.
+    Returns {name: (N,) float32}, rounded once from float64 (see the module doc).
     """
-    p = torch.softmax(logits.float(), dim=1)
-    rank = rank_of(logits, obs)
+    p = pred.p
+    rank = rank_of(p, obs)
     out = {
         "surprisal": surprisal(p, obs),
         "rank": rank,
         "log_rank": torch.log(rank),
         "delta_std": standardised_deviation(p, obs),
         "entropy2": collision_entropy(p),
-        "emb_distance": embedding_distance(h, weight, obs),
-        "is_unk": (obs < 0).float(),
+        "emb_distance": embedding_distance(pred.h, weight, obs),
+        "is_unk": (obs < 0).to(p.dtype),
     }
     for f, name in enumerate(field_names):
         out[f"surprisal_{name}"] = field_surprisal(p, obs_codes[:, f], members[f])
     for f, onehot in (ordered or {}).items():
         out[f"tail_{field_names[f]}"] = upper_tail_surprisal(field_marginal(p, onehot), obs_codes[:, f])
-    return out
-
-
-@dataclass
-class HeadStats:
-    """What the Δ of any next event need from one prediction (one position's logits over V), computed once
-    per prediction: the service caches it per user, so scoring an event costs O(V) comparisons for the rank
-    and O(members) for the per-field masses instead of a V × D product and several passes over V."""
-
-    logits: np.ndarray  # (V,) float32
-    log_z: float  # log Σ exp(logits)
-    sum_sq: float  # Σ p²
-    marginals: dict[int, np.ndarray]  # ordered field f -> (C,) P(field = c)
-    tails: dict[int, np.ndarray]  # ordered field f -> (C,) P(field >= c)
-
-
-def head_stats(logits: np.ndarray, ordered: dict[int, np.ndarray] | None = None,
-               sizes: dict[int, int] | None = None) -> HeadStats:
-    """logits (V,) of one position; ordered {f: (V,) token codes} of the ordered fields (sizes {f: C})."""
-    logits = np.ascontiguousarray(logits, dtype=np.float32)
-    m = np.float32(logits.max())
-    e = np.exp(logits - m)
-    z = e.sum(dtype=np.float32)
-    p = e / z
-    marginals, tails = {}, {}
-    for f, codes in (ordered or {}).items():
-        size = (sizes or {}).get(f, int(codes.max()) + 1)
-        marg = np.bincount(codes, weights=p, minlength=size).astype(np.float32)
-        marginals[f], tails[f] = marg, marg[::-1].cumsum()[::-1].astype(np.float32)
-    return HeadStats(logits, float(m) + float(np.log(z)), float(np.dot(p, p)), marginals, tails)
-
-
-def deviation_from_stats(st: HeadStats, h: np.ndarray, weight: np.ndarray, obs: int, obs_codes: list[int],
-                         members: list[list[np.ndarray]], field_names: list[str]) -> dict[str, float]:
-    """`deviation_features` for ONE position from its `HeadStats` (the service's request path). h (D,),
-    weight (V, D), obs the observed index (-1 = UNK), obs_codes the token fields' codes, members[f][c] the
-    token indices carrying code c of field f. Same formulas and floors as the batched version (tested)."""
-    logits, v, nan = st.logits, len(st.logits), float("nan")
-    out: dict[str, float] = {"entropy2": -float(np.log(max(st.sum_sq, 1e-38)))}
-    if obs >= 0:
-        p_obs = float(np.exp(np.float32(logits[obs]) - st.log_z))
-        rank = 1.0 + float(np.count_nonzero(logits > logits[obs]))
-        sd = max(float(np.sqrt(max(st.sum_sq / v - 1.0 / v / v, 0.0))), 1e-12)
-        w = weight[obs].astype(np.float32)
-        cos = float(np.dot(h, w)) / max(float(np.linalg.norm(h)) * float(np.linalg.norm(w)), 1e-12)
-        out |= {"surprisal": -float(np.log(max(p_obs, 1e-38))), "rank": rank, "log_rank": float(np.log(rank)),
-                "delta_std": (p_obs - 1.0 / v) / sd, "emb_distance": 1.0 - cos}
-    else:
-        out |= {"surprisal": nan, "rank": nan, "log_rank": nan, "delta_std": nan, "emb_distance": nan}
-    out["is_unk"] = float(obs < 0)
-    for f, name in enumerate(field_names):
-        c = int(obs_codes[f])
-        if not 0 < c < len(members[f]):
-            mass = 0.0
-        elif f in st.marginals:
-            mass = float(st.marginals[f][c])
-        else:
-            mass = float(np.exp(logits[members[f][c]] - np.float32(st.log_z)).sum(dtype=np.float32))
-        out[f"surprisal_{name}"] = -float(np.log(max(mass, MASS_FLOOR))) if mass > 0 else nan
-    for f in st.tails:
-        c = int(obs_codes[f])
-        tail = float(st.tails[f][c]) if 0 < c < len(st.tails[f]) else 0.0
-        out[f"tail_{field_names[f]}"] = -float(np.log(max(tail, MASS_FLOOR))) if c > 0 else nan
-    return {k: out[k] for k in (*DELTA_NAMES, *(k for k in out if k not in DELTA_NAMES))}
-
-
-def deviation_one(logits: np.ndarray, h: np.ndarray, weight: np.ndarray, obs: int, obs_codes: list[int],
-                  members: list[list[np.ndarray]], field_names: list[str],
-                  ordered: dict[int, np.ndarray] | None = None) -> dict[str, float]:
-    """`deviation_features` for ONE position in NumPy: `head_stats` then `deviation_from_stats`."""
-    sizes = {f: len(members[f]) for f in (ordered or {})}
-    return deviation_from_stats(head_stats(logits, ordered, sizes), h, weight, obs, obs_codes, members,
-                                field_names)
+    return {k: v.to(torch.float32) for k, v in out.items()}

@@ -1,15 +1,25 @@
 """Hand-made fraud features (SPEC §7 baseline, the Fraud Detection Handbook's standard set), causal by construction.
+Each feature lives here once, in a batch form (every event of a frame, for `pantherseq fraud`) and a one-event
+form (the service's request path, serve/scorer.py) side by side:
 
-    context_features(events, amount, categorical)   ψ: amount, hour, weekend, night (+ low-cardinality fields)
-    customer_features(events, amount, windows)      per customer: count and mean amount over 1/7/30 days
-    terminal_features(events, merchant, windows, delay)
-                                                    per terminal: transactions, frauds and fraud rate over
-                                                    1/7/30 days *ending `delay` days ago* (labels are only
-                                                    known after the delay)
-    baseline_features(events, ...)                  all of the above, one row per event, in input order
+    batch form                                          one-event form
+    context_features(events, amount, categorical)       context_one(dt, amount, codes)
+        ψ: amount, hour, weekend, night (+ low-cardinality fields' codes)
+    customer_features(events, amount, windows)          customer_one(times, amounts, t, amount, windows)
+        per customer: count and mean amount over 1/7/30 days, the current event included
+    terminal_features(events, merchant, windows, delay) TerminalHistory.features(terminal, t)
+        per terminal: transactions, frauds and fraud rate over 1/7/30 days *ending `delay` days ago*
+        (labels are only known after the delay)
+    baseline_features(events, ...)                      all of the above, one row per event, in input order
 
 `events` is a run's `events.parquet` (or any frame with `user_id`, `timestamp`, the amount and merchant
 fields and `label`); the output rows are aligned with its rows.
+
+Exact arithmetic, so both forms agree bit for bit on any CPU. Window sums are integer: counts, fraud
+counts and amounts in units of 1/AMOUNT_SCALE (`amount_units`, rounded to the nearest unit, 1e-4 of the
+currency), summed in int64, which no summation order can change; a mean or a rate is then one float64
+division, rounded once to float32. Float sums would differ in their last bits between a cumulative-sum
+difference (batch) and a direct sum (one event), and a LightGBM split can fall between the two.
 
 Windows are computed with cumulative sums and binary search over a sorted (group, time, row) key rather
 than Polars `rolling`: a rolling window (t − w, t] also includes the rows that share the current
@@ -23,13 +33,30 @@ changing the future and checking the past is unchanged).
 
 from __future__ import annotations
 
+import threading
+from datetime import datetime
+
 import numpy as np
 import polars as pl
 
-from pantherseq.data.schema import LABEL, TIME, USER
+from pantherseq.data.schema import DAY, LABEL, TIME, USER
 
-DAY = 86_400
 WINDOWS = (1, 7, 30)
+AMOUNT_SCALE = 10_000  # amounts are summed in int64 units of 1e-4 (exact; overflows past ~9e14 in total)
+
+
+def amount_units(amounts: np.ndarray | float) -> np.ndarray:
+    """Amounts -> int64 units of 1/AMOUNT_SCALE (nearest), the exact form every amount sum uses."""
+    return np.rint(np.asarray(amounts, dtype=np.float64) * AMOUNT_SCALE).astype(np.int64)
+
+
+def mean_amount(units: np.ndarray | int, n: np.ndarray | float) -> np.ndarray:
+    """Σ units over n events -> the mean amount (float64; both forms then round it once to float32)."""
+    return (np.asarray(units, dtype=np.float64) / AMOUNT_SCALE) / np.maximum(np.asarray(n, np.float64), 1.0)
+
+
+def fraud_rate(frauds: np.ndarray | int, n: np.ndarray | int) -> np.ndarray:
+    return np.asarray(frauds, dtype=np.float64) / np.maximum(np.asarray(n, np.float64), 1.0)
 
 
 def _seconds(events: pl.DataFrame) -> np.ndarray:
@@ -47,18 +74,18 @@ def window_sums(group: np.ndarray, t: np.ndarray, values: np.ndarray, width: int
 
     With lag = 0 only rows at or before row i in (time, row) order count, so a row never sees a later row
     with the same timestamp. Vectorised: one sort, a cumulative sum and two binary searches.
-    values: (N,) or (N, C) -> the same shape, float64.
+    values: (N,) or (N, C) int64 -> the same shape, int64 (integer sums: exact in any order).
     """
     n = len(t)
-    vals = np.asarray(values, dtype=np.float64).reshape(n, -1)
+    vals = np.asarray(values, dtype=np.int64).reshape(n, -1)
     if n == 0:
-        return vals.reshape(np.shape(values)).astype(np.float64)
+        return vals.reshape(np.shape(values))
     order = np.lexsort((np.arange(n), t, group))
     span = int(lag + width + 1)
     trel = t - t.min() + span  # >= span, so key - offset stays inside the group
     big = int(trel.max()) + span + 1
     key = group[order].astype(np.int64) * big + trel[order]
-    cum = np.vstack([np.zeros((1, vals.shape[1])), np.cumsum(vals[order], axis=0)])
+    cum = np.vstack([np.zeros((1, vals.shape[1]), np.int64), np.cumsum(vals[order], axis=0)])
     pos = np.arange(n)
     hi = pos + 1 if lag == 0 else np.searchsorted(key, key - lag, side="right")
     lo = np.searchsorted(key, key - lag - width, side="right")
@@ -85,16 +112,40 @@ def context_features(events: pl.DataFrame, amount: str, categorical: dict[str, n
     return out
 
 
+def context_one(dt: datetime, amount: float, codes: dict[str, int] | None = None) -> dict[str, float]:
+    """`context_features` of ONE event: dt naive UTC (as events.parquet), codes {field: tokenizer code}."""
+    hour = dt.hour
+    out = {"amount": float(amount), "hour": float(np.float32(hour + dt.minute / 60.0)),
+           "weekend": float(dt.isoweekday() >= 6), "night": float(hour < 6)}
+    return out | {f"ctx_{name}": float(c) for name, c in (codes or {}).items()}
+
+
 def customer_features(events: pl.DataFrame, amount: str, windows: tuple[int, ...] = WINDOWS) -> pl.DataFrame:
     """Per customer, over (t − w days, t], current transaction included: count and mean amount."""
     user, t = _codes(events[USER]), _seconds(events)
-    amt = events[amount].cast(pl.Float64).fill_null(0.0).to_numpy()
+    units = amount_units(events[amount].cast(pl.Float64).fill_null(0.0).to_numpy())
     cols = {}
     for w in windows:
-        s = window_sums(user, t, np.stack([np.ones_like(amt), amt], 1), w * DAY)
+        s = window_sums(user, t, np.stack([np.ones_like(units), units], 1), w * DAY)
         cols[f"cust_n_{w}d"] = s[:, 0].astype(np.float32)
-        cols[f"cust_mean_amount_{w}d"] = (s[:, 1] / np.maximum(s[:, 0], 1.0)).astype(np.float32)
+        cols[f"cust_mean_amount_{w}d"] = mean_amount(s[:, 1], s[:, 0]).astype(np.float32)
     return pl.DataFrame(cols)
+
+
+def customer_one(times: np.ndarray, amounts: np.ndarray, t: int, amount: float, windows: tuple[int, ...]
+                 = WINDOWS) -> dict[str, float]:
+    """`customer_features` of ONE event at time t (unix s) with this amount, given the customer's earlier
+    events (times, amounts), all at or before t (the state keeps the last max(windows) days)."""
+    times = np.asarray(times, dtype=np.int64)
+    units = amount_units(amounts)
+    now = int(amount_units(amount))
+    out = {}
+    for w in windows:
+        keep = times > t - w * DAY
+        n = int(keep.sum()) + 1
+        out[f"cust_n_{w}d"] = float(np.float32(n))
+        out[f"cust_mean_amount_{w}d"] = float(np.float32(mean_amount(int(units[keep].sum()) + now, n)))
+    return out
 
 
 def terminal_features(events: pl.DataFrame, merchant: str, windows: tuple[int, ...] = WINDOWS,
@@ -102,15 +153,74 @@ def terminal_features(events: pl.DataFrame, merchant: str, windows: tuple[int, .
     """Per terminal / merchant, over (t − delay − w, t − delay]: transactions, frauds and the fraud rate.
     Unknown labels (null or -1) count as transactions, not as frauds."""
     term, t = _codes(events[merchant]), _seconds(events)
-    label = (events[LABEL].fill_null(0).cast(pl.Int64).to_numpy() == 1).astype(np.float64) \
-        if LABEL in events.columns else np.zeros(events.height)
+    label = (events[LABEL].fill_null(0).cast(pl.Int64).to_numpy() == 1).astype(np.int64) \
+        if LABEL in events.columns else np.zeros(events.height, np.int64)
     cols = {}
     for w in windows:
         s = window_sums(term, t, np.stack([np.ones_like(label), label], 1), w * DAY, lag=delay_days * DAY)
         cols[f"term_n_{w}d"] = s[:, 0].astype(np.float32)
         cols[f"term_frauds_{w}d"] = s[:, 1].astype(np.float32)
-        cols[f"term_rate_{w}d"] = (s[:, 1] / np.maximum(s[:, 0], 1.0)).astype(np.float32)
+        cols[f"term_rate_{w}d"] = fraud_rate(s[:, 1], s[:, 0]).astype(np.float32)
     return pl.DataFrame(cols)
+
+
+class TerminalHistory:
+    """The one-event form of `terminal_features`: every event at each terminal / merchant (time, fraud
+    label, an id for late labels), kept sorted by time. Loaded from the run's events before the embedding
+    cut-off, then grown with the served events (label unknown = 0 until `/feedback`)."""
+
+    def __init__(self, windows: tuple[int, ...] = WINDOWS, delay_days: int = 7):
+        self.windows, self.lag = [int(w) for w in windows], int(delay_days) * DAY
+        self._times: dict[str, np.ndarray] = {}
+        self._labels: dict[str, np.ndarray] = {}
+        self._ids: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def load(self, terminals: np.ndarray, times: np.ndarray, labels: np.ndarray) -> None:
+        order = np.lexsort((times, terminals))
+        terms, times, labels = terminals[order], times[order], labels[order]
+        cuts = np.flatnonzero(terms[1:] != terms[:-1]) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(terms)]):
+            if b > a:
+                key = str(terms[a])
+                self._times[key] = times[a:b].astype(np.int64)
+                self._labels[key] = labels[a:b].astype(np.int8)
+                self._ids[key] = np.full(b - a, -1, dtype=np.int64)
+
+    def add(self, terminal: str, t: int, label: int = 0, event_id: int = -1) -> None:
+        with self._lock:
+            times = self._times.get(terminal, np.zeros(0, np.int64))
+            i = int(np.searchsorted(times, t, side="right"))
+            self._times[terminal] = np.insert(times, i, t)
+            self._labels[terminal] = np.insert(self._labels.get(terminal, np.zeros(0, np.int8)), i, label)
+            self._ids[terminal] = np.insert(self._ids.get(terminal, np.zeros(0, np.int64)), i, event_id)
+
+    def set_label(self, terminal: str, event_id: int, label: int) -> bool:
+        with self._lock:
+            ids = self._ids.get(terminal)
+            hit = np.flatnonzero(ids == event_id) if ids is not None else []
+            if len(hit) == 0:
+                return False
+            self._labels[terminal][hit[0]] = label
+            return True
+
+    def label_of(self, terminal: str, event_id: int) -> int | None:
+        ids = self._ids.get(terminal)
+        hit = np.flatnonzero(ids == event_id) if ids is not None else []
+        return int(self._labels[terminal][hit[0]]) if len(hit) else None
+
+    def features(self, terminal: str | None, t: int) -> dict[str, float]:
+        times = self._times.get(terminal) if terminal is not None else None
+        out = {}
+        for w in self.windows:
+            n = f = 0
+            if times is not None:
+                hi = int(np.searchsorted(times, t - self.lag, side="right"))
+                lo = int(np.searchsorted(times, t - self.lag - w * DAY, side="right"))
+                n, f = hi - lo, int(self._labels[terminal][lo:hi].astype(np.int64).sum())
+            out[f"term_n_{w}d"], out[f"term_frauds_{w}d"] = float(np.float32(n)), float(np.float32(f))
+            out[f"term_rate_{w}d"] = float(np.float32(fraud_rate(f, n)))
+        return out
 
 
 def auto_categorical(fields: list[str], sizes: list[int], max_values: int = 50) -> list[str]:

@@ -1,10 +1,11 @@
 """The hybrid risk model g (SPEC §7, paper §3.1 Stage 2): gradient-boosted trees on
-[context ψ, recent pattern, e_u, Δ], and the feature sets it is compared on.
+[context ψ, recent pattern, pooled history state, Δ], and the feature sets it is compared on.
 
     FEATURE_SETS        baseline | baseline+embedding | baseline+deviation | hybrid (= all)
     LGBMConfig          the booster's knobs (defaults below)
     fit_risk_model(X, y, t, cfg) -> RiskModel      time-ordered early stopping, then a refit on all rows
-    RiskModel.predict(X) -> (N,) scores; .save(path); .importances()
+    RiskModel.predict(X) -> (N,) scores; .save(stem); RiskModel.load(stem); .importances()
+    (registered as `lightgbm` in fraud/risk.py's RISK_MODELS)
 
 Decisions (the paper uses a DCN; the downstream model is free):
 - LightGBM, one thread (MEASURED.md: 2 threads ran 10-20x slower on these machines), binary log-loss.
@@ -84,11 +85,17 @@ def _params(cfg: LGBMConfig, pos_weight: float) -> dict:
 class RiskModel:
     """A trained booster and the feature names it expects (columns are taken by name)."""
 
+    kind = "lightgbm"
+
     def __init__(self, booster, features: list[str], info: dict):
         self.booster, self.features, self.info = booster, features, info
 
     def predict(self, X: pl.DataFrame) -> np.ndarray:
-        return self.booster.predict(_matrix(X, self.features), num_threads=self.info.get("threads", 1))
+        return self.predict_matrix(_matrix(X, self.features))
+
+    def predict_matrix(self, M: np.ndarray) -> np.ndarray:
+        """(N, F) float32 in `features` order -> (N,) scores (the service's one-row path)."""
+        return self.booster.predict(np.asarray(M, dtype=np.float32), num_threads=self.info.get("threads", 1))
 
     def importances(self) -> pl.DataFrame:
         return pl.DataFrame({
@@ -97,10 +104,19 @@ class RiskModel:
             "split": self.booster.feature_importance("split").astype(np.int64),
         }).sort("gain", descending=True)
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        self.booster.save_model(str(path))
-        path.with_suffix(".json").write_text(json.dumps({"features": self.features, **self.info}, indent=1))
+    def save(self, stem: str | Path) -> None:
+        """stem.txt (the booster) + stem.json (kind, features, training info)."""
+        stem = Path(stem)
+        self.booster.save_model(str(stem.with_suffix(".txt")))
+        stem.with_suffix(".json").write_text(json.dumps({"kind": self.kind, "features": self.features,
+                                                         **self.info}, indent=1))
+
+    @classmethod
+    def load(cls, stem: str | Path) -> RiskModel:
+        stem = Path(stem)
+        meta = json.loads(stem.with_suffix(".json").read_text())
+        booster = _lightgbm().Booster(model_file=str(stem.with_suffix(".txt")))
+        return cls(booster, meta.pop("features"), {k: v for k, v in meta.items() if k != "kind"})
 
 
 def _matrix(X: pl.DataFrame, features: list[str]) -> np.ndarray:

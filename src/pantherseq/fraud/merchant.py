@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from pantherseq.data.schema import USER
-from pantherseq.fraud.metrics import roc_auc
+from pantherseq.eval.metrics import roc_auc
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation under normality
 

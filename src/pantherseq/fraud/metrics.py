@@ -1,8 +1,7 @@
 """Fraud metrics (SPEC §7): pure NumPy functions of scores and labels, each tested against hand-worked values.
 
     recall_at_top(scores, labels, pct)     share of all frauds among the top pct % of transactions by score
-    average_precision(scores, labels)      area under the precision-recall step curve (PR-AUC)
-    roc_auc(scores, labels)                Mann-Whitney statistic, ties count one half
+    average_precision, roc_auc             (eval/metrics.py, re-exported)
     card_precision_at_k(scores, labels, customer, day, k)
                                            per day: the k customers with the highest max score, share
                                            truly compromised that day (any fraud that day); mean over days
@@ -18,15 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pantherseq.eval.metrics import average_precision, check_scores, roc_auc
+
 TOP_PCTS = (0.01, 0.1, 1.0, 5.0)
-
-
-def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    if s.shape != y.shape or s.ndim != 1:
-        raise ValueError(f"scores {s.shape} and labels {y.shape} must be 1-D and of the same length")
-    return s, y
 
 
 def top_k_count(n: int, pct: float) -> int:
@@ -36,7 +29,7 @@ def top_k_count(n: int, pct: float) -> int:
 
 def hits_in_top(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
     """Expected number of positives among the k highest scores (ties at the cut-off shared pro rata)."""
-    s, y = _check(scores, positives)
+    s, y = check_scores(scores, positives)
     if k <= 0 or len(s) == 0:
         return 0.0
     k = min(k, len(s))
@@ -50,41 +43,11 @@ def hits_in_top(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
 def recall_at_top(scores: np.ndarray, labels: np.ndarray, pct: float,
                   subset: np.ndarray | None = None) -> float:
     """Share of the frauds (of `subset` of them, e.g. one scenario) among the top pct % of all transactions."""
-    s, y = _check(scores, labels)
+    s, y = check_scores(scores, labels)
     target = y if subset is None else (y & np.asarray(subset, dtype=bool))
     if not target.any():
         return float("nan")
     return hits_in_top(s, target, top_k_count(len(s), pct)) / float(target.sum())
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Σ_n (R_n − R_{n−1}) · P_n over the distinct score thresholds, highest first (sklearn's definition)."""
-    s, y = _check(scores, labels)
-    if not y.any():
-        return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the end of each group of equal scores
-    tp = np.cumsum(y)[last]
-    precision = tp / (last + 1.0)
-    recall = tp / tp[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """P(score of a random fraud > score of a random genuine one), ties counting 1/2 (mid-ranks)."""
-    s, y = _check(scores, labels)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    first = np.r_[0, np.flatnonzero(np.diff(sorted_s) != 0) + 1]
-    size = np.diff(np.r_[first, len(s)])
-    mid = first + (size + 1) / 2.0  # 1-based mid-rank of each tie group
-    ranks[order] = np.repeat(mid, size)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def card_precision_at_k(scores: np.ndarray, labels: np.ndarray, customer: np.ndarray, day: np.ndarray,
@@ -92,7 +55,7 @@ def card_precision_at_k(scores: np.ndarray, labels: np.ndarray, customer: np.nda
     """Mean over days of: share of compromised customers among the day's k customers with the highest
     max score (a customer is compromised on a day when any of their transactions that day is fraud).
     Ties among customers are broken by the customer id, so the value is deterministic."""
-    s, y = _check(scores, labels)
+    s, y = check_scores(scores, labels)
     customer, day = np.asarray(customer), np.asarray(day)
     if len(s) == 0:
         return float("nan")
@@ -117,7 +80,7 @@ def fraud_metrics(scores: np.ndarray, labels: np.ndarray, customer: np.ndarray, 
                   scenario: np.ndarray | None = None, card_k: int = 100) -> dict:
     """One row of `fraud.json`: recall@K% for K in TOP_PCTS, AP, ROC-AUC, card precision@k, recall@1% per
     scenario (scenario ids > 0 present among the frauds; keys are their string ids)."""
-    s, y = _check(scores, labels)
+    s, y = check_scores(scores, labels)
     out: dict = {f"recall@{_pct(p)}%": recall_at_top(s, y, p) for p in TOP_PCTS}
     out["average_precision"] = average_precision(s, y)
     out["roc_auc"] = roc_auc(s, y)

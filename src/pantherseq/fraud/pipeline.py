@@ -12,141 +12,40 @@ only labels at least `delay_days` old, the customer features only the transactio
 Δ and the user state only strictly earlier events (features.py, behaviour.py).
 
 Writes RUN_DIR/fraud/: fraud.json (metrics per feature set, merchant-risk AUC, periods, timings),
-risk_model_<set>.txt (LightGBM, + .json: its features and training info; .pt with `risk_model = "dcn"`),
-scores.parquet (every test-period
-transaction with a score per feature set), merchant_risk.parquet, importances.parquet and, with
+risk_model_<set>.json + .txt / .pt (the risk model of each feature set: fraud/risk.py), scores.parquet
+(every test-period transaction with a score per feature set), merchant_risk.parquet, importances.parquet and, with
 `save_features`, features.parquet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
-from pantherseq.config import apply_overrides, build_config, load_toml
 from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import EVENT_ID, LABEL, SCENARIO, TIME, USER
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.fraud.behaviour import BehaviourFeatures, behaviour_features
-from pantherseq.fraud.dcn import DCNConfig, fit_dcn
-from pantherseq.fraud.features import WINDOWS, auto_categorical, baseline_features
-from pantherseq.fraud.hybrid import FEATURE_SETS, GROUPS, LGBMConfig, fit_risk_model
+from pantherseq.fraud.config import MERCHANT_FIELDS, FraudConfig, load_fraud_config, resolve_periods
+from pantherseq.fraud.features import auto_categorical, baseline_features
+from pantherseq.fraud.hybrid import GROUPS
 from pantherseq.fraud.merchant import merchant_auc, merchant_risk
 from pantherseq.fraud.metrics import fraud_metrics
+from pantherseq.fraud.risk import risk_model_kind
 from pantherseq.model.base import NeuralModel
+from pantherseq.run import RunDir
 from pantherseq.train.checkpoint import load_model
 
 log = logging.getLogger(__name__)
-MERCHANT_FIELDS = ("terminal_id", "merchant_id", "merchant", "merchant_name")
-
-
-@dataclass
-class FraudConfig:
-    """`pantherseq fraud --config FILE`: these keys at the top level of the TOML file, `[lgbm]` a table."""
-
-    train_start: str | None = None  # None = the run's split.t1
-    train_end: str | None = None  # None = train_start + train_share of the remaining time
-    test_start: str | None = None  # None = train_end + gap_days
-    test_end: str | None = None  # None = after the last event
-    gap_days: int = 7
-    train_share: float = 0.4
-    amount_field: str = "amount"
-    merchant_field: str | None = None  # None = the first of MERCHANT_FIELDS the data has
-    categorical: list[str] | None = None  # context fields; None = string fields with <= 50 values
-    windows: list[int] = field(default_factory=lambda: list(WINDOWS))
-    delay_days: int = 7
-    context: int = 100  # events of history every prediction sees at least (when the user has them)
-    embedding_dims: int = 16  # PCA components kept of e_u and of the recent state (0 = all D)
-    feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
-    card_k: int = 100
-    merchant_quantile: float = 0.9
-    merchant_min_users: int = 3
-    merchant_delta: str = "auto"  # auto = surprisal_<merchant field> (−log P_u(m), paper §4.1.3) if a token field
-    compromised_scenario: int | None = None  # None = 2 on handbook runs (compromised terminals)
-    allow_in_sample: bool = False
-    threads: int | None = None  # torch threads for the behaviour pass
-    batch_windows: int = 64
-    pos_chunk: int = 128  # positions per V-way softmax: small enough to stay in cache
-    save_features: bool = False
-    out_dir: str | None = None  # None = RUN_DIR/fraud (give another to keep several models' results)
-    risk_model: Literal["lightgbm", "dcn"] = "lightgbm"
-    lgbm: LGBMConfig = field(default_factory=LGBMConfig)
-    dcn: DCNConfig = field(default_factory=DCNConfig)
-
-    def validate(self, where: str) -> None:
-        bad = [s for s in self.feature_sets if s not in FEATURE_SETS]
-        if bad or not self.feature_sets:
-            raise ConfigError(f"{where}.feature_sets: {bad or 'none'} invalid; valid: {', '.join(FEATURE_SETS)}")
-        if not 0.0 < self.train_share < 1.0:
-            raise ConfigError(f"{where}.train_share must be in (0, 1)")
-        if not 0.0 <= self.merchant_quantile <= 1.0:
-            raise ConfigError(f"{where}.merchant_quantile must be in [0, 1]")
-        for name in PERIOD_KEYS:
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    datetime.fromisoformat(value)
-                except ValueError:
-                    raise ConfigError(f"{where}.{name} {value!r} is not an ISO date") from None
-
-
-PERIOD_KEYS = ("train_start", "train_end", "test_start", "test_end")
-
-
-def load_fraud_config(file: str | Path | None = None, overrides: list[str] | None = None) -> FraudConfig:
-    """A TOML file (keys of FraudConfig at the top level) and `key=value` overrides. Period bounds may be
-    TOML dates (`test_start = 2018-08-08`) or strings."""
-    raw = apply_overrides(load_toml(file) if file else {}, overrides)
-    for key in PERIOD_KEYS:
-        if isinstance(raw.get(key), (date, datetime)):
-            raw[key] = raw[key].isoformat()
-    return build_config(FraudConfig, raw, str(file) if file else "fraud config")
-
-
-@dataclass
-class Periods:
-    train: tuple[datetime, datetime]
-    test: tuple[datetime, datetime]
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {"train": [str(d) for d in self.train], "test": [str(d) for d in self.test]}
-
-
-def resolve_periods(cfg: FraudConfig, split: Any, first: datetime, last: datetime) -> Periods:
-    """Fill the missing period bounds (see FraudConfig) and check the protocol."""
-    t1 = datetime.fromisoformat(split.t1) if split.kind == "time" and split.t1 else None
-    day = timedelta(days=1)
-    start = _date(cfg.train_start) or t1
-    if start is None:
-        raise ConfigError("a leave_last_out run has no time split: give train_start .. test_end")
-    end = _date(cfg.test_end) or (last + timedelta(microseconds=1))
-    train_end = _date(cfg.train_end) or start + ((end - start) * cfg.train_share) // day * day
-    test_start = _date(cfg.test_start) or train_end + cfg.gap_days * day
-    p = Periods((start, train_end), (test_start, end))
-    if not (start < train_end <= test_start < end):
-        raise ConfigError(f"periods out of order: train {p.train}, test {p.test}")
-    if t1 is not None and start < t1 and not cfg.allow_in_sample:
-        raise ConfigError(f"the risk model's training period starts {start} but the generative model "
-                          f"trained on events before {t1}: its deviation features would be in-sample "
-                          "(set allow_in_sample = true to do it anyway)")
-    t2 = datetime.fromisoformat(split.t2) if split.kind == "time" and split.t2 else None
-    if t2 is not None and start < t2:
-        log.warning("the risk model trains from %s, inside the generative model's validation period "
-                    "(before %s): early stopping saw those events", start, t2)
-    return p
-
-
-def _date(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text) if text else None
+EMBEDDINGS = ("pool", "rec")  # column prefixes: the pooled history state and the recent (causal) state
 
 
 def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -161,13 +60,13 @@ def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> t
 
 def _embedding_columns(bf: BehaviourFeatures, rows: np.ndarray, train_rows: np.ndarray, k: int
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """e_u and recent for the events `rows` (NaN without history), PCA-projected (fit on train_rows), and
-    the projections {`<name>_mean`, `<name>_comps`} (the service applies the same ones: serve/online.py)."""
+    """The pooled and the recent state of the events `rows` (NaN without history), PCA-projected (fit on
+    train_rows), and the projections {`<name>_mean`, `<name>_comps`} (the service applies the same ones)."""
     pos = np.searchsorted(bf.index, rows).clip(0, max(len(bf.index) - 1, 0))
     has = (bf.index[pos] == rows) if len(bf.index) else np.zeros(len(rows), bool)
     out: dict[str, np.ndarray] = {}
     pca: dict[str, np.ndarray] = {}
-    for name, mat in (("eu", bf.e_u), ("rec", bf.recent)):
+    for name, mat in zip(EMBEDDINGS, (bf.pooled, bf.recent)):
         X = np.full((len(rows), mat.shape[1]), np.nan, dtype=np.float32)
         X[has] = mat[pos[has]]
         if 0 < k < mat.shape[1]:
@@ -181,9 +80,12 @@ def _embedding_columns(bf: BehaviourFeatures, rows: np.ndarray, train_rows: np.n
 
 
 def project(X: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
-    """(N, D) -> (N, k) float32: the PCA projection offline and online share (NaN rows stay NaN)."""
-    return ((np.asarray(X, dtype=np.float32) - mean.astype(np.float32)) @ comps.astype(np.float32).T
-            ).astype(np.float32)
+    """(N, D) -> (N, k) float32: the PCA projection offline and online share (NaN rows stay NaN). Computed
+    in float64 and rounded once, so one row alone and the same row among many give the same float32."""
+    X64 = np.asarray(X, dtype=np.float32).astype(np.float64)
+    mean64 = np.asarray(mean, dtype=np.float32).astype(np.float64)
+    comps64 = np.asarray(comps, dtype=np.float32).astype(np.float64)
+    return ((X64 - mean64) @ comps64.T).astype(np.float32)
 
 
 def _delta_columns(bf: BehaviourFeatures, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -206,13 +108,13 @@ def _merge(a: BehaviourFeatures, b: BehaviourFeatures) -> BehaviourFeatures:
         return f.delta.get(k, np.full(len(f.index), np.nan, dtype=np.float32))
 
     delta = {k: np.concatenate([col(a, k), col(b, k)])[order] for k in dict.fromkeys([*a.delta, *b.delta])}
-    return BehaviourFeatures(index[order], delta, np.concatenate([a.e_u, b.e_u])[order],
+    return BehaviourFeatures(index[order], delta, np.concatenate([a.pooled, b.pooled])[order],
                              np.concatenate([a.recent, b.recent])[order])
 
 
-def _check_inputs(run: Path, events: pl.DataFrame, cfg: FraudConfig) -> str | None:
+def _check_inputs(run: RunDir, events: pl.DataFrame, cfg: FraudConfig) -> str | None:
     if LABEL not in events.columns or not (events[LABEL] == 1).any():
-        raise DataError(f"{run / 'events.parquet'} has no fraud labels (column {LABEL!r} with some 1): "
+        raise DataError(f"{run.events} has no fraud labels (column {LABEL!r} with some 1): "
                         "the fraud stage needs labelled transactions")
     if cfg.amount_field not in events.columns:
         raise ConfigError(f"no amount field {cfg.amount_field!r} in the run; columns: {', '.join(events.columns)}")
@@ -223,10 +125,8 @@ def _check_inputs(run: Path, events: pl.DataFrame, cfg: FraudConfig) -> str | No
     return next((f for f in MERCHANT_FIELDS if f in events.columns), None)
 
 
-def _open(run: Path, model_name: str, cfg: FraudConfig):
-    if not (run / "prepare.json").is_file():
-        raise ConfigError(f"{run} is not a prepared run directory (no prepare.json): run `pantherseq prepare`")
-    events = pl.read_parquet(run / "events.parquet")
+def _open(run: RunDir, model_name: str, cfg: FraudConfig):
+    events = run.require().read_events()
     merchant = _check_inputs(run, events, cfg)
     model, ckpt = load_model(run, model_name)
     if not isinstance(model, NeuralModel):
@@ -256,7 +156,7 @@ def _categorical(data: RunData, cfg: FraudConfig, merchant: str | None) -> dict[
     return {n: codes[:, names.index(n)].astype(np.int32) for n in chosen}
 
 
-def build_features(run: Path, model_name: str, cfg: FraudConfig) -> tuple[pl.DataFrame, dict, dict]:
+def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.DataFrame, dict, dict]:
     """One row per transaction of the two periods: keys, `period`, every feature; the feature groups."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -331,7 +231,7 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
     """Build the features, train and score every feature set, write RUN_DIR/fraud/ (see the module doc)."""
     started = time.perf_counter()
     cfg = cfg or FraudConfig()
-    run = Path(run_dir)
+    run = RunDir.of(run_dir)
     frame, groups, meta = build_features(run, model_name, cfg)
     labelled = frame.filter(pl.col(LABEL).is_in([0, 1]))
     train = labelled.filter(pl.col("period") == "train")
@@ -339,20 +239,22 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
     if train.height == 0 or test.height == 0:
         raise DataError(f"no labelled transactions in the {'training' if train.height == 0 else 'test'} "
                         f"period {meta['periods'].as_dict()}")
-    out = Path(cfg.out_dir) if cfg.out_dir else run / "fraud"
+    fdir = run.fraud_dir(cfg.out_dir)
+    out = fdir.path
     out.mkdir(parents=True, exist_ok=True)
     results, models_info, importances, scores = {}, {}, [], {}
     t0 = time.perf_counter()
     day = test[TIME].dt.date().to_numpy()
     for name in cfg.feature_sets:
         cols = [c for g in GROUPS[name] for c in groups[g]]
-        fit, knobs = (fit_dcn, cfg.dcn) if cfg.risk_model == "dcn" else (fit_risk_model, cfg.lgbm)
+        kind = risk_model_kind(cfg.risk_model)
+        fit, knobs = kind.fit, getattr(cfg, kind.config_key)
         model = fit(train.select(cols), train[LABEL].to_numpy(), train[TIME].to_numpy(), knobs, meta["categorical"])
         s = model.predict(test.select(cols))
         scores[f"score_{name}"] = s
         results[name] = fraud_metrics(s, test[LABEL].to_numpy(), test[USER].to_numpy(), day,
                                       test[SCENARIO].to_numpy() if SCENARIO in test.columns else None, cfg.card_k)
-        model.save(out / f"risk_model_{name.replace('+', '_')}.txt")
+        model.save(fdir.risk_model(name))
         models_info[name] = {**model.info, "features": len(cols)}
         importances.append(model.importances().with_columns(pl.lit(name).alias("feature_set")))
         log.info("%s: AP %.4f, recall@1%% %.4f", name, results[name]["average_precision"],
@@ -362,13 +264,13 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
     test = test.with_columns(*(pl.Series(k, v) for k, v in scores.items()))
     table, merchant_info = _merchant_section(test, meta["merchant"], cfg, _dataset_source(run))
     keys = [c for c in (EVENT_ID, USER, TIME, LABEL, SCENARIO, meta["merchant"]) if c and c in test.columns]
-    test.select(*keys, *scores).write_parquet(out / "scores.parquet")
+    test.select(*keys, *scores).write_parquet(fdir.scores)
     if table is not None:
-        table.write_parquet(out / "merchant_risk.parquet")
-    pl.concat(importances).write_parquet(out / "importances.parquet")
-    np.savez(out / "embedding_pca.npz", **meta["pca"])
+        table.write_parquet(fdir.merchant_risk)
+    pl.concat(importances).write_parquet(fdir.importances)
+    np.savez(fdir.embedding_pca, **meta["pca"])
     if cfg.save_features:
-        frame.write_parquet(out / "features.parquet")
+        frame.write_parquet(fdir.features)
     report = {
         "run": str(run), "model": model_name, "out": str(out), "periods": meta["periods"].as_dict(),
         "rows": {"train": train.height, "test": test.height, "train_frauds": int(train[LABEL].sum()),
@@ -380,17 +282,15 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
         "wall_s": round(time.perf_counter() - started, 1),
     }
     report = _finite(report)
-    (out / "fraud.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    fdir.report.write_text(json.dumps(report, indent=1, default=_json_default))
     return report
 
 
-def _dataset_source(run: Path) -> str:
-    return str(load_toml(run / "config.toml").get("source", ""))
+def _dataset_source(run: RunDir) -> str:
+    return str(run.raw_config().get("source", ""))
 
 
 def _plain(cfg: FraudConfig) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(cfg)
 
 
@@ -438,3 +338,7 @@ def format_fraud_table(report: dict[str, Any]) -> str:
 
 def _cell(value: Any, width: int) -> str:
     return f"{value:>{width}.4f}" if isinstance(value, float) else f"{'-':>{width}}"
+
+
+__all__ = ["EMBEDDINGS", "FraudConfig", "build_features", "format_fraud_table", "load_fraud_config", "project",
+           "run_fraud"]

@@ -1,15 +1,7 @@
 """What every next-behaviour model shares: the batch, the config, the data sizes, the output layer and loss.
 
-A `Batch` holds right-padded windows of events (PAD = 0):
-
-    tokens       (B, T)    int64   input token ids
-    targets      (B, T)    int64   the next token at each position, PAD (0) where there is none
-    codes        (B, T, F) int64   per-field codes of the input events (0 = the field's UNK, and padding)
-    gap_bucket   (B, T)    int64   log time-gap bucket of the input events (0 = first event / padding)
-    profile_cat  (B, Pc)   int64   categorical profile codes (0 = unknown); Pc may be 0
-    profile_num  (B, Pn)   float32 standardised numeric profile values (0 = unknown); Pn may be 0
-    positives    (B, B)    bool    contrastive positive pairs (profile rule), False on the diagonal
-    users        (B,)      int64   user index
+A `Batch` holds right-padded windows of events (PAD = 0); it and `DataInfo` are defined in data/batch.py
+(the data side makes them) and re-exported here.
 
 Neural models subclass `NeuralModel` and implement `hidden(batch) -> (B, T, D)`; the output layer
 (tied to the token embedding or not), the loss (full, chunked or sampled softmax), `scores` for
@@ -29,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pantherseq.data.batch import Batch, DataInfo  # defined in data/, re-exported for the models
-from pantherseq.data.schema import GAP_BUCKETS, PAD  # noqa: F401 (GAP_BUCKETS re-exported)
+from pantherseq.data.schema import GAP_BUCKETS, N_SPECIAL, PAD  # noqa: F401 (GAP_BUCKETS re-exported)
 
 
 @dataclass
@@ -158,10 +150,10 @@ def sampled_softmax_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     """Sampled softmax: the target against `n_negatives` ids drawn uniformly (shared by the batch).
 
     Uniform sampling makes the log-Q correction a constant, so it cancels; a negative equal to a
-    row's target (an accidental hit) is masked out. Special ids (< 4) are never drawn.
+    row's target (an accidental hit) is masked out. Special ids (< N_SPECIAL) are never drawn.
     """
     vocab = weight.shape[0]
-    neg = torch.randint(4, vocab, (min(n_negatives, max(vocab - 4, 1)),), device=h.device)
+    neg = torch.randint(N_SPECIAL, vocab, (min(n_negatives, max(vocab - N_SPECIAL, 1)),), device=h.device)
     pos_logit = (h * weight[y]).sum(-1, keepdim=True) + bias[y].unsqueeze(-1)  # (N, 1)
     neg_logit = h @ weight[neg].t() + bias[neg]  # (N, K)
     neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), -math.inf)

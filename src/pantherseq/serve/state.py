@@ -10,7 +10,8 @@ accepted event:
     times (M,) int64, amounts (M,) float64                  the events of the last `spend_days` days
                                                            (the customer-spending features)
     h (D,) float32      the causal state after the last event: the model's prediction of the next one
-    e_u (D,) float32    the mean of the causal states over the window (the pooled recent history)
+    pooled (D,) float32 the mean of the causal states over the window (the pooled recent history; stored
+                        as "e_u" by the first versions, which `decode` still reads)
     top_ids (k,) int32, top_p (k,) float32, mu, sigma       the predicted next-behaviour distribution
                                                            (top-k; μ = 1/V, σ = its std over V)
 
@@ -35,7 +36,10 @@ import numpy as np
 MAGIC = b"PSU"
 SCHEMA = 1
 _ARRAYS = {"tokens": "<i4", "codes": "<i4", "gap": "|i1", "times": "<i8", "amounts": "<f8", "h": "<f4",
-           "e_u": "<f4", "top_ids": "<i4", "top_p": "<f4"}
+           "pooled": "<f4", "top_ids": "<i4", "top_p": "<f4"}
+
+
+_RENAMED = {"e_u": "pooled"}  # names of schema-1 arrays written by earlier versions
 
 
 class StateFormatError(ValueError):
@@ -63,7 +67,7 @@ class UserState:
     times: np.ndarray = field(default_factory=lambda: _empty("<i8"))
     amounts: np.ndarray = field(default_factory=lambda: _empty("<f8"))
     h: np.ndarray = field(default_factory=lambda: _empty("<f4"))
-    e_u: np.ndarray = field(default_factory=lambda: _empty("<f4"))
+    pooled: np.ndarray = field(default_factory=lambda: _empty("<f4"))
     top_ids: np.ndarray = field(default_factory=lambda: _empty("<i4"))
     top_p: np.ndarray = field(default_factory=lambda: _empty("<f4"))
 
@@ -86,14 +90,22 @@ class UserState:
             raise StateFormatError("not a pantherseq user state (bad magic)")
         if blob[3] != SCHEMA:
             raise StateFormatError(f"user state schema {blob[3]}, this version reads {SCHEMA}: re-run embed")
-        (n,) = struct.unpack("<I", blob[4:8])
-        head = json.loads(blob[8:8 + n])
-        pos, kwargs = 8 + n, dict(head["scalars"])
-        for name, dt, shape in head["arrays"]:
-            size = int(np.prod(shape)) * np.dtype(dt).itemsize
-            kwargs[name] = np.frombuffer(blob[pos:pos + size], dtype=np.dtype(dt)).reshape(shape).copy()
-            pos += size
-        return cls(**kwargs)
+        try:
+            (n,) = struct.unpack("<I", blob[4:8])
+            head = json.loads(blob[8:8 + n])
+            pos, kwargs = 8 + n, dict(head["scalars"])
+            for name, dt, shape in head["arrays"]:
+                size = int(np.prod(shape)) * np.dtype(dt).itemsize
+                if pos + size > len(blob):
+                    raise StateFormatError("truncated user state")
+                kwargs[_RENAMED.get(name, name)] = np.frombuffer(blob[pos:pos + size], dtype=np.dtype(dt)
+                                                                 ).reshape(shape).copy()
+                pos += size
+            return cls(**kwargs)
+        except StateFormatError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged header: one error type for every cause
+            raise StateFormatError(f"damaged user state ({type(exc).__name__})") from None
 
 
 def encode_event(event: dict) -> bytes:
