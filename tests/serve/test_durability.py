@@ -3,6 +3,8 @@ every answered event is in the user's log, and a restarted service folds all of 
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import signal
@@ -27,6 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_load_loses_no_answered_event(served, tmp_path):
     db = tmp_path / "states.db"
     shutil.copy(served["url"].removeprefix("sqlite:///"), db)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -24,7 +26,7 @@ from stolen_routine import PERIODS
 FIELDS = ("merchant_id", "amount", "category", "channel")
 
 
-def _service(served, tmp_path, refresh: bool = True) -> Service:
+def _service(served, tmp_path, refresh: bool = True, fraud_dir=None) -> Service:
     """A service over a private copy of the embedded store (tests must not see each other's events)."""
     src = served["url"].removeprefix("sqlite:///")
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def _service(served, tmp_path, refresh: bool = True) -> Service:
         d.put_many({u: b for u, b in zip(users, s.get_many(users)) if b is not None})
         d.put_meta("embed", s.get_meta("embed"))
     assert src != str(dst)
-    om = Scorer(served["run"], "panther", served["fraud_dir"])
+    om = Scorer(served["run"], "panther", fraud_dir or served["fraud_dir"])
     service = Service(om, open_store(f"sqlite:///{dst}"), refresh=refresh)
     service.start()
     return service
@@ -78,6 +80,34 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     # within ~1e-16 of a float32 rounding boundary (~1e-9 per value). 1e-6 only absorbs LightGBM's own
     # float64 sum of the trees' outputs.
     assert (diff < 1e-6).all(), np.sort(diff)[-10:]
+    service.stop()
+
+
+@pytest.mark.slow
+def test_a_dcn_risk_model_from_the_cli_is_served(served, tmp_path):
+    """`pantherseq fraud --set risk_model=dcn` then the service (the code `pantherseq serve` runs) scores with
+    that DCN: the first test events replayed in time order get the offline DCN scores. The tolerance is
+    1e-5, not bit-equality: the DCN's float32 forward over 65,536 rows and over one row may sum in other
+    orders (its inputs are the same float32 features, checked bit for bit by the LightGBM test above)."""
+    out = tmp_path / "fraud-dcn"
+    sets = {**PERIODS, "test_end": "2024-02-27", "context": 47, "embedding_dims": 4, "feature_sets": '["hybrid"]',
+            "risk_model": "dcn", "out_dir": str(out), "dcn.max_epochs": 3, "dcn.hidden": "[32, 16]"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v!r}" if isinstance(v, str) and "[" not in v
+                                                         else f"{k}={v}")]
+    done = subprocess.run([sys.executable, "-m", "pantherseq.cli", "fraud", "--run", str(served["run"]), "--model",
+                           "panther", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "risk_model_hybrid.pt").is_file()
+    service = _service(served, tmp_path / "svc", refresh=False, fraud_dir=out)
+    assert service.scorer.risk.kind == "dcn"
+    events = pl.read_parquet(served["run"] / "events.parquet")
+    start = datetime.fromisoformat(PERIODS["test_start"])
+    first = events.filter(pl.col("timestamp") >= start).sort("timestamp", maintain_order=True).head(60)
+    offline = dict(pl.read_parquet(out / "scores.parquet").select("event_id", "score_hybrid").iter_rows())
+    for row in first.iter_rows(named=True):
+        got = service.score(_tx(row))["score"]
+        service.refresh_users([str(row["user_id"])])
+        assert got == pytest.approx(offline[row["event_id"]], abs=1e-5), row["event_id"]
     service.stop()
 
 
@@ -157,7 +187,13 @@ def test_http_endpoints(client, service):
     metrics = client.get("/metrics").text
     assert "pantherseq_score_seconds_count" in metrics and "pantherseq_refresh_lag_seconds" in metrics
     assert "/score" in client.get("/openapi.json").json()["paths"]
+    # /feedback marks the answered event as fraud at its merchant: the delayed terminal risk of a later
+    # event at that merchant (8 days on, past the 7-day label delay) now counts it
+    later = int(datetime.fromisoformat(body["timestamp"]).timestamp()) + 8 * 86_400
+    before = service.scorer.terminals.features("m1", later)
     assert client.post("/feedback", json={"user_id": user, "event_seq": 1, "label": 1}).json() == {"ok": True}
+    after = service.scorer.terminals.features("m1", later)
+    assert after["term_frauds_7d"] == before["term_frauds_7d"] + 1 and after["term_n_7d"] == before["term_n_7d"]
     assert client.post("/feedback", json={"user_id": user, "event_seq": 99, "label": 1}).status_code == 404
 
 

@@ -79,6 +79,7 @@ def test_unknown_model_and_missing_run_are_clear_errors(run_dir, tmp_path, capsy
     assert "not a prepared run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(run_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `--` ends torchrun's own options (its parser would take --run for --run-path)

@@ -34,7 +34,7 @@ class ProfileEncoder(nn.Module):
         """profile_cat (B, Pc) int64, profile_num (B, Pn) float -> e_u (B, D)."""
         parts = [emb(batch.profile_cat[:, i]) for i, emb in enumerate(self.cat_embs)]
         if self.num_proj is not None:
-            parts.append(self.num_proj(batch.profile_num.float()))
+            parts.append(self.num_proj(batch.profile_num.to(self.num_proj.weight.dtype)))
         if not parts:
             raise ValueError("ProfileEncoder needs at least one profile field (see has_profile)")
         return torch.stack(parts).sum(0)
