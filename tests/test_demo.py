@@ -3,9 +3,9 @@ the service over HTTP, the report, the summary."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from pantherseq.cli import main
 

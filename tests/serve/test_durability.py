@@ -3,8 +3,6 @@ every answered event is in the user's log, and a restarted service folds all of 
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import shutil
 import signal
@@ -16,6 +14,7 @@ import time
 from datetime import datetime, timedelta
 
 import httpx
+import pytest
 
 from pantherseq.serve.scorer import Scorer
 from pantherseq.serve.service import Service
