@@ -84,5 +84,19 @@ def tiny_events() -> pl.DataFrame:
     return tiny_frame()
 
 
+SMALL = ["simulate.n_users=120", "simulate.days=40", "split.t1=\"2024-01-28\"", "split.t2=\"2024-02-03\""]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A small simulated run (120 users, 40 days), prepared once per test module."""
+    from pantherseq.data.schema import load_dataset_config
+    from pantherseq.prepare import prepare
+
+    run = tmp_path_factory.mktemp("sim") / "run"
+    prepare(load_dataset_config("simulated", overrides=SMALL), run)
+    return run
+
+
 # the labelled stolen-routine run and its tiny PANTHER, shared by the fraud and serving tests (session scope)
 from stolen_routine import fraud_run, trained_run  # noqa: F401

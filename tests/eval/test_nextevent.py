@@ -4,23 +4,12 @@ is ranked exactly once with enough context, on a small simulated run."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from pantherseq.data.dataset import RunData
-from pantherseq.data.schema import PAD, UNK, load_dataset_config
+from pantherseq.data.schema import PAD, UNK
 from pantherseq.eval.nextevent import evaluate_split
 from pantherseq.model.base import SequenceModel
-from pantherseq.prepare import prepare
-
-SMALL = ["simulate.n_users=120", "simulate.days=40", "split.t1=\"2024-01-28\"", "split.t2=\"2024-02-03\""]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("sim") / "run"
-    prepare(load_dataset_config("simulated", overrides=SMALL), run)
-    return run
 
 
 class Oracle(SequenceModel):

@@ -13,20 +13,9 @@ import torch
 
 from pantherseq.cli import main
 from pantherseq.data.dataset import RunData
-from pantherseq.data.schema import load_dataset_config
 from pantherseq.model.base import ModelConfig
-from pantherseq.prepare import prepare
 from pantherseq.train.checkpoint import load_model
 from pantherseq.train.loop import PretrainConfig, TrainConfig, train
-
-SMALL = ["simulate.n_users=120", "simulate.days=40", "split.t1=\"2024-01-28\"", "split.t2=\"2024-02-03\""]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("sim") / "run"
-    prepare(load_dataset_config("simulated", overrides=SMALL), run)
-    return run
 
 
 def small_cfg(**train) -> PretrainConfig:
