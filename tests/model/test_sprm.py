@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pantherseq.model.base import ModelConfig
-from pantherseq.model.sprm import SPRM, reference_sprm
+from pantherseq.model.sprm import SPRM, causal_taps, reference_sprm
 
 CFG = ModelConfig(d_model=16, n_prototypes=6, dropout=0.0, sprm_kernels=[[3, 1], [3, 2], [2, 4], [1, 1]])
 
@@ -63,3 +63,14 @@ def test_attention_weights_shape_and_rows():
 def test_bad_kernels_are_rejected(bad):
     with pytest.raises(ValueError, match="sprm_kernels"):
         SPRM(dataclasses.replace(CFG, sprm_kernels=bad))
+
+
+@pytest.mark.parametrize("w, r", [(1, 1), (3, 1), (3, 2), (2, 4), (4, 5)])
+def test_causal_taps_equal_the_library_convolution(w, r):
+    """The shifted multiply-adds compute what nn.Conv1d with left padding computes (float64: no tolerance
+    beyond rounding)."""
+    torch.manual_seed(w * 10 + r)
+    conv = torch.nn.Conv1d(8, 8, w, dilation=r, groups=8).double()
+    h = torch.randn(3, 11, 8, dtype=torch.float64)
+    ref = conv(torch.nn.functional.pad(h.transpose(1, 2), ((w - 1) * r, 0))).transpose(1, 2)
+    torch.testing.assert_close(causal_taps(h, conv.weight, conv.bias, w, r), ref, atol=1e-12, rtol=1e-12)

@@ -5,7 +5,10 @@ Runs in parallel with self-attention inside each block, on the same normalised i
 (i) local pattern aggregation: for every (kernel w, dilation r) in cfg.sprm_kernels a depthwise
     causal dilated 1-D convolution (left padding (w-1)·r, groups = D), e.g. (3, 1) for immediate
     clusters and (3, 2), (3, 4) for periodic ones; the outputs are concatenated (D·#pairs) and
-    projected back to D, giving H_p (B, T, D).
+    projected back to D, giving H_p (B, T, D). Computed as w shifted multiply-adds per pair
+    (`causal_taps`) rather than by Conv1d: a depthwise convolution is slow on CPU (and very slow in
+    float64, which the fraud scoring passes use), while a few shifted adds are memory-bound and cheap.
+    The parameters stay those of `nn.Conv1d` (weight (D, 1, w), bias (D,)), so checkpoints are unchanged.
 (ii) prototype matching: M learnable prototypes P (M, D); Q = H_p W_Q, K = P W_K, V = P W_V,
     X_p = softmax(Q Kᵀ / √d_k) V  (B, T, D), at cost O(T·M) instead of O(T²).
 
@@ -28,6 +31,21 @@ from torch import nn
 from pantherseq.model.base import ModelConfig
 
 
+def causal_taps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, w: int, r: int) -> torch.Tensor:
+    """A causal dilated depthwise convolution as shifted multiply-adds: h (B, T, D), weight (D, 1, w) and bias
+    (D,) of an `nn.Conv1d(D, D, w, dilation=r, groups=D)` -> (B, T, D) with
+    out[t] = bias + Σ_j weight[:, 0, j] · h[t − (w − 1 − j)·r]  (positions before the start count as zero)."""
+    T = h.shape[1]
+    out = bias.to(h.dtype).expand_as(h)
+    for j in range(w):
+        s = (w - 1 - j) * r
+        if s >= T:
+            continue
+        tap = h[:, :T - s] * weight[:, 0, j].to(h.dtype)  # (B, T − s, D)
+        out = out + (F.pad(tap, (0, 0, s, 0)) if s else tap)  # shifted s steps later, zeros in front
+    return out
+
+
 class SPRM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -47,10 +65,8 @@ class SPRM(nn.Module):
 
     def local_patterns(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> H_p (B, T, D): causal dilated depthwise convolutions, concatenated, projected."""
-        x = h.transpose(1, 2)  # (B, D, T)
-        outs = [conv(F.pad(x, ((w - 1) * r, 0)))  # (B, D, T): left padding only, so causal
-                for conv, (w, r) in zip(self.convs, self.kernels)]
-        return self.merge(torch.cat(outs, dim=1).transpose(1, 2))  # (B, T, D·#pairs) -> (B, T, D)
+        outs = [causal_taps(h, conv.weight, conv.bias, w, r) for conv, (w, r) in zip(self.convs, self.kernels)]
+        return self.merge(torch.cat(outs, dim=-1))  # (B, T, D·#pairs) -> (B, T, D)
 
     def prototype_attention(self, hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H_p (B, T, D) -> X_p (B, T, D) and the weights (B, T, M)."""
