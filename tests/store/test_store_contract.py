@@ -267,3 +267,42 @@ def test_redis_keys_follow_the_documented_layout(redis_url: str) -> None:
         f"{KEY_PREFIX}seq:u": "string",
         f"{KEY_PREFIX}meta:m": "string",
     }
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+def test_trim_log_keeps_the_newest_entry_and_numbering_continues(store: Store) -> None:
+    for i in range(5):
+        store.append_event("u", b"e%d" % i)
+    assert store.trim_log("u", 3) == 3
+    assert [s for s, _ in store.events_since("u", 0)] == [4, 5]
+    assert store.trim_log("u", 99) == 1  # everything but the newest
+    assert store.events_since("u", 0) == [(5, b"e4")]
+    assert store.append_event("u", b"e5") == 6 and store.users_with_log() == ["u"]
+    assert store.trim_log("nobody", 10) == 0
+
+
+def test_internal_logs_are_out_of_every_user_id_s_reach(store: Store) -> None:
+    assert store.append_internal("feedback", b"label") == 1
+    for user in ("feedback", "\x00feedback", "ilog:feedback"):
+        store.append_event(user, b"event")
+    assert store.internal_since("feedback", 0) == [(1, b"label")]
+    assert store.append_internal("feedback", b"label2") == 2
+    assert store.internal_since("feedback", 1) == [(2, b"label2")]
+    assert store.users_with_log() == sorted(["feedback", "\x00feedback", "ilog:feedback"])
+    assert all(len(store.events_since(u, 0)) == 1 for u in store.users_with_log())
+
+
+def test_sqlite_database_of_something_else_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    with pytest.raises(ConfigError, match="not a pantherseq store"):
+        open_store(f"sqlite:///{path}")
+    with sqlite3.connect(path) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["customers"]  # untouched
+    with open_store(f"sqlite:///{tmp_path / 'ours.db'}") as store:
+        store.put_meta("m", b"v")
+    with open_store(f"sqlite:///{tmp_path / 'ours.db'}") as store:  # ours opens again
+        assert store.get_meta("m") == b"v"

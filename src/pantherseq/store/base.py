@@ -14,10 +14,16 @@ Key layout. Every key is `KEY_PREFIX` + a namespace + a name, `KEY_PREFIX = "ps:
     ps:1:log:<user>     the user's accepted events, in order            (Redis: stream, entry id "<seq>-0")
     ps:1:seq:<user>     the last sequence number given in that log      (Redis: integer, INCR)
     ps:1:meta:<name>    a named metadata record                         (Redis: string)
+    ps:1:ilog:<name>    an internal log of the service (e.g. `feedback`) (Redis: stream, like a user's log)
+    ps:1:iseq:<name>    the last sequence number given in that log      (Redis: integer, INCR)
 
-SQLite keeps the same namespaces as tables, `state(user, value)`, `log(user, seq, value)` and
-`meta(name, value)`, with the raw user id or name as key; the file records `SCHEMA_VERSION` in
-`PRAGMA user_version` and a file of another version is refused.
+Internal logs live in their own namespace, so no user id, whatever its characters, names one: a user
+called `feedback` has `ps:1:log:feedback`, the feedback labels are `ps:1:ilog:feedback`.
+
+SQLite keeps the same namespaces as tables, `state(user, value)`, `log(user, seq, value)`,
+`meta(name, value)` and `ilog(name, seq, value)`, with the raw user id or name as key; the file records
+`SCHEMA_VERSION` in `PRAGMA user_version` and `APPLICATION_ID` in `PRAGMA application_id`; a file of
+another version, or a SQLite database that is not a pantherseq store, is refused.
 
 Byte format contract. Values are opaque bytes: the store never interprets, re-encodes or validates them
 beyond checking that they are bytes, and returns exactly the bytes that were put (NUL bytes included).
@@ -27,7 +33,8 @@ and makes SQLite refuse the older files.
 
 Sequence numbers. `append_event` gives each of a user's events the next sequence number, 1, 2, 3...
 strictly increasing per user, and returns only once the event is durable against a crash of the calling
-process (see each backend for why).
+process (see each backend for why). `trim_log` drops a user's oldest entries (the service compacts the
+log into the user's state); it always keeps the newest entry, and sequence numbers never restart.
 
 Threads. A store may be called from several threads at once (the service's request threads and its
 background refresh thread); each backend documents how it guards itself.
@@ -58,6 +65,14 @@ def seq_key(user: str) -> str:
 
 def meta_key(name: str) -> str:
     return f"{KEY_PREFIX}meta:{name}"
+
+
+def internal_log_key(name: str) -> str:
+    return f"{KEY_PREFIX}ilog:{name}"
+
+
+def internal_seq_key(name: str) -> str:
+    return f"{KEY_PREFIX}iseq:{name}"
 
 
 def as_bytes(value: object) -> bytes:
@@ -94,6 +109,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def events_since(self, user: str, seq: int) -> list[tuple[int, bytes]]:
         """The user's logged events with sequence number > `seq`, as (seq, event), ascending."""
+
+    @abc.abstractmethod
+    def trim_log(self, user: str, upto_seq: int) -> int:
+        """Drop the user's logged events with sequence number <= `upto_seq`, except the newest entry (so
+        numbering continues); returns how many were dropped."""
+
+    @abc.abstractmethod
+    def append_internal(self, name: str, value: bytes) -> int:
+        """Append to the internal log `name` (never a user's log); its sequence number once durable."""
+
+    @abc.abstractmethod
+    def internal_since(self, name: str, seq: int) -> list[tuple[int, bytes]]:
+        """The internal log `name`'s entries with sequence number > `seq`, as (seq, value), ascending."""
 
     @abc.abstractmethod
     def users_with_log(self) -> list[str]:

@@ -22,7 +22,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pantherseq.errors import ConfigError
-from pantherseq.store.base import Store, as_bytes, log_key, meta_key, seq_key, state_key
+from pantherseq.store.base import (
+    Store,
+    as_bytes,
+    internal_log_key,
+    internal_seq_key,
+    log_key,
+    meta_key,
+    seq_key,
+    state_key,
+)
 
 CHUNK = 1000  # keys per MGET / MSET
 
@@ -30,6 +39,15 @@ APPEND = """
 local seq = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], string.format('%d-0', seq), 'v', ARGV[1])
 return seq
+"""
+
+# drop entries <= ARGV[1] but never the newest (KEYS[1] is the counter, KEYS[2] the stream); XTRIM MINID
+# needs Redis >= 6.2
+TRIM = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local upto = math.min(tonumber(ARGV[1]), last - 1)
+if upto < 1 then return 0 end
+return redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', upto + 1))
 """
 
 
@@ -70,6 +88,7 @@ class RedisStore(Store):
             self._client.close()
             raise ConfigError(f"cannot reach the Redis store at {redact(url)}: {e}") from e
         self._append = self._client.register_script(APPEND)
+        self._trim = self._client.register_script(TRIM)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -93,6 +112,16 @@ class RedisStore(Store):
 
     def events_since(self, user: str, seq: int) -> list[tuple[int, bytes]]:
         entries = self._client.xrange(log_key(user), min=f"{max(seq, 0) + 1}-0", max="+")
+        return [(int(entry_id.split(b"-")[0]), fields[b"v"]) for entry_id, fields in entries]
+
+    def trim_log(self, user: str, upto_seq: int) -> int:
+        return int(self._trim(keys=[seq_key(user), log_key(user)], args=[int(upto_seq)]))
+
+    def append_internal(self, name: str, value: bytes) -> int:
+        return int(self._append(keys=[internal_seq_key(name), internal_log_key(name)], args=[as_bytes(value)]))
+
+    def internal_since(self, name: str, seq: int) -> list[tuple[int, bytes]]:
+        entries = self._client.xrange(internal_log_key(name), min=f"{max(seq, 0) + 1}-0", max="+")
         return [(int(entry_id.split(b"-")[0]), fields[b"v"]) for entry_id, fields in entries]
 
     def users_with_log(self) -> list[str]:

@@ -34,7 +34,10 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (user TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS log (user TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (user, seq));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ilog (name TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (name, seq));
 """
+TABLES = {"state", "log", "meta", "ilog"}
+APPLICATION_ID = 0x50534551  # "PSEQ" in PRAGMA application_id: this file is a pantherseq store
 
 
 class SQLiteStore(Store):
@@ -73,6 +76,13 @@ class SQLiteStore(Store):
                 f"SQLite store {self.path} has schema version {version}; "
                 f"this pantherseq reads version {SCHEMA_VERSION}"
             )
+        (app_id,) = self._db.execute("PRAGMA application_id").fetchone()
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        foreign = sorted(tables - TABLES)
+        if app_id not in (0, APPLICATION_ID) or foreign or (version == 0 and tables):
+            # a database of something else (stores written before APPLICATION_ID have user_version 1)
+            what = f"tables {', '.join(foreign[:5])}" if foreign else f"application id {app_id}"
+            raise ConfigError(f"SQLite file {self.path} is not a pantherseq store ({what}): give a new file")
         (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
         if mode != "wal":  # e.g. a network file system; commits are still written before they return
             log.warning("SQLite store %s runs in journal mode %s, not WAL", self.path, mode)
@@ -81,6 +91,7 @@ class SQLiteStore(Store):
             for statement in SCHEMA.strip().splitlines():
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     @contextmanager
     def _transaction(self, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
@@ -126,6 +137,28 @@ class SQLiteStore(Store):
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, value FROM log WHERE user = ? AND seq > ? ORDER BY seq", (user, seq)
+            ).fetchall()
+        return [(s, v) for s, v in rows]
+
+    def trim_log(self, user: str, upto_seq: int) -> int:
+        with self._transaction("IMMEDIATE") as db:
+            cur = db.execute(
+                "DELETE FROM log WHERE user = ? AND seq <= ? AND seq < (SELECT MAX(seq) FROM log WHERE user = ?)",
+                (user, upto_seq, user),
+            )
+        return cur.rowcount
+
+    def append_internal(self, name: str, value: bytes) -> int:
+        data = as_bytes(value)
+        with self._transaction("IMMEDIATE") as db:
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM ilog WHERE name = ?", (name,)).fetchone()
+            db.execute("INSERT INTO ilog (name, seq, value) VALUES (?, ?, ?)", (name, seq, data))
+        return seq
+
+    def internal_since(self, name: str, seq: int) -> list[tuple[int, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, value FROM ilog WHERE name = ? AND seq > ? ORDER BY seq", (name, seq)
             ).fetchall()
         return [(s, v) for s, v in rows]
 
