@@ -9,12 +9,18 @@ Numeric bucketing:
 - `quantile`: equal-frequency edges (training quantiles), the paper's CCT choice (100 bins).
 - `log_quantile`: equal-width edges on log1p(|x|) between the training 0.1% and 99.9% quantiles: finer
   where values are rare and large, so an amount spike lands in its own bucket instead of the top decile.
+
+Fitting needs only statistics of the training period, so any engine can compute them (`spark/prepare.py`
+does with Spark aggregations): a categorical field its value counts (`fit_counts`), a bucketed field the
+number of finite values and the values at a few ranks of their sorted order (`fit_order_stats`, through
+`quantiles`, which is NumPy's default linear-interpolation quantile read from order statistics).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +56,39 @@ def _to_epoch_s(ts: Any) -> float:
     return float(ts)
 
 
+def _signed_log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def quantile_ranks(n: int, qs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower rank, upper rank, weight) of each quantile q of n sorted values, as NumPy's "linear" method."""
+    pos = (n - 1) * np.asarray(qs, dtype=np.float64)
+    lo = np.floor(pos)
+    gamma = pos - lo
+    lo = lo.astype(np.int64)
+    return lo, np.minimum(lo + 1, n - 1), gamma
+
+
+def quantiles(n: int, qs: np.ndarray, value_at: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """np.quantile(x, qs) of n values x, given only `value_at(ranks)` = sorted(x)[ranks] (ranks ascending).
+
+    Bit-identical to NumPy's default method (same virtual index, same two-sided lerp): tested.
+    """
+    lo, hi, gamma = quantile_ranks(n, qs)
+    ranks = np.unique(np.concatenate([lo, hi]))
+    vals = np.asarray(value_at(ranks), dtype=np.float64)
+    a, b = vals[np.searchsorted(ranks, lo)], vals[np.searchsorted(ranks, hi)]
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def sorted_values(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """`value_at` for an in-memory array (a partial sort around the wanted ranks)."""
+    def value_at(ranks: np.ndarray) -> np.ndarray:
+        return np.partition(x, ranks)[ranks] if len(ranks) else np.zeros(0)
+    return value_at
+
+
 class FieldEncoder:
     """Base: `fit(frame)`, `codes(frame) -> int32 (N,)`, `code_one(event)`, `label(code)`, JSON state."""
 
@@ -83,10 +122,14 @@ class CategoricalEncoder(FieldEncoder):
 
     def fit(self, frame: pl.DataFrame) -> None:
         counts = frame[self.cfg.name].cast(pl.Utf8).drop_nulls().value_counts(name="n")
-        counts = counts.sort(["n", self.cfg.name], descending=[True, False])
+        self.fit_counts(counts[self.cfg.name].to_list(), counts["n"].to_list())
+
+    def fit_counts(self, values: list[str], counts: list[int]) -> None:
+        """Fit from the training period's value counts (any order): most frequent first, ties by value."""
+        order = sorted(range(len(values)), key=lambda i: (-counts[i], values[i].encode()))
         if self.cfg.max_values:
-            counts = counts.head(self.cfg.max_values)
-        self.load_state({"values": counts[self.cfg.name].to_list()})
+            order = order[: self.cfg.max_values]
+        self.load_state({"values": [values[i] for i in order]})
 
     def codes(self, frame: pl.DataFrame) -> np.ndarray:
         enum = pl.Enum(self.values)
@@ -132,19 +175,31 @@ class BucketEncoder(FieldEncoder):
     def fit(self, frame: pl.DataFrame) -> None:
         x = self.values(frame)
         x = x[np.isfinite(x)]
-        if x.size == 0:
+        self.fit_order_stats(x.size, sorted_values(x))
+
+    def transform_sorted(self, x: np.ndarray) -> np.ndarray:
+        """The non-decreasing map from the raw column to the values bucketed (identity here)."""
+        return np.asarray(x, dtype=np.float64)
+
+    def fit_order_stats(self, n: int, value_at: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Fit from the number n of finite training values and `value_at(ranks)` of their sorted order.
+
+        `value_at` may read the raw column: `transform_sorted` maps its values (order is preserved).
+        """
+        if n == 0:
             self.load_state({"edges": []})
             return
         bins = self.cfg.bins
+        def values(ranks: np.ndarray) -> np.ndarray:
+            return self.transform_sorted(value_at(ranks))
+
         if self.cfg.bucketing == "log_quantile":
-            lx = np.sign(x) * np.log1p(np.abs(x))
-            lo, hi = np.quantile(lx, [0.001, 0.999])
+            lo, hi = quantiles(n, np.array([0.001, 0.999]), lambda ranks: _signed_log1p(values(ranks)))
             le = np.linspace(lo, hi, bins + 1)[1:-1]
             edges = np.sign(le) * np.expm1(np.abs(le))
         else:
-            edges = np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1])
-        edges = np.unique(np.round(edges, 6))
-        self.load_state({"edges": edges.tolist()})
+            edges = quantiles(n, np.linspace(0, 1, bins + 1)[1:-1], values)
+        self.load_state({"edges": np.unique(np.round(edges, 6)).tolist()})
 
     def codes(self, frame: pl.DataFrame) -> np.ndarray:
         x = self.values(frame)
@@ -201,10 +256,20 @@ class LogGapEncoder(BucketEncoder):
         gap = event.get(GAP)
         return None if gap is None else math.log1p(max(float(gap), 0.0))
 
+    def transform_sorted(self, x: np.ndarray) -> np.ndarray:
+        """Raw gaps (seconds) -> log1p(max(gap, 0)); `values` already applied it to a frame's column."""
+        with np.errstate(invalid="ignore"):
+            return np.log1p(np.maximum(np.asarray(x, dtype=np.float64), 0.0))
+
     def fit(self, frame: pl.DataFrame) -> None:
-        x = self.values(frame)
-        x = x[np.isfinite(x)]
-        edges = np.quantile(x, np.linspace(0, 1, self.cfg.bins + 1)[1:-1]) if x.size else []
+        gap = frame[GAP].cast(pl.Float64).to_numpy()
+        gap = gap[np.isfinite(gap)]
+        self.fit_order_stats(gap.size, sorted_values(gap))
+
+    def fit_order_stats(self, n: int, value_at: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Equal-frequency edges on log1p(gap); `value_at` reads the sorted raw gaps (seconds)."""
+        edges = quantiles(n, np.linspace(0, 1, self.cfg.bins + 1)[1:-1],
+                          lambda ranks: self.transform_sorted(value_at(ranks))) if n else []
         self.load_state({"edges": np.unique(np.round(edges, 6)).tolist()})
 
     def _bound(self, x: float) -> str:

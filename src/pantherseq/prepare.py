@@ -11,14 +11,20 @@ directory that already holds trained models is refused unless `force` (they woul
     events.parquet     the kept canonical events, sorted, with user index, gap, split and token
     users.parquet      user index -> user_id, event counts
     profile.parquet    the profile of the kept users in user-index order (when the dataset has one)
-    sequences/         the memory-mappable arrays of `data/sequences.py`
+    sequences/         the memory-mappable arrays of `data/sequences.py` (`sequences.shards` shards)
+
+Two engines compute the same outputs: `polars` (this module, one process) and `spark`
+(`spark/prepare.py`, PySpark). They share every decision that is not a data-parallel loop: the
+tokenizer's fitting from statistics, the report from a `Facts` record, the one-line errors.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ from pantherseq.config import save_toml
 from pantherseq.data.schema import EVENT_ID, GAP, LABEL, SCENARIO, TIME, UNK, USER, DatasetConfig
 from pantherseq.data.sequences import Sequences
 from pantherseq.data.sources import FILE, ROW, Loaded, load_source
-from pantherseq.data.split import SPLIT, SPLIT_NAMES, TRAIN, split_expr, split_summary
+from pantherseq.data.split import SPLIT, SPLIT_NAMES, TRAIN, split_counts, split_expr, split_summary
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.run import RunDir
 from pantherseq.tokenizer import StructuredTokenizer
@@ -37,6 +43,23 @@ from pantherseq.tokenizer import StructuredTokenizer
 log = logging.getLogger(__name__)
 USER_IDX = "user_idx"
 TOKEN = "token"
+ENGINES = ("polars", "spark")
+
+
+@dataclass
+class Facts:
+    """The counts prepare.json reports, computed by either engine (events are the kept ones)."""
+
+    files: list[str]
+    rows_read: int
+    rows_kept: int
+    rows_dropped: dict[str, int]
+    users: int
+    split_rows: list[dict]  # data/split.py's split_counts: {split, events, users} per split present
+    known_by_split: dict[int, int]  # split code -> events whose token is not UNK
+    unk_users: int  # users with at least one UNK event
+    labels: dict[str, Any] = field(default_factory=dict)
+    profile_fields: list[str] = field(default_factory=list)
 
 
 def _drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, int]) -> pl.DataFrame:
@@ -99,18 +122,24 @@ def _profile(loaded: Loaded, users: pl.DataFrame) -> pl.DataFrame | None:
     return users.select(USER_IDX, USER).join(loaded.profile, on=USER, how="left").sort(USER_IDX)
 
 
-def _labels(frame: pl.DataFrame) -> dict[str, Any]:
-    if LABEL not in frame.columns:
-        return {}
-    out: dict[str, Any] = {"positive": int((frame[LABEL] == 1).sum()),
-                           "unknown": int(frame[LABEL].is_null().sum())}
-    if SCENARIO in frame.columns:
-        sc = frame.filter(pl.col(SCENARIO) > 0).group_by(SCENARIO).len().sort(SCENARIO)
-        out["by_scenario"] = {str(s): int(n) for s, n in sc.iter_rows()}
+def label_counts(positive: int, unknown: int, by_scenario: list[tuple[int, int]] | None) -> dict[str, Any]:
+    """prepare.json's `labels` from counts: positives, unknown labels, events per fraud scenario > 0."""
+    out: dict[str, Any] = {"positive": int(positive), "unknown": int(unknown)}
+    if by_scenario is not None:
+        out["by_scenario"] = {str(s): int(n) for s, n in sorted(by_scenario)}
     return out
 
 
-def _check_out(run: RunDir, force: bool) -> None:
+def _labels(frame: pl.DataFrame) -> dict[str, Any]:
+    if LABEL not in frame.columns:
+        return {}
+    scenarios = None
+    if SCENARIO in frame.columns:
+        scenarios = frame.filter(pl.col(SCENARIO) > 0).group_by(SCENARIO).len().rows()
+    return label_counts(int((frame[LABEL] == 1).sum()), int(frame[LABEL].is_null().sum()), scenarios)
+
+
+def check_out(run: RunDir, force: bool) -> None:
     """The run directory must be a directory, and not hold trained models unless `force`."""
     if run.path.exists() and not run.path.is_dir():
         raise ConfigError(f"--out {run}: a file is in the way; the run directory must be a directory")
@@ -120,9 +149,8 @@ def _check_out(run: RunDir, force: bool) -> None:
                           "fit a prepared-again run: use another --out, or --force to prepare it anyway")
 
 
-def _check_split(frame: pl.DataFrame, cfg: DatasetConfig) -> None:
+def check_split(present: set[int], cfg: DatasetConfig) -> None:
     """Every split must have events: evaluation (valid, test) has nothing to measure otherwise."""
-    present = set(frame[SPLIT].unique().to_list())
     for code, name in enumerate(SPLIT_NAMES):
         if code not in present:
             rule = (f"t1 = {cfg.split.t1}, t2 = {cfg.split.t2}" if cfg.split.kind == "time"
@@ -131,23 +159,46 @@ def _check_split(frame: pl.DataFrame, cfg: DatasetConfig) -> None:
                             "inside the data's time range")
 
 
+def clear_sequences(run: RunDir) -> None:
+    """Remove an earlier prepare's sequences (its shard count may differ)."""
+    if run.sequences.is_dir():
+        shutil.rmtree(run.sequences)
+
+
 def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.DataFrame, users: pl.DataFrame,
            codes: np.ndarray, profile: pl.DataFrame | None) -> None:
     log.info("writing %s", run)
     run.path.mkdir(parents=True, exist_ok=True)
     tok.save(run.tokenizer_file)
     save_toml(cfg, run.config_file)
-    _sequences(frame, users, codes, tok).save(run.sequences)
+    clear_sequences(run)
+    _sequences(frame, users, codes, tok).save_shards(run.sequences, cfg.sequences.shards)
     users.write_parquet(run.users)
     frame.drop(FILE, ROW).write_parquet(run.events)
     if profile is not None:
         profile.write_parquet(run.profile)
 
 
-def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = False) -> dict[str, Any]:
+def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = False, engine: str = "polars",
+            spark_master: str | None = None) -> dict[str, Any]:
+    """Prepare a run directory with `engine` (polars | spark; `spark_master` overrides `spark.master`)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     started = time.perf_counter()
     run = RunDir.of(run_dir)
-    _check_out(run, force)
+    check_out(run, force)
+    if engine == "spark":
+        from pantherseq.spark.prepare import prepare_spark
+
+        tok, facts = prepare_spark(cfg, run, spark_master)
+    else:
+        tok, facts = _prepare_polars(cfg, run)
+    report = build_report(cfg, tok, facts, time.perf_counter() - started)
+    run.prepare_report.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def _prepare_polars(cfg: DatasetConfig, run: RunDir) -> tuple[StructuredTokenizer, Facts]:
     log.info("reading %s", cfg.source)
     loaded = load_source(cfg)
     dropped = dict(loaded.dropped)
@@ -156,7 +207,7 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     if frame.height == 0:
         raise DataError(f"no events left after dropping {dropped}")
     frame = frame.with_columns(split_expr(cfg.split))
-    _check_split(frame, cfg)
+    check_split(set(frame[SPLIT].unique().to_list()), cfg)
     log.info("fitting the tokenizer on %d training events", int((frame[SPLIT] == TRAIN).sum()))
     tok = StructuredTokenizer.from_config(cfg).fit(frame.filter(pl.col(SPLIT) == TRAIN))
     encoded = tok.transform(frame)
@@ -165,36 +216,52 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     frame = frame.with_columns(pl.Series(TOKEN, encoded.tokens), pl.Series(USER_IDX, user_idx))
     profile = _profile(loaded, users)
     _write(run, cfg, tok, frame, users, encoded.codes, profile)
-
+    known = frame.group_by(SPLIT).agg((pl.col(TOKEN) != UNK).sum().alias("n"))
     unk = frame.group_by(USER).agg((pl.col(TOKEN) == UNK).any().alias("u"))["u"]
+    return tok, Facts(
+        files=loaded.files, rows_read=loaded.rows_read, rows_kept=frame.height, rows_dropped=dropped,
+        users=users.height, split_rows=split_counts(frame),
+        known_by_split={int(k): int(n) for k, n in known.iter_rows()}, unk_users=int(unk.sum()),
+        labels=_labels(frame),
+        profile_fields=[] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)])
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def build_report(cfg: DatasetConfig, tok: StructuredTokenizer, facts: Facts, wall_s: float) -> dict[str, Any]:
+    """prepare.json from the fitted tokenizer and the engine's `Facts` (rows must reconcile)."""
+    split = split_summary(facts.split_rows, cfg.split)
+    events = [split["events"][name] for name in SPLIT_NAMES]
+    known = [facts.known_by_split.get(i, 0) for i in range(len(SPLIT_NAMES))]
     report = {
         "dataset": cfg.name,
         "source": cfg.source,
-        "files": loaded.files,
-        "rows_read": loaded.rows_read,
-        "rows_kept": frame.height,
-        "rows_dropped": dropped,
-        "users": users.height,
+        "files": facts.files,
+        "rows_read": facts.rows_read,
+        "rows_kept": facts.rows_kept,
+        "rows_dropped": facts.rows_dropped,
+        "users": facts.users,
         "raw_combinations": tok.stats["raw_combinations"],
         "vocab_size": tok.vocab_size,
         "top_k": tok.top_k,
         "token_fields": tok.token_fields,
-        "coverage": tok.coverage(encoded.tokens),
-        "coverage_by_split": {name: tok.coverage(encoded.tokens[frame[SPLIT].to_numpy() == i])
-                              for i, name in enumerate(("train", "valid", "test"))},
-        "unk_users": float(unk.mean()),
+        "coverage": _share(sum(known), sum(events)),
+        "coverage_by_split": {name: _share(k, n) for name, k, n in zip(SPLIT_NAMES, known, events)},
+        "unk_users": _share(facts.unk_users, facts.users),
         "k_for_96pct": tok.stats["k_for_96pct"],
         "coverage_curve": tok.stats["coverage_curve"],
         "field_sizes": dict(zip(tok.field_names, tok.field_sizes)),
-        "split": split_summary(frame, cfg.split),
-        "labels": _labels(frame),
-        "profile_fields": [] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)],
-        "wall_s": round(time.perf_counter() - started, 3),
+        "split": split,
+        "labels": facts.labels,
+        "profile_fields": facts.profile_fields,
+        "shards": cfg.sequences.shards,
+        "wall_s": round(wall_s, 3),
     }
-    if report["rows_kept"] + sum(dropped.values()) != report["rows_read"]:
+    if report["rows_kept"] + sum(facts.rows_dropped.values()) != report["rows_read"]:
         raise AssertionError(f"row counts do not reconcile: {report['rows_read']} read, "
-                             f"{report['rows_kept']} kept, {dropped} dropped")
-    run.prepare_report.write_text(json.dumps(report, indent=1, default=str))
+                             f"{report['rows_kept']} kept, {facts.rows_dropped} dropped")
     return report
 
 

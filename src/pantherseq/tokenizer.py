@@ -108,8 +108,24 @@ class StructuredTokenizer:
             raise DataError("cannot fit the tokenizer: the training period has no events")
         for enc in self.encoders:
             enc.fit(frame)
+        self.encoders_fitted()
+        keys, counts = np.unique(self.keys_of(self.field_codes(frame)), return_counts=True)
+        return self.fit_vocab(keys, counts)
+
+    def encoders_fitted(self) -> StructuredTokenizer:
+        """Call once every encoder is fitted (by `fit`, or from statistics): fixes the token key radix."""
         self._radix_vals = [int(r) for r in self._radix()]
-        keys, counts = np.unique(self._keys(self.field_codes(frame)), return_counts=True)
+        return self
+
+    def keys_of(self, codes: np.ndarray) -> np.ndarray:
+        """(N,) int64 mixed-radix token keys of (N, F) field codes (needs `encoders_fitted`)."""
+        return self._keys(codes)
+
+    def fit_vocab(self, keys: np.ndarray, counts: np.ndarray) -> StructuredTokenizer:
+        """Fit the vocabulary from every distinct training key and its count (any order; engine-neutral)."""
+        keys, counts = np.asarray(keys, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+        if keys.size == 0:
+            raise DataError("cannot fit the tokenizer: the training period has no events")
         order = np.lexsort((keys, -counts))  # most frequent first, ties by key: deterministic
         keys, counts = keys[order], counts[order]
         cum = np.cumsum(counts) / counts.sum()

@@ -143,6 +143,15 @@ class SequenceConfig:
 
     max_len: int = 128
     stride: int | None = None  # None = max_len (non-overlapping windows)
+    shards: int = 1  # prepare writes users dealt into this many shards (data/sequences.py); 1 = one folder
+
+
+@dataclass
+class SparkConfig:
+    """`prepare --engine spark` / `embed --engine spark`: the master and any Spark settings (spark.* keys)."""
+
+    master: str = "local[*]"
+    conf: dict[str, str] = field(default_factory=dict)  # e.g. {"spark.driver.memory" = "2g"}
 
 
 @dataclass
@@ -185,6 +194,7 @@ class DatasetConfig:
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
     contrastive: dict[str, float] = field(default_factory=dict)  # profile field -> tolerance (0 = equal)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
     bad_rows: Literal["error", "drop"] = "error"
     max_value_chars: int = 256  # a longer text value (user id, event id, categorical) is bad input
     min_year: int = 1970  # a timestamp before this year ...
@@ -212,6 +222,8 @@ class DatasetConfig:
             raise ConfigError(f"{where}.tokenizer.fields: {missing} are not fields ({', '.join(names)})")
         if not self.tokenizer.fields:
             raise ConfigError(f"{where}.tokenizer.fields: name at least one field to form the token")
+        if self.sequences.shards < 1:
+            raise ConfigError(f"{where}.sequences.shards must be >= 1, got {self.sequences.shards}")
         if self.tokenizer.top_k < 1:
             raise ConfigError(f"{where}.tokenizer.top_k must be >= 1")
         if self.max_value_chars < 1:

@@ -14,6 +14,16 @@ with `offsets` marking where each user starts (CSR layout; user u owns rows offs
     meta.json             field names, counts, format version
 
 `users.parquet` beside it maps the user index u to the original `user_id`.
+
+Shards (`sequences.shards = N` in the dataset config, both engines): user u goes to shard u % N (users are
+dealt round-robin in user-index order: the same in every engine, balanced within one user). With N = 1 the
+folder is laid out as above. With N > 1 it holds `meta.json` ({"shards": N, ...}) and `shard-00000/` ..
+`shard-{N-1}/`, each a folder of the layout above for its own users (local index, user-major) plus
+
+    users.npy     (U_s,)  int64    the global user index of each local user, ascending
+
+`Sequences.load` on a sharded folder returns all users in global order (in memory); `load_shards` returns
+the shards themselves, memory-mapped, for a reader that takes them one at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +39,17 @@ from pantherseq.errors import DataError
 
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "codes", "time", "gap", "label", "scenario", "split")
+SHARD_USERS = "users.npy"
+
+
+def shard_of(user_idx: np.ndarray, shards: int) -> np.ndarray:
+    """The shard of each global user index: users are dealt round-robin."""
+    return np.asarray(user_idx, dtype=np.int64) % shards
+
+
+def shard_folder(folder: str | Path, shard: int, shards: int) -> Path:
+    """Where shard `shard` of `shards` lives (the folder itself when there is one shard)."""
+    return Path(folder) if shards == 1 else Path(folder) / f"shard-{shard:05d}"
 
 
 @dataclass
@@ -42,6 +63,7 @@ class Sequences:
     scenario: np.ndarray
     split: np.ndarray
     field_names: list[str]
+    users: np.ndarray | None = None  # global user index of each local user (a shard); None = 0..U-1
 
     @property
     def n_users(self) -> int:
@@ -60,20 +82,46 @@ class Sequences:
         np.save(folder / "offsets.npy", self.offsets)
         for name in ARRAYS:
             np.save(folder / f"{name}.npy", getattr(self, name))
+        if self.users is not None:
+            np.save(folder / SHARD_USERS, np.asarray(self.users, dtype=np.int64))
         meta = {"format_version": FORMAT_VERSION, "users": self.n_users, "events": self.n_events,
                 "fields": self.field_names, "arrays": list(ARRAYS)}
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
+    def take_users(self, local: np.ndarray) -> Sequences:
+        """The sub-sequences of the local users `local` (ascending), their global indices kept in `users`."""
+        local = np.asarray(local, dtype=np.int64)
+        lengths = (self.offsets[local + 1] - self.offsets[local]).astype(np.int64)
+        rows = _ranges(self.offsets[local].astype(np.int64), lengths)
+        arrays = {name: np.asarray(getattr(self, name))[rows] for name in ARRAYS}
+        glob = local if self.users is None else np.asarray(self.users)[local]
+        return Sequences(offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), **arrays,
+                         field_names=self.field_names, users=glob.astype(np.int64))
+
+    def save_shards(self, folder: str | Path, shards: int) -> None:
+        """Write these (all) users into `shards` shards: user u to shard u % shards (one folder when 1)."""
+        if shards == 1:
+            self.save(folder)
+            return
+        owner = shard_of(np.arange(self.n_users), shards)
+        for shard in range(shards):
+            self.take_users(np.flatnonzero(owner == shard)).save(shard_folder(folder, shard, shards))
+        write_shards_meta(folder, shards, self.n_users, self.n_events, self.field_names)
+
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = True) -> Sequences:
-        folder = Path(folder)
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{folder} holds no sequences (no meta.json): run `pantherseq prepare` first")
-        meta = json.loads(meta_path.read_text())
+        """All users in global order: memory-mapped from one folder, or merged in memory from shards."""
+        meta = _meta(folder)
+        if meta.get("shards", 1) > 1:
+            return merge_shards(load_shards(folder))
+        return cls._load_one(Path(folder), meta, mmap)
+
+    @classmethod
+    def _load_one(cls, folder: Path, meta: dict, mmap: bool) -> Sequences:
         mode = "r" if mmap else None
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in ("offsets", *ARRAYS)}
-        return cls(**arrays, field_names=meta["fields"])
+        users = np.load(folder / SHARD_USERS) if (folder / SHARD_USERS).is_file() else None
+        return cls(**arrays, field_names=meta["fields"], users=users)
 
     def windows(self, max_len: int, stride: int | None = None, split: str | None = "train") -> np.ndarray:
         """Training windows over long histories: (W, 2) int64 [start, end) rows into the flat arrays.
@@ -97,6 +145,54 @@ class Sequences:
             first = np.where(lengths > 0, _first_index(self.split, code, self.offsets), starts)
             starts = first
         return _cut(starts, lengths, max_len, stride)
+
+
+def _meta(folder: str | Path) -> dict:
+    meta_path = Path(folder) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{folder} holds no sequences (no meta.json): run `pantherseq prepare` first")
+    return json.loads(meta_path.read_text())
+
+
+def write_shards_meta(folder: str | Path, shards: int, users: int, events: int, fields: list[str]) -> None:
+    """The top-level meta.json of a sharded folder (written once every shard is)."""
+    meta = {"format_version": FORMAT_VERSION, "shards": shards, "users": users, "events": events,
+            "fields": fields, "arrays": list(ARRAYS), "shard_of_user": "user_idx % shards"}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_shards(folder: str | Path, mmap: bool = True) -> list[Sequences]:
+    """Every shard of a sequences folder, memory-mapped (a one-shard folder is a list of one)."""
+    meta = _meta(folder)
+    shards = int(meta.get("shards", 1))
+    if shards == 1:
+        return [Sequences._load_one(Path(folder), meta, mmap)]
+    return [Sequences._load_one(shard_folder(folder, i, shards), _meta(shard_folder(folder, i, shards)), mmap)
+            for i in range(shards)]
+
+
+def merge_shards(parts: list[Sequences]) -> Sequences:
+    """Shards -> one Sequences of every user in global user-index order (in memory)."""
+    users = np.concatenate([p.users if p.users is not None else np.arange(p.n_users) for p in parts])
+    starts = np.concatenate([np.asarray(p.offsets[:-1]) + sum(q.n_events for q in parts[:i])
+                             for i, p in enumerate(parts)]).astype(np.int64)
+    lengths = np.concatenate([np.diff(p.offsets) for p in parts]).astype(np.int64)
+    order = np.argsort(users, kind="stable")
+    rows = _ranges(starts[order], lengths[order])
+    arrays = {name: np.concatenate([np.asarray(getattr(p, name)) for p in parts])[rows] for name in ARRAYS}
+    return Sequences(offsets=np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64), **arrays,
+                     field_names=parts[0].field_names)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated row ranges [start, start + length) as one int64 index array."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(starts - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
 
 
 def _first_index(split: np.ndarray, code: int, offsets: np.ndarray) -> np.ndarray:

@@ -28,14 +28,18 @@ def split_expr(cfg: SplitConfig) -> pl.Expr:
             .otherwise(TRAIN).cast(pl.Int8).alias(SPLIT))
 
 
-def split_summary(frame: pl.DataFrame, cfg: SplitConfig) -> dict:
-    """What went where: events and users per split, and the rule that decided it."""
+def split_counts(frame: pl.DataFrame) -> list[dict]:
+    """One row per split present: {split, events, users}."""
+    return frame.group_by(SPLIT).agg(pl.len().alias("events"), pl.col(USER).n_unique().alias("users")).to_dicts()
+
+
+def split_summary(counts: list[dict], cfg: SplitConfig) -> dict:
+    """What went where (from `split_counts` rows, of any engine): events and users per split, and the rule."""
     events = {name: 0 for name in SPLIT_NAMES}
     users = {name: 0 for name in SPLIT_NAMES}
-    counts = frame.group_by(SPLIT).agg(pl.len().alias("events"), pl.col(USER).n_unique().alias("users"))
-    for row in counts.iter_rows(named=True):
-        events[SPLIT_NAMES[row[SPLIT]]] = row["events"]
-        users[SPLIT_NAMES[row[SPLIT]]] = row["users"]
+    for row in counts:
+        events[SPLIT_NAMES[row[SPLIT]]] = int(row["events"])
+        users[SPLIT_NAMES[row[SPLIT]]] = int(row["users"])
     rule = {"kind": cfg.kind}
     if cfg.kind == "time":
         rule.update(t1=cfg.t1, t2=cfg.t2)
