@@ -28,7 +28,9 @@ from pantherseq.data.tables import (
     ROW,
     TABLE_SUFFIXES,
     Column,
+    RankedError,
     canonicalize,
+    canonicalize_ranked,
     check_nonempty,
     event_columns,
     field_column,
@@ -73,16 +75,63 @@ def load_profile_table(path: Path, cfg: DatasetConfig, separator: str | None = N
     return frame.drop(FILE, ROW).unique(USER, keep="first", maintain_order=True)
 
 
+@dataclass
+class FilePart:
+    """One file of the csv source read on its own (by this process or a Spark executor).
+
+    `error` is the one-line DataError message, `rank` its place in the order a read of all files at once
+    reports errors: (stage, check, file index), stage 0 = the file's header, 1 = a row that cannot be read,
+    2 = a bad value (check = canonicalize's check index), 3 = no data rows.
+    """
+
+    index: int
+    events: pl.DataFrame | None
+    rows_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    rank: tuple[int, int, int] = (0, 0, 0)
+
+
+def read_csv_file(cfg: DatasetConfig, path: Path, index: int) -> FilePart:
+    """Read, parse and check one file of the csv source; a bad input is returned, not raised."""
+    cols = event_columns(cfg)
+    stage, check = 0, 0
+    try:
+        lf = scan_files([path], [c.source for c in cols], cfg.format)
+        stage = 2
+        frame, rows_read, dropped = canonicalize_ranked(lf, cols, cfg.bad_rows, [path])
+        stage, check = 3, 0
+        check_nonempty(frame, [path])
+    except RankedError as exc:
+        stage = 1 if exc.check < 0 else 2
+        return FilePart(index, None, error=str(exc.error), rank=(stage, max(exc.check, 0), index))
+    except DataError as exc:
+        return FilePart(index, None, error=str(exc), rank=(stage, check, index))
+    return FilePart(index, _finish(frame), rows_read, dropped)
+
+
+def merge_parts(parts: list[FilePart]) -> tuple[int, dict[str, int]]:
+    """(rows read, dropped reason -> count) over the files; raises the error a read of all files at once
+    would raise first."""
+    bad = [p for p in parts if p.error is not None]
+    if bad:
+        raise DataError(min(bad, key=lambda p: p.rank).error)
+    dropped: dict[str, int] = {}
+    for part in parts:
+        for key, n in part.dropped.items():
+            dropped[key] = dropped.get(key, 0) + n
+    return sum(p.rows_read for p in parts), dropped
+
+
 def read_csv_source(cfg: DatasetConfig) -> Loaded:
     files = resolve_files(cfg.data)
-    cols = event_columns(cfg)
-    lf = scan_files(files, [c.source for c in cols], cfg.format)
-    frame, rows_read, dropped = canonicalize(lf, cols, cfg.bad_rows, files)
-    check_nonempty(frame, files)
+    parts = [read_csv_file(cfg, path, i) for i, path in enumerate(files)]
+    rows_read, dropped = merge_parts(parts)
+    frame = pl.concat([p.events for p in parts], how="vertical")
     profile = None
     if cfg.profile.path:
         profile = load_profile_table(Path(cfg.profile.path), cfg)
-    return Loaded(_finish(frame), profile, rows_read, dropped, [str(f) for f in files])
+    return Loaded(frame, profile, rows_read, dropped, [str(f) for f in files])
 
 
 TABFORMER_TIME = "Year-Month-Day Time"

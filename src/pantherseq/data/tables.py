@@ -207,12 +207,30 @@ def explain_read_error(exc: Exception, files: list[Path], separator: str = ",") 
     return DataError(f"cannot read {where}: {str(exc).splitlines()[0]}")
 
 
+class RankedError(Exception):
+    """A DataError with its place in the order `canonicalize` checks (so per-file reads report alike)."""
+
+    def __init__(self, error: DataError, check: int):
+        super().__init__(str(error))
+        self.error, self.check = error, check
+
+
 def canonicalize(lf: pl.LazyFrame, columns: list[Column], bad_rows: str,
                  files: list[Path] | None = None) -> tuple[pl.DataFrame, int, dict]:
     """Parse text columns into canonical ones in one collect; handle bad values per `bad_rows`.
 
     Returns (frame with FILE, ROW and the canonical columns, rows read, dropped reason -> count).
     """
+    try:
+        return canonicalize_ranked(lf, columns, bad_rows, files)
+    except RankedError as exc:
+        raise exc.error from None
+
+
+def canonicalize_ranked(lf: pl.LazyFrame, columns: list[Column], bad_rows: str,
+                        files: list[Path] | None = None) -> tuple[pl.DataFrame, int, dict]:
+    """`canonicalize`, raising RankedError: check -1 for a file that cannot be read, else the index of
+    the first check (column by column, reason by reason) that found a bad value."""
     exprs, checks = [], []
     for col in columns:
         value, bads = _parse(col)
@@ -223,18 +241,18 @@ def canonicalize(lf: pl.LazyFrame, columns: list[Column], bad_rows: str,
     try:
         frame = lf.with_columns([bad for _, bad, _ in checks]).collect()
     except pl.exceptions.PolarsError as exc:
-        raise explain_read_error(exc, files or []) from None
+        raise RankedError(explain_read_error(exc, files or []), -1) from None
     rows_read = frame.height
     dropped: dict[str, int] = {}
     keep = pl.Series([True] * frame.height) if frame.height else pl.Series([], dtype=pl.Boolean)
-    for col, bad, reason in checks:
+    for k, (col, bad, reason) in enumerate(checks):
         mask = frame[bad.meta.output_name()]
         n = int(mask.sum())
         if not n:
             continue
         if bad_rows == "error":
             probe = frame.select(FILE, ROW, mask.alias("_bad"), pl.col(col.source).alias("_raw"))
-            raise _first_bad(probe, col, reason)
+            raise RankedError(_first_bad(probe, col, reason), k)
         newly = int((mask & keep).sum())
         if newly:
             dropped[f"{reason}:{col.source}"] = newly
