@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from pantherseq.data.batch import Batch, DataInfo, collate
+from pantherseq.data.batch import Batch, DataInfo, collate, seen_before
 from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
 from pantherseq.data.sequences import Sequences
 from pantherseq.data.split import SPLIT_NAMES
@@ -118,6 +118,7 @@ class RunData:
         self.profile = Profile.empty(self.seq.n_users) if profile is None else Profile.from_frame(profile, self.cfg)
         self.gap_bucket = gap_buckets(np.asarray(self.seq.gap))
         self.user_of = np.repeat(np.arange(self.seq.n_users), np.diff(self.seq.offsets))
+        self._seen_before: np.ndarray | None = None
 
     @property
     def info(self) -> DataInfo:
@@ -126,16 +127,25 @@ class RunData:
                         profile_num=int(self.profile.num.shape[1]))
 
     # -- batches ---------------------------------------------------------------------------------
-    def _batch(self, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray | None = None
-               ) -> Batch:
-        """Windows [start, start + length) of inputs; targets = the next events (see `collate`)."""
+    def _batch(self, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray | None = None,
+               history: int = 0) -> Batch:
+        """Windows [start, start + length) of inputs; targets = the next events (see `collate`); with
+        `history` > 0 the user's `history` events before each window (the copy head, `personal`)."""
         users = self.user_of[starts]
         return collate(self.seq.tokens, self.seq.codes, self.gap_bucket, starts, lengths, users,
                        self.profile.cat[users], self.profile.num[users], self.profile.positives(users),
-                       target_from)
+                       target_from, user_start=np.asarray(self.seq.offsets)[users], history=history,
+                       seen_before=self.seen_before if target_from is not None else None)
 
-    def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
-                      ) -> Iterator[Batch]:
+    @property
+    def seen_before(self) -> np.ndarray:
+        """(N,) bool per event: its token occurred earlier in the user's sequence (made on first use)."""
+        if self._seen_before is None:
+            self._seen_before = seen_before(np.asarray(self.seq.tokens), np.asarray(self.seq.offsets))
+        return self._seen_before
+
+    def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                      history: int = 0) -> Iterator[Batch]:
         """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th.
 
         Raises DataError (on the first batch) when the training period has no target at all."""
@@ -148,7 +158,7 @@ class RunData:
         for b in range(rank, n_batches, world):
             w = win[order[b * batch_size:(b + 1) * batch_size]]
             if len(w):
-                yield self._batch(w[:, 0], w[:, 1] - w[:, 0] - 1)
+                yield self._batch(w[:, 0], w[:, 1] - w[:, 0] - 1, history=history)
 
     def n_train_targets(self, max_len: int) -> int:
         win = self.seq.windows(max_len + 1, split="train")
@@ -175,10 +185,10 @@ class RunData:
                 rows.append((w0, c1 - 1 - w0, c0))
         return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
-    def eval_batches(self, windows: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    def eval_batches(self, windows: np.ndarray, batch_size: int, history: int = 0) -> Iterator[Batch]:
         for i in range(0, len(windows), batch_size):
             w = windows[i:i + batch_size]
-            yield self._batch(w[:, 0], w[:, 1], target_from=w[:, 2])
+            yield self._batch(w[:, 0], w[:, 1], target_from=w[:, 2], history=history)
 
 
 

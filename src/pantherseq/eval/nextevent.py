@@ -33,24 +33,38 @@ def eval_batch_size(vocab_size: int, max_len: int) -> int:
 def evaluate_split(model: SequenceModel, data: RunData, split: str, max_len: int,
                    max_users: int | None = None, seed: int = 0, rank: int = 0, world: int = 1,
                    progress: bool = False) -> dict[str, float]:
-    """HR@1/5/10, NDCG@5/10, MRR and n over the targets of `split` (see data/dataset.py)."""
+    """HR@1/5/10, NDCG@5/10, MRR and n over the targets of `split` (see data/dataset.py), and HR@10, NDCG@10
+    and n over the `repeat` targets (the token occurred earlier in the user's sequence) and the `explore`
+    ones (new to the user), so a table shows where a model wins."""
     was_training = model.training
     model.eval()
     windows = data.eval_windows(split, max_len, max_users=max_users, seed=seed)[rank::world]
     size = eval_batch_size(data.info.vocab_size, max_len)
-    acc = MetricSum()
-    batches = data.eval_batches(windows, size)
+    acc, by_kind = MetricSum(), {"repeat": MetricSum(), "explore": MetricSum()}
+    batches = data.eval_batches(windows, size, history=model.history_len)
     total = int(np.ceil(len(windows) / size))
     for batch in tqdm(batches, total=total, desc=f"evaluate {split}", disable=None if progress else True, leave=False):
         scores, targets = model.target_scores(batch)
         if targets.numel():
-            acc.add(ranks(scores, targets))
+            r = ranks(scores, targets)
+            acc.add(r)
+            repeat = batch.target_repeat[batch.targets != 0]
+            by_kind["repeat"].add(r[repeat])
+            by_kind["explore"].add(r[~repeat])
     if world > 1:
-        t = acc.tensor()
-        dist.all_reduce(t)
-        acc = MetricSum.from_tensor(t)
+        acc, by_kind = _all_reduce(acc), {k: _all_reduce(v) for k, v in by_kind.items()}
     model.train(was_training)
-    return acc.result()
+    out = acc.result()
+    for kind, m in by_kind.items():  # targets already in the user's history vs new to the user
+        res = m.result()
+        out |= {f"{kind}_{k}": res[k] for k in ("hr@10", "ndcg@10", "n")}
+    return out
+
+
+def _all_reduce(acc: MetricSum) -> MetricSum:
+    t = acc.tensor()
+    dist.all_reduce(t)
+    return MetricSum.from_tensor(t)
 
 
 def evaluate_run(run_dir: RunDir | str | Path, models: list[str] | None = None, splits: tuple[str, ...] = ("test",),

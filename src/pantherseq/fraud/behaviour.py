@@ -136,7 +136,7 @@ def float64_copy(model: NeuralModel) -> NeuralModel:
 def exact_hidden(model64: NeuralModel, batch: Batch) -> torch.Tensor:
     """(B, T, D) float64 causal states of a float64 model (`float64_copy`)."""
     cast = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    cast = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in cast.items()}
+    cast = {k: (v.to(torch.float64) if v is not None and v.is_floating_point() else v) for k, v in cast.items()}
     return model64.hidden(Batch(**cast))
 
 

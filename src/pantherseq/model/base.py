@@ -22,6 +22,7 @@ from torch import nn
 
 from pantherseq.data.batch import Batch, DataInfo  # defined in data/, re-exported for the models
 from pantherseq.data.schema import GAP_BUCKETS, N_SPECIAL, PAD  # noqa: F401 (GAP_BUCKETS re-exported)
+from pantherseq.model.heads import CopyHead, FieldHeads, mix_log_probs
 
 
 @dataclass
@@ -46,14 +47,25 @@ class ModelConfig:
     profile_mode: Literal["positional", "first_token", "none"] = "positional"
     contrastive_lambda: float = 0.1
     contrastive_tau: float = 1.0
+    # output heads, for every neural model (model/heads.py)
+    copy_head: bool = False  # repeat-aware copy head: a gate mixes a pointer over the user's own past tokens
+    history: int = 512  # events before the window the copy head and `personal` can see
+    field_heads: bool = False  # per-field next-value heads as auxiliary losses
+    field_loss_weight: float = 0.2  # weight of the mean per-field cross-entropy
     # count models
     markov_backoff: float = 1.0  # weight of the popularity prior added to transition counts
+    personal_decay: float = 1.0  # `personal`: an event k events back counts decay^k (1 = plain counts)
 
 
 class SequenceModel(nn.Module):
     """The interface the trainer and evaluation use."""
 
     trainable = True
+
+    @property
+    def history_len(self) -> int:
+        """How many events before each window the model reads (Batch.history); 0 = none."""
+        return 0
 
     def scores(self, batch: Batch) -> torch.Tensor:
         """(B, T, V) next-token scores at every position (higher = more likely)."""
@@ -75,6 +87,12 @@ class NeuralModel(SequenceModel):
         self.token_emb = nn.Embedding(info.vocab_size, cfg.d_model, padding_idx=PAD)
         self.out_bias = nn.Parameter(torch.zeros(info.vocab_size))
         self.out_proj = None if cfg.tie_weights else nn.Linear(cfg.d_model, info.vocab_size, bias=False)
+        self.copy = CopyHead(cfg.d_model) if cfg.copy_head else None
+        self.field_heads = FieldHeads(cfg.d_model, info.field_sizes) if cfg.field_heads else None
+
+    @property
+    def history_len(self) -> int:
+        return int(self.cfg.history) if self.copy is not None else 0
 
     # -- to implement -------------------------------------------------------------------------
     def hidden(self, batch: Batch) -> torch.Tensor:
@@ -91,11 +109,29 @@ class NeuralModel(SequenceModel):
         return self.token_emb.weight if self.out_proj is None else self.out_proj.weight
 
     def scores(self, batch: Batch) -> torch.Tensor:
-        return self.logits(self.hidden(batch))
+        """(B, T, V) next-token scores: the logits, or with the copy head the log of the mixture."""
+        h = self.hidden(batch)
+        if self.copy is None:
+            return self.logits(h)
+        keys, a, g = self.copy(h, batch.tokens, batch.history, self.token_emb)
+        log_v = F.log_softmax(self.logits(h).float(), dim=-1)
+        return mix_log_probs(log_v, CopyHead.dense(keys, a.float(), log_v.shape[-1]), g.float().unsqueeze(-1))
 
     def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         keep = batch.targets != PAD
-        return self.logits(self.hidden(batch)[keep]), batch.targets[keep]
+        h = self.hidden(batch)
+        if self.copy is None:
+            return self.logits(h[keep]), batch.targets[keep]
+        keys, a, g = self.copy(h, batch.tokens, batch.history, self.token_emb)
+        log_v = F.log_softmax(self.logits(h[keep]).float(), dim=-1)  # (N, V)
+        rows = torch.arange(batch.tokens.shape[0]).unsqueeze(1).expand_as(batch.tokens)[keep]  # (N,)
+        p_copy = log_v.new_zeros(log_v.shape).scatter_add_(1, keys[rows], a[keep].float())
+        return mix_log_probs(log_v, p_copy, g[keep].float().unsqueeze(-1)), batch.targets[keep]
+
+    def field_log_probs(self, h: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per-field next-value log-probabilities [(..., size_f)] from states h (..., D); None without
+        field heads."""
+        return None if self.field_heads is None else self.field_heads.log_probs(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V)."""
@@ -107,26 +143,46 @@ class NeuralModel(SequenceModel):
             return "full" if self.info.vocab_size <= self.cfg.auto_full_max_vocab else "sampled"
         return kind
 
-    def generative_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over positions with a target."""
-        keep = targets != PAD
-        h, y = h[keep], targets[keep]  # (N, D), (N,)
+    def target_log_probs(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) log softmax(logits)(y) at states h (N, D): exact for `full` / `chunked`, the sampled-softmax
+        estimate for `sampled`."""
         kind = self.loss_kind()
         if kind == "full":
-            return F.cross_entropy(self.logits(h), y)
+            return F.log_softmax(self.logits(h), dim=-1).gather(1, y.unsqueeze(1)).squeeze(1)
         if kind == "chunked":
-            return chunked_cross_entropy(h, y, self.output_weight, self.out_bias)
-        return sampled_softmax_loss(h, y, self.output_weight, self.out_bias, self.cfg.n_negatives)
+            return -chunked_cross_entropy(h, y, self.output_weight, self.out_bias, reduction="none")
+        return -sampled_softmax_loss(h, y, self.output_weight, self.out_bias, self.cfg.n_negatives, reduction="none")
+
+    def generative_loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions with a target (of the copy mixture, with the head)."""
+        targets = batch.targets
+        keep = targets != PAD
+        hk, y = h[keep], targets[keep]  # (N, D), (N,)
+        if self.copy is not None:
+            keys, a, g = self.copy(h, batch.tokens, batch.history, self.token_emb)
+            p_copy = CopyHead.target_prob(keys, a, targets)[keep]
+            return -mix_log_probs(self.target_log_probs(hk, y), p_copy, g[keep]).mean()
+        kind = self.loss_kind()
+        if kind == "full":
+            return F.cross_entropy(self.logits(hk), y)
+        if kind == "chunked":
+            return chunked_cross_entropy(hk, y, self.output_weight, self.out_bias)
+        return sampled_softmax_loss(hk, y, self.output_weight, self.out_bias, self.cfg.n_negatives)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         h = self.hidden(batch)
-        gen = self.generative_loss(h, batch.targets)
+        gen = self.generative_loss(h, batch)
         extra, parts = self.extra_loss(batch, h)
         parts = {"gen": float(gen.detach()), **parts}
-        if extra is None:
-            return gen, parts
-        lam = self.cfg.contrastive_lambda
-        return (1 - lam) * gen + lam * extra, parts
+        total = gen
+        if extra is not None:
+            lam = self.cfg.contrastive_lambda
+            total = (1 - lam) * gen + lam * extra
+        if self.field_heads is not None and batch.target_codes is not None:
+            fl, _ = self.field_heads.loss(h, batch.target_codes)
+            total = total + self.cfg.field_loss_weight * fl
+            parts |= {"fields": float(fl.detach())}
+        return total, parts
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """(B, D) user embedding: the mean of the causal states over real positions."""
@@ -136,17 +192,17 @@ class NeuralModel(SequenceModel):
 
 
 def chunked_cross_entropy(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                          chunk: int = 2048) -> torch.Tensor:
-    """Exact full-softmax cross-entropy, computed `chunk` positions at a time to bound memory."""
-    total = h.new_zeros(())
-    for i in range(0, h.shape[0], chunk):
-        logits = h[i:i + chunk] @ weight.t() + bias
-        total = total + F.cross_entropy(logits, y[i:i + chunk], reduction="sum")
-    return total / max(h.shape[0], 1)
+                          chunk: int = 2048, reduction: str = "mean") -> torch.Tensor:
+    """Exact full-softmax cross-entropy, computed `chunk` positions at a time to bound memory
+    (`reduction = "none"`: (N,) per position)."""
+    parts = [F.cross_entropy(h[i:i + chunk] @ weight.t() + bias, y[i:i + chunk], reduction="none")
+             for i in range(0, h.shape[0], chunk)]
+    per = torch.cat(parts) if parts else h.new_zeros(0)
+    return per if reduction == "none" else per.sum() / max(h.shape[0], 1)
 
 
 def sampled_softmax_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         n_negatives: int) -> torch.Tensor:
+                         n_negatives: int, reduction: str = "mean") -> torch.Tensor:
     """Sampled softmax: the target against `n_negatives` ids drawn uniformly (shared by the batch).
 
     Uniform sampling makes the log-Q correction a constant, so it cancels; a negative equal to a
@@ -158,7 +214,7 @@ def sampled_softmax_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     neg_logit = h @ weight[neg].t() + bias[neg]  # (N, K)
     neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(y))
+    return F.cross_entropy(logits, torch.zeros_like(y), reduction=reduction)
 
 
 class CountModel(SequenceModel):

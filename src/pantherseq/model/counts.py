@@ -1,4 +1,5 @@
-"""Count baselines: `popular` (global frequency) and `markov` (first-order transitions with back-off).
+"""Count baselines: `popular` (global frequency), `markov` (first-order transitions with back-off) and
+`personal` (the user's own token frequency among earlier events, ties by training popularity).
 
 Fitted by counting the same training batches the neural models see (`observe`), one pass; no gradients.
 Counts are buffers, so they travel in the state_dict like any weight. The transition table is sparse
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pantherseq.data.schema import PAD
+from pantherseq.data.schema import N_SPECIAL, PAD
 from pantherseq.model.base import Batch, CountModel, DataInfo, ModelConfig
 
 
@@ -89,3 +90,39 @@ class Markov(Popular):
             totals.index_add_(0, which, self.pair_counts[entry])
         out = torch.log(rows / (totals + self.cfg.markov_backoff).unsqueeze(1))
         return out.reshape(*current.shape, V)
+
+
+class Personal(Popular):
+    """Personal frequency: a token's score is how often the user produced it among the events before the
+    target — the window's inputs and the `history` events before the window (cfg.history) — each weighted
+    decay^k for an event k events back (cfg.personal_decay; 1 = plain counts), plus the training popularity
+    scaled far below one event's weight, so ties (and users with no history) fall back to `popular`."""
+
+    @property
+    def history_len(self) -> int:
+        return int(self.cfg.history)
+
+    def _personal(self, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
+        """(N, V) scores at the positions `keep` (B, T)."""
+        tokens = batch.tokens
+        B, T = tokens.shape
+        hist = batch.history if batch.history is not None else tokens.new_zeros((B, 0))
+        keys = torch.cat([hist, tokens], dim=1)  # (B, K)
+        pos_k = torch.arange(-hist.shape[1], T)
+        dist = torch.arange(T).unsqueeze(1) - pos_k.unsqueeze(0)  # (T, K): events back from each position
+        visible = (dist >= 0).unsqueeze(0) & (keys >= N_SPECIAL).unsqueeze(1)  # (B, T, K)
+        weight = torch.float_power(torch.tensor(float(self.cfg.personal_decay)), dist.clamp_min(0)).unsqueeze(0)
+        w = (visible * weight)[keep]  # (N, K) float64
+        rows = torch.arange(B).unsqueeze(1).expand(B, T)[keep]
+        counts = torch.zeros((w.shape[0], self.info.vocab_size), dtype=torch.float64)
+        counts.scatter_add_(1, keys[rows], w)
+        prior = (self.counts / self.counts.sum().clamp_min(1)).unsqueeze(0)  # (1, V), sums to 1
+        return (counts + 1e-6 * prior).float()
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        keep = torch.ones_like(batch.tokens, dtype=torch.bool)
+        return self._personal(batch, keep).reshape(*batch.tokens.shape, -1)
+
+    def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = batch.targets != PAD
+        return self._personal(batch, keep), batch.targets[keep]

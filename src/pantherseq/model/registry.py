@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pantherseq.errors import ConfigError
 from pantherseq.model.base import DataInfo, ModelConfig, SequenceModel
-from pantherseq.model.counts import Markov, Popular
+from pantherseq.model.counts import Markov, Personal, Popular
 from pantherseq.model.hstu import HSTU
 from pantherseq.model.panther import Panther, Transformer
 from pantherseq.model.sasrec import SASRec
@@ -19,6 +19,7 @@ MODELS: dict[str, type[SequenceModel]] = {
     # count models (CountModel subclasses, fitted by one counting pass over the same batches)
     "markov": Markov,
     "popular": Popular,
+    "personal": Personal,
 }
 
 

@@ -50,7 +50,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup: float = 0.05  # linear warm-up over this fraction of the run's steps (epochs x steps per epoch)
+    warmup_steps: int | None = None  # an absolute number of warm-up steps instead of `warmup`
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
     seed: int = 0
@@ -143,11 +144,12 @@ def _epoch(model, core, opt, data, cfg: PretrainConfig, state: State, total_step
            world: int, logger: Logger, deadline: float | None) -> bool:
     """One pass over the training batches; returns False when the time budget ran out."""
     tc = cfg.train
-    batches = data.train_batches(cfg.model.max_len, tc.batch_size, tc.seed * 1000 + state.epoch, rank, world)
+    batches = data.train_batches(cfg.model.max_len, tc.batch_size, tc.seed * 1000 + state.epoch, rank, world,
+                                 history=core.history_len)
     bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", disable=None if rank == 0 else True, leave=False, mininterval=1.0)
     t0, n0 = time.perf_counter(), state.targets
     for batch in bar:
-        lr = get_lr(state.step, total_steps, tc.lr, tc.warmup_steps, tc.schedule)
+        lr = get_lr(state.step, total_steps, tc.lr, warmup_steps(tc, total_steps), tc.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, parts = core.loss(batch) if world == 1 else model(batch)  # DDP all-reduces the gradients
@@ -168,6 +170,11 @@ def _epoch(model, core, opt, data, cfg: PretrainConfig, state: State, total_step
             return False
     state.train_s += time.perf_counter() - t0
     return True
+
+
+def warmup_steps(tc: TrainConfig, total_steps: int) -> int:
+    """The warm-up length: `warmup_steps` when given, else the fraction `warmup` of the run's steps."""
+    return int(tc.warmup_steps) if tc.warmup_steps is not None else round(tc.warmup * total_steps)
 
 
 class _LossModule(torch.nn.Module):
