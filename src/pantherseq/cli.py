@@ -1,11 +1,12 @@
 """The `pantherseq` command: one entry point, subcommands are verbs.
 
     pantherseq prepare --dataset NAME [--data PATH] [--config FILE] [--set key=value ...] --out RUN_DIR
+                       [--engine polars|spark] [--spark-master URL]
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
     pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
     pantherseq embed --run RUN_DIR --model NAME --store URL [--until TIME]
-    pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000]
+    pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000] [--api-keys FILE]
     pantherseq llm4es --run RUN_DIR --model-dir DIR [--format plain|json|markdown] [--steps N | --budget-s S]
     pantherseq probe --run RUN_DIR --embeddings aggregates,panther,aggregates+panther --target gender
     pantherseq report RUN_DIR
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--force", action="store_true",
                    help="prepare into a run directory that holds trained models (they will not fit it any more)")
+    p.add_argument("--engine", choices=("polars", "spark"), default="polars",
+                   help="polars: one process (default); spark: PySpark, csv/handbook sources (docs/SPARK.md)")
+    p.add_argument("--spark-master", help="with --engine spark: the master URL (default: [spark] master in the "
+                                          "config, local[*])")
     p.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("pretrain", help="train one next-behaviour model on a prepared run",
@@ -120,11 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     em.add_argument("--until", help="states as of this time (ISO), e.g. the test period's start (default: all)")
     em.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default: 256)")
+    for q in (em, sv):
+        q.add_argument("--migrate", action="store_true",
+                       help="take a store written with another model version of this run: serve recomputes its "
+                            "states with this model, embed overwrites them (another run's store is always refused)")
     em.set_defaults(func=cmd_embed)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--feature-set", default="hybrid", help="which risk model to serve (default: hybrid)")
     sv.add_argument("--no-refresh", action="store_true", help="do not refresh predictions after events")
+    sv.add_argument("--api-keys", metavar="FILE",
+                    help="API keys with scopes (TOML or JSON, token hashes; docs/SECURITY.md); default: "
+                         "$PANTHERSEQ_API_KEYS, else none (then only a loopback --host is allowed)")
+    sv.add_argument("--access-log", metavar="FILE", help="JSON lines per request to FILE (- = stdout)")
+    sv.add_argument("--max-body-kb", type=int, default=64, help="request body cap in KiB (default: 64; 413)")
+    sv.add_argument("--max-batch", type=int, default=256, help="transactions per /score/batch (default: 256)")
+    sv.add_argument("--score-threads", type=int, default=4, help="scoring thread pool size (default: 4)")
+    sv.add_argument("--new-users-per-minute", type=int, default=6000,
+                    help="cap on cold-start users per minute, 0 = none (default: 6000; 429)")
+    sv.add_argument("--guard-metrics", action="store_true", help="GET /metrics needs an admin key")
     sv.set_defaults(func=cmd_serve)
 
     lm = sub.add_parser("llm4es", help="user embeddings from a language model fine-tuned on event texts",

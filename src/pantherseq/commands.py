@@ -25,7 +25,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pantherseq.prepare import format_prepare_report, prepare
 
     cfg = load_dataset_config(args.dataset, args.config, args.set, data=args.data)
-    report = prepare(cfg, args.out, force=args.force)
+    report = prepare(cfg, args.out, force=args.force, engine=args.engine, spark_master=args.spark_master)
     print(f"prepared {args.out}\n{format_prepare_report(report)}")
     return 0
 
@@ -89,29 +89,74 @@ def cmd_embed(args: argparse.Namespace) -> int:
     _run(args.run)
     scorer = Scorer(args.run, args.model, args.fraud_dir, threads=args.threads)
     with open_store(args.store) as store:
-        meta = embed_users(scorer, store, args.until, args.batch_size)
+        meta = embed_users(scorer, store, args.until, args.batch_size, migrate=args.migrate)
     print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "
           f"{meta['until'] or 'the last event'} into {args.store} in {meta['seconds']:.1f} s")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def _access_log(target: str | None) -> None:
+    """The access log's JSON lines to a file (`-` = stdout), or nowhere; never mixed into stderr's log."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("pantherseq.access")
+    logger.propagate = False
+    if target:
+        try:
+            handler = logging.StreamHandler(sys.stdout) if target == "-" else logging.FileHandler(target)
+        except OSError as e:
+            raise ConfigError(f"--access-log {target}: {e.strerror}") from None
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pantherseq.serve.app import create_app
+    from pantherseq.serve.auth import ENV, ApiKeys
     from pantherseq.serve.scorer import Scorer
     from pantherseq.serve.service import Service
     from pantherseq.store import open_store
 
+    keys = ApiKeys.load(args.api_keys)
+    if keys is None and not _is_loopback(args.host):
+        raise ConfigError(f"refusing to serve on {echo(args.host)} without API keys: give --api-keys FILE or "
+                          f"${ENV} (docs/SECURITY.md), or serve on 127.0.0.1")
+    for name in ("max_body_kb", "max_batch", "score_threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    _access_log(args.access_log)
     _run(args.run)
     scorer = Scorer(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
     store = open_store(args.store)
-    service = Service(scorer, store, refresh=not args.no_refresh)
-    service.start()
-    print(f"serving {scorer.model_version} ({scorer.feature_set or 'deviation score: no risk model'}) from {args.store} "
-          f"on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    service = Service(scorer, store, refresh=not args.no_refresh, migrate=args.migrate,
+                      score_threads=args.score_threads, new_users_per_minute=args.new_users_per_minute)
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", access_log=False)
+        service.start()
+    except BaseException:
+        store.close()
+        raise
+    print(f"serving {scorer.model_version} ({scorer.feature_set or 'deviation score: no risk model'}) from {args.store} "
+          f"on http://{args.host}:{args.port} (docs: /docs; {'API keys required' if keys else 'no API keys'})",
+          flush=True)
+    app = create_app(service, keys, max_body=args.max_body_kb * 1024, max_batch=args.max_batch,
+                     guard_metrics=args.guard_metrics)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
         service.stop()
         store.close()

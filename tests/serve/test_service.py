@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pantherseq.serve.app import create_app
+from pantherseq.serve.auth import SCOPES, ApiKeys, hash_token
 from pantherseq.serve.scorer import Scorer
 from pantherseq.serve.service import Service
 from pantherseq.serve.state import UserState
@@ -163,9 +164,14 @@ def test_unknown_user_is_a_cold_start_then_gets_state(service):
     assert not out2["cold_start"] and out2["deviation"]["is_unk"] == 1.0
 
 
+TOKEN = "test-token-with-every-scope"
+KEYS = ApiKeys.parse({"keys": {"tests": {"sha256": hash_token(TOKEN), "scopes": list(SCOPES)}}}, "tests")
+
+
 @pytest.fixture
 def client(service):
-    return TestClient(create_app(service), raise_server_exceptions=False)
+    return TestClient(create_app(service, KEYS), raise_server_exceptions=False,
+                      headers={"authorization": f"Bearer {TOKEN}"})
 
 
 def test_http_endpoints(client, service):

@@ -4,7 +4,9 @@ For each user with events before `until` (default: after the last event): the la
 model's window), the events of the last `spend_days` days (customer spending), and the model's prediction
 after the last event (h, the pooled state, top-k, μ, σ) from one batched forward pass per `batch_size` users, with a
 progress bar. The store's meta `embed` records the run, model version, cut-off and count; the service
-reads it at start-up to rebuild the terminal history up to the same cut-off.
+reads it at start-up to rebuild the terminal history up to the same cut-off. A store that belongs to
+another run is refused, one of another model version of this run unless `migrate` (identity.py); the
+store's `owner` record then names this run and model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from pantherseq.data.dataset import gap_buckets
 from pantherseq.data.schema import DAY
 from pantherseq.data.sequences import Sequences
+from pantherseq.serve.identity import check_owner, write_owner
 from pantherseq.serve.scorer import Scorer, parse_time
 from pantherseq.serve.state import UserState
 from pantherseq.store import Store
@@ -28,9 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_size: int = 256,
-                progress: bool = True) -> dict:
+                progress: bool = True, migrate: bool = False) -> dict:
     """Write the state of every user with history before `until` (ISO time) to `store`; returns the meta."""
     started = time.perf_counter()
+    check_owner(store, scorer.run_id, scorer.model_version, migrate)  # ConfigError: another run / model
     seq = Sequences.load(scorer.run.sequences)
     cut_s = parse_time(until)[0] if until else None
     times = np.asarray(seq.time)
@@ -60,9 +64,11 @@ def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_si
         states = scorer.refresh(states, time.time(), cache=False)
         store.put_many({s.user_id: s.encode() for s in states})
         n_written += len(states)
-    meta = {"run": str(scorer.run.path.resolve()), "model": scorer.model_name, "model_version": scorer.model_version,
+    meta = {"run": str(scorer.run.path.resolve()), "run_id": scorer.run_id, "model": scorer.model_name,
+            "model_version": scorer.model_version,
             "until": until, "until_s": cut_s, "users": n_written, "max_len": L, "spend_days": scorer.spend_days,
             "seconds": round(time.perf_counter() - started, 2)}
     store.put_meta("embed", json.dumps(meta).encode())
+    write_owner(store, scorer.run_id, scorer.model_version)
     log.info("embedded %d users in %.1f s", n_written, meta["seconds"])
     return meta

@@ -139,6 +139,8 @@ class Scorer:
         self.model_name = model_name
         digest = hashlib.sha256(self.run.checkpoint(model_name).read_bytes()).hexdigest()
         self.model_version = f"{model_name}@{digest[:12]}"
+        # what the stored tokens mean: a store written with another tokenizer cannot be served (identity.py)
+        self.run_id = hashlib.sha256(self.run.tokenizer_file.read_bytes()).hexdigest()[:12]
         self.max_len = int(model.cfg.max_len)
         self.vocab = DeviationVocab(self.tok, model)
         self.delta_names = [f"d_{k}" for k in self.vocab.delta_names]  # a cold start gets them all NaN
@@ -173,6 +175,10 @@ class Scorer:
         self.windows = tuple(int(w) for w in fc.get("windows", WINDOWS))
         self.spend_days = max(self.windows)
         self.terminals = TerminalHistory(self.windows, int(fc.get("delay_days", 7)))
+        self.terminal_lock = threading.Lock()  # request threads add to the history while others read it
+        # how far back the terminal features read (the longest window before the label delay): logged events
+        # older than this before a user's last event are folded into the state and need not be replayed
+        self.log_horizon_s = (max(self.windows) * DAY + self.terminals.lag) if self.merchant is not None else 0
         if self.risk is not None:
             missing = sorted(set(self.risk.features) - set(self.feature_names()))
             if missing:
@@ -213,7 +219,8 @@ class Scorer:
         out |= customer_one(state.times, state.amounts, ev.time, amount, self.windows)
         if self.merchant is not None:
             m = ev.fields.get(self.merchant)
-            out |= self.terminals.features(None if m is None else str(m), ev.time)
+            with self.terminal_lock:
+                out |= self.terminals.features(None if m is None else str(m), ev.time)
         out |= self.deviation(ev, state)
         d = self.model.cfg.d_model
         for name, vec in zip(EMBEDDINGS, (state.pooled, state.h)):

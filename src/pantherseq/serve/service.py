@@ -2,18 +2,28 @@
 metrics over a store of user states (serve/app.py puts HTTP in front of it; tests use it directly).
 
 The request path (`Service.score`): parse and tokenize, read the state and the logged events not yet folded
-into it, compute the features and the score (serve/scorer.py: no transformer pass), append the event to the
-user's log in the store — durable before the answer is sent, so a 200 is never lost, even to `kill -9` — and
-queue the user for refresh. A background thread folds the queued users' logged events into their states and
-recomputes their prediction with one batched forward pass (`Scorer.refresh`), so the next event of the same
-user is scored against fresh state; the time from an event's append to the write of its refreshed state is
-the refresh lag (`stats`, `/metrics`). A user the store has never seen is a cold start: scored from the
-current event alone (no Δ, as a user's first event offline), flagged `cold_start`. `stale` says the
-prediction used did not yet include every earlier event of the user (the refresh had not caught up).
+into it, refuse an event older than the user's last accepted one (409) and a new user beyond the
+new-users-per-minute cap (429), compute the features and the score (serve/scorer.py: no transformer pass),
+append the event to the user's log in the store — durable before the answer is sent, so a 200 is never
+lost, even to `kill -9` — and queue the user for refresh. The check and the append run under the user's
+lock, so two request threads never interleave one user's events. A background thread folds the queued
+users' logged events into their states and recomputes their prediction with one batched forward pass
+(`Scorer.refresh`); the time from an event's append to the write of its refreshed state is the refresh lag
+(`stats`, `/metrics`). A user the store has never seen is a cold start: scored from the current event alone
+(no Δ, as a user's first event offline), flagged `cold_start`. `stale` says the prediction used did not yet
+include every earlier event of the user (the refresh had not caught up).
 
-On start-up the service rebuilds the terminal history (the run's events before the embedding cut-off, then
-every logged event and `/feedback` label) and queues every user whose log is ahead of their state, so a
-restart after a crash loses nothing that was answered.
+On start-up the service checks that the store belongs to this run and model (identity.py; `migrate`
+recomputes every state with this model), rebuilds the terminal history (the run's events before the
+embedding cut-off, then every logged event and `/feedback` label) and queues every user whose log is ahead
+of their state, so a restart after a crash loses nothing that was answered. Unreadable records (a damaged
+state, a log entry that is not an event, a log under an id no request could carry) are skipped and counted
+(`stats()["unreadable_records"]`), never fatal; a damaged state is rebuilt from the user's retained log.
+
+Compaction: once a state holds a user's events (seq <= state.log_seq), the log keeps only those the terminal
+history still reads (younger than `Scorer.log_horizon_s` before the user's last event) and always the
+newest entry; the rest is trimmed at start-up and every `compact_every_s` by the refresh worker, so start-up
+replays a bounded window, not the whole history.
 """
 
 from __future__ import annotations
@@ -23,134 +33,89 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
+from pantherseq.serve.identity import check_owner, write_owner
+from pantherseq.serve.refresher import Metrics, Refresher
+from pantherseq.serve.schemas import valid_user_id
 from pantherseq.serve.scorer import Event, Scorer
-from pantherseq.serve.state import UserState, decode_event, encode_event
+from pantherseq.serve.state import StateFormatError, UserState, decode_event, encode_event
 from pantherseq.store import Store
 
 log = logging.getLogger(__name__)
-FEEDBACK_LOG = "\x00feedback"  # the store log that keeps /feedback labels (not a user id: starts with NUL)
-MAX_BATCH = 1000
+FEEDBACK = "feedback"  # the store's internal log of /feedback labels (store.append_internal: no user id reaches it)
+USER_LOCKS = 256  # striped per-user locks: a user's check-and-append runs alone
 
 
-class Refresher(threading.Thread):
-    """Background worker: folds logged events into states and recomputes predictions, in batches."""
+class Refused(Exception):
+    """A request the service does not take: 409 (older than the user's last event), 429 (new-user cap)."""
 
-    def __init__(self, service: Service, batch_size: int = 64):
-        super().__init__(name="pantherseq-refresh", daemon=True)
-        self.service, self.batch_size = service, batch_size
-        self.pending: dict[str, float] = {}  # user -> wall time of the oldest un-refreshed append
-        self.cond = threading.Condition()
-        self.running = True
-        self.busy = False
-        self.lags: deque[float] = deque(maxlen=100_000)
-
-    def submit(self, user: str, appended_at: float) -> None:
-        with self.cond:
-            self.pending.setdefault(user, appended_at)
-            self.cond.notify()
-
-    def run(self) -> None:
-        while self.running:
-            with self.cond:
-                while self.running and not self.pending:
-                    self.cond.wait(0.5)
-                take = list(self.pending.items())[: self.batch_size]
-                for u, _ in take:
-                    del self.pending[u]
-                self.busy = bool(take)
-            if take:
-                try:
-                    self.service.refresh_users([u for u, _ in take])
-                    now = time.time()
-                    for _, t0 in take:
-                        self.lags.append(now - t0)
-                        self.service.metrics.refresh_lag.observe(now - t0)
-                except Exception:  # a failed refresh must not kill the worker: retry later
-                    log.exception("refresh failed; re-queued")
-                    for u, t0 in take:
-                        self.submit(u, t0)
-                    time.sleep(0.5)
-            with self.cond:
-                self.busy = False
-                self.cond.notify_all()
-
-    def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Block until nothing is queued or being refreshed (tests, benchmarks)."""
-        end = time.time() + timeout
-        with self.cond:
-            while self.pending or self.busy:
-                if time.time() > end:
-                    return False
-                self.cond.wait(0.05)
-        return True
-
-    def stop(self) -> None:
-        with self.cond:
-            self.running = False
-            self.cond.notify_all()
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
 
-class Metrics:
-    """Prometheus metrics in the service's own registry (several services can live in one process)."""
+class NewUserLimit:
+    """At most `per_minute` new users in any 60 s (0 = no cap), per process."""
 
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def __init__(self, per_minute: int):
+        self.per_minute = int(per_minute)
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
 
-        self.registry = CollectorRegistry()
-        self.requests = Counter("pantherseq_requests", "Requests by endpoint and status", ["endpoint", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("pantherseq_score_seconds", "Scoring time per transaction",
-                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5), registry=self.registry)
-        self.refresh_lag = Histogram("pantherseq_refresh_lag_seconds", "Event append to refreshed state",
-                                     buckets=(.01, .05, .1, .25, .5, 1, 2, 5, 10), registry=self.registry)
-        self.cold = Counter("pantherseq_cold_start", "Transactions of users without state", registry=self.registry)
-        self.queue = Gauge("pantherseq_refresh_queue", "Users waiting for refresh", registry=self.registry)
+    def allow(self, now: float) -> bool:
+        if self.per_minute <= 0:
+            return True
+        with self._lock:
+            while self._times and self._times[0] <= now - 60.0:
+                self._times.popleft()
+            if len(self._times) >= self.per_minute:
+                return False
+            self._times.append(now)
+            return True
 
 
 class Service:
-    """The scoring logic behind the HTTP layer (usable without HTTP, e.g. in tests)."""
+    """The scoring logic behind the HTTP layer (usable without HTTP, e.g. in tests).
+
+    `score_threads`: the pool the HTTP layer runs scoring in (off the event loop); `max_pending`: requests
+    admitted to it at once (more get 503); `new_users_per_minute`: the cold-start cap (0 = none);
+    `migrate`: serve a store of another model version of the same run by recomputing its states."""
 
     def __init__(self, scorer: Scorer, store: Store, refresh: bool = True, refresh_batch: int = 64,
-                 warm: bool = True):
-        self.scorer, self.store, self.warm = scorer, store, warm
+                 warm: bool = True, *, migrate: bool = False, score_threads: int = 4, max_pending: int = 256,
+                 new_users_per_minute: int = 6000, compact_every_s: float = 60.0):
+        self.scorer, self.store, self.warm, self.migrate = scorer, store, warm, migrate
         self.metrics = Metrics()
-        self.refresher = Refresher(self, refresh_batch)
+        self.refresher = Refresher(self, refresh_batch, compact_every_s)
         self.refresh_enabled = refresh
         meta = store.get_meta("embed")
-        self.embed_meta = json.loads(meta) if meta else {}
-        if self.embed_meta.get("model_version") not in (None, scorer.model_version):
-            log.warning("the store's states were made by %s, the service runs %s: run `pantherseq embed` again",
-                        self.embed_meta.get("model_version"), scorer.model_version)
+        try:
+            self.embed_meta = json.loads(meta) if meta else {}
+        except ValueError:
+            self.embed_meta = {}
+        self.pool = ThreadPoolExecutor(max(1, score_threads), thread_name_prefix="pantherseq-score")
+        self.max_pending, self.in_flight = int(max_pending), 0
+        self.new_users = NewUserLimit(new_users_per_minute)
+        self.skipped: Counter[str] = Counter()  # unreadable records met at start-up, by kind
+        self.trimmed = 0
         self._ids: dict[tuple[str, int], int] = {}
         self._next_id = 0
         self._lock = threading.Lock()
+        self._user_locks = [threading.Lock() for _ in range(USER_LOCKS)]
 
     # -- life cycle -----------------------------------------------------------------------------------
     def start(self) -> None:
+        if check_owner(self.store, self.scorer.run_id, self.scorer.model_version, self.migrate):
+            self._migrate()
+        write_owner(self.store, self.scorer.run_id, self.scorer.model_version)
         n = self.scorer.load_terminals(self.embed_meta.get("until_s"))
-        behind = 0
-        states = {}
-        users = [u for u in self.store.users_with_log() if u != FEEDBACK_LOG]
-        for i in range(0, len(users), 500):
-            chunk = users[i:i + 500]
-            states.update(zip(chunk, self.store.get_many(chunk)))
-        for u in users:
-            blob = states[u]
-            seq = UserState.decode(blob).log_seq if blob else 0
-            ahead = 0
-            for s, rec in self.store.events_since(u, 0):  # one read of each log
-                self._track(u, s, decode_event(rec))
-                ahead += s > seq
-            behind += ahead
-            if ahead:
-                self.refresher.submit(u, time.time())
-        for _, rec in self.store.events_since(FEEDBACK_LOG, 0):
-            self._apply_feedback(json.loads(rec))
+        behind = self._replay()
         self.scorer.readable_labels()  # made once, before the first request
         warmed = 0
         if self.warm:  # the run's users, while the cache has room: no request pays the V x D product
@@ -158,18 +123,94 @@ class Service:
             for i in range(0, len(known), 1000):
                 if self.scorer.cache.bytes >= self.scorer.cache.max_bytes:
                     break
-                blobs = self.store.get_many(known[i:i + 1000])
-                warmed += self.scorer.warm([UserState.decode(b) for b in blobs if b is not None])
+                chunk = known[i:i + 1000]
+                states = [self._decode(u, b, count=False) for u, b in zip(chunk, self.store.get_many(chunk))
+                          if b is not None]
+                warmed += self.scorer.warm([s for s in states if s is not None])
         if self.refresh_enabled:
             self.refresher.start()
         log.info("predictions cached for %d users", warmed)
         log.info("service ready: %d terminal events from the run, %d logged events replayed (%d not yet in a "
-                 "state)", n, len(self._ids), behind)
+                 "state, %d log entries compacted), unreadable records skipped: %s", n, len(self._ids), behind,
+                 self.trimmed, dict(self.skipped) or "none")
 
     def stop(self) -> None:
         self.refresher.stop()
         if self.refresher.is_alive():
             self.refresher.join(timeout=10)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _migrate(self) -> None:
+        """Recompute every stored state's prediction with this model (same run, another model version)."""
+        users = sorted(set(self.scorer.user_index) | set(self.store.users_with_log()))
+        done = 0
+        for i in range(0, len(users), 256):
+            chunk = users[i:i + 256]
+            have = [u for u, b in zip(chunk, self.store.get_many(chunk)) if b is not None]
+            if have:
+                self.refresh_users(have)
+                done += len(have)
+        log.info("migrated %d states to %s", done, self.scorer.model_version)
+
+    def _replay(self) -> int:
+        """Index every logged event, add it to the terminal history, queue users whose log is ahead of their
+        state and trim what the states hold; returns the number of events not yet in a state."""
+        users = self.store.users_with_log()
+        behind = 0
+        for i in range(0, len(users), 500):
+            chunk = users[i:i + 500]
+            for u, blob in zip(chunk, self.store.get_many(chunk)):
+                if not valid_user_id(u):  # e.g. the "\x00feedback" log of earlier versions
+                    self._skip("log_id", len(self.store.events_since(u, 0)))
+                    continue
+                state = (self._decode(u, blob) if blob is not None else None) or self.scorer.new_state(u)
+                records = self._read_log(u, 0)
+                for s, rec in records:
+                    self._track(u, s, rec)
+                ahead = sum(s > state.log_seq for s, _ in records)
+                behind += ahead
+                if ahead:
+                    self.refresher.submit(u, time.time())
+                self._trim(u, state, records)
+        for _, raw in self.store.internal_since(FEEDBACK, 0):
+            try:
+                rec = json.loads(raw)
+                self._apply_feedback({"user_id": str(rec["user_id"]), "event_seq": int(rec["event_seq"]),
+                                      "label": int(rec["label"])})
+            except (ValueError, TypeError, KeyError):
+                self._skip("feedback")
+        return behind
+
+    def _skip(self, kind: str, n: int = 1) -> None:
+        self.skipped[kind] += n
+        self.metrics.unreadable.labels(kind).inc(n)
+
+    def _decode(self, user: str, blob: bytes, count: bool = True) -> UserState | None:
+        """The stored state, or None (counted, logged) when it is unreadable: it is rebuilt from the log."""
+        try:
+            return UserState.decode(blob)
+        except StateFormatError as e:
+            if count:
+                log.warning("the state of a user is unreadable (%s): rebuilt from the log", e)
+                self._skip("state")
+            return None
+
+    def _read_log(self, user: str, since: int, last_time: int | None = None) -> list[tuple[int, dict]]:
+        """The user's readable logged events after `since`; unreadable ones, and any older than the one
+        before (`last_time` first), are skipped and counted: nothing is folded out of time order."""
+        out = []
+        for s, raw in self.store.events_since(user, since):
+            try:
+                rec = decode_event(raw)
+            except StateFormatError:
+                self._skip("event")
+                continue
+            if last_time is not None and rec["time"] < last_time:
+                self._skip("out_of_order")
+                continue
+            last_time = rec["time"]
+            out.append((s, rec))
+        return out
 
     def _track(self, user: str, seq: int, rec: dict) -> None:
         """Index a logged event and add it to the terminal history."""
@@ -179,14 +220,44 @@ class Service:
             self._ids[(user, seq)] = eid
         m = self.scorer.merchant
         if m is not None and rec["fields"].get(m) is not None:
-            self.scorer.terminals.add(str(rec["fields"][m]), int(rec["time"]), 0, eid)
+            with self.scorer.terminal_lock:
+                self.scorer.terminals.add(str(rec["fields"][m]), int(rec["time"]), 0, eid)
+
+    # -- compaction -----------------------------------------------------------------------------------
+    def _trim(self, user: str, state: UserState, records: list[tuple[int, dict]]) -> int:
+        """Trim the user's log up to the last event the state holds that the terminal history no longer
+        reads (older than log_horizon_s before the user's last event)."""
+        if state.last_time is None or not state.log_seq:
+            return 0
+        edge = state.last_time - self.scorer.log_horizon_s
+        cut = max((s for s, r in records if s <= state.log_seq and r["time"] < edge), default=0)
+        if not cut:
+            return 0
+        n = self.store.trim_log(user, cut)
+        with self._lock:
+            for s, _ in records:
+                if s <= cut:
+                    self._ids.pop((user, s), None)
+        self.trimmed += n
+        return n
+
+    def compact(self, users: list[str]) -> int:
+        """Trim the logs of these users to what their stored states do not hold (see the module doc)."""
+        n = 0
+        for i in range(0, len(users), 500):
+            chunk = users[i:i + 500]
+            for u, blob in zip(chunk, self.store.get_many(chunk)):
+                state = self._decode(u, blob) if blob is not None else None
+                if state is not None:
+                    n += self._trim(u, state, self._read_log(u, 0))
+        return n
 
     # -- state ----------------------------------------------------------------------------------------
     def current_state(self, user: str) -> tuple[UserState, bool, bool]:
         """(state with every logged event folded in, cold start?, stale prediction?)."""
         blob = self.store.get_many([user])[0]
-        state = UserState.decode(blob) if blob else self.scorer.new_state(user)
-        pending = [(s, decode_event(b)) for s, b in self.store.events_since(user, state.log_seq)]
+        state = (self._decode(user, blob) if blob is not None else None) or self.scorer.new_state(user)
+        pending = self._read_log(user, state.log_seq, state.last_time)
         stale = bool(pending) and state.has_prediction
         cold = blob is None and not pending
         return self.scorer.fold(state, pending), cold, stale
@@ -195,24 +266,32 @@ class Service:
         blobs = self.store.get_many(users)
         states = []
         for u, blob in zip(users, blobs):
-            st = UserState.decode(blob) if blob else self.scorer.new_state(u)
-            pending = [(s, decode_event(b)) for s, b in self.store.events_since(u, st.log_seq)]
-            states.append(self.scorer.fold(st, pending))
+            st = (self._decode(u, blob) if blob is not None else None) or self.scorer.new_state(u)
+            states.append(self.scorer.fold(st, self._read_log(u, st.log_seq, st.last_time)))
         fresh = self.scorer.refresh(states, time.time())
         self.store.put_many({s.user_id: s.encode() for s in fresh})
 
     # -- scoring --------------------------------------------------------------------------------------
     def score(self, tx: dict[str, Any]) -> dict[str, Any]:
+        """Score one validated transaction and log it; Refused (409, 429) when it is not taken."""
         t0 = time.perf_counter()
         user = str(tx["user_id"])
         fields = {k: v for k, v in tx.items() if k not in ("user_id", "timestamp")}
-        state, cold, stale = self.current_state(user)
-        ev: Event = self.scorer.parse(user, tx["timestamp"], fields, state.last_time)
-        feats = self.scorer.features(ev, state)
-        score = self.scorer.score(feats)
-        seq = self.store.append_event(user, encode_event(ev.record()))  # durable before we answer
+        with self._user_locks[hash(user) % USER_LOCKS]:
+            state, cold, stale = self.current_state(user)
+            ev: Event = self.scorer.parse(user, tx["timestamp"], fields, state.last_time)
+            if state.last_time is not None and ev.time < state.last_time:
+                self.metrics.refused.labels("out_of_order").inc()
+                raise Refused(409, f"event at {ev.dt.isoformat()} is older than this user's last accepted event "
+                                   f"at {_iso(state.last_time)}: refused, events are taken in time order")
+            if cold and not self.new_users.allow(time.time()):
+                self.metrics.refused.labels("new_user_cap").inc()
+                raise Refused(429, f"more than {self.new_users.per_minute} new users in the last minute")
+            feats = self.scorer.features(ev, state)
+            score = self.scorer.score(feats)
+            seq = self.store.append_event(user, encode_event(ev.record()))  # durable before we answer
+            self._track(user, seq, ev.record())
         now = time.time()
-        self._track(user, seq, ev.record())
         if self.refresh_enabled:
             self.refresher.submit(user, now)
             self.metrics.queue.set(len(self.refresher.pending))
@@ -226,24 +305,35 @@ class Service:
                 "model_version": self.scorer.model_version, "feature_set": self.scorer.feature_set,
                 "cold_start": cold, "stale": stale, "event_seq": seq, "latency_ms": round(latency * 1e3, 3)}
 
+    def score_many(self, txs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score in order; a refused transaction gets {"user_id", "error": {"status", "detail"}} in its place."""
+        out = []
+        for tx in txs:
+            try:
+                out.append(self.score(tx))
+            except Refused as e:
+                out.append({"user_id": str(tx["user_id"]), "error": {"status": e.status, "detail": e.reason}})
+        return out
+
     def feedback(self, user: str, seq: int, label: int) -> bool:
         with self._lock:
             known = (user, seq) in self._ids
         if not known:
             return False
         rec = {"user_id": user, "event_seq": seq, "label": int(label)}
-        self.store.append_event(FEEDBACK_LOG, json.dumps(rec).encode())
+        self.store.append_internal(FEEDBACK, json.dumps(rec).encode())
         return self._apply_feedback(rec)
 
     def _apply_feedback(self, rec: dict) -> bool:
         eid = self._ids.get((rec["user_id"], rec["event_seq"]))
         if eid is None or self.scorer.merchant is None:
             return False
-        ev = self.store.events_since(rec["user_id"], rec["event_seq"] - 1)
+        ev = self._read_log(rec["user_id"], rec["event_seq"] - 1)
         if not ev or ev[0][0] != rec["event_seq"]:
             return False
-        m = decode_event(ev[0][1])["fields"].get(self.scorer.merchant)
-        return m is not None and self.scorer.terminals.set_label(str(m), eid, rec["label"])
+        m = ev[0][1]["fields"].get(self.scorer.merchant)
+        with self.scorer.terminal_lock:
+            return m is not None and self.scorer.terminals.set_label(str(m), eid, rec["label"])
 
     def user_view(self, user: str) -> dict[str, Any]:
         blob = self.store.get_many([user])[0]
@@ -259,17 +349,24 @@ class Service:
                 "mu": _finite(state.mu), "sigma": _finite(state.sigma)}
 
     def stats(self, reset: bool = False) -> dict[str, Any]:
-        """Refresh-lag percentiles over the lags recorded since the last reset (at most the last 100,000)."""
+        """Refresh-lag percentiles over the lags recorded since the last reset (at most the last 100,000),
+        the unreadable records skipped at start-up and the log entries compacted. No server paths."""
         lags = np.array(self.refresher.lags) if self.refresher.lags else np.zeros(0)
         if reset:
             self.refresher.lags.clear()
         pct = {f"p{q}": float(np.percentile(lags, q)) for q in (50, 95, 99)} if len(lags) else {}
+        embed = {k: v for k, v in self.embed_meta.items() if k != "run"}  # the run's path stays server-side
         return {"refresh_lag_s": pct, "refreshed": len(lags), "queue": len(self.refresher.pending),
-                "model_version": self.scorer.model_version, "embed": self.embed_meta}
+                "model_version": self.scorer.model_version, "embed": embed,
+                "unreadable_records": dict(self.skipped), "log_entries_compacted": self.trimmed}
 
 
 def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-__all__ = ["FEEDBACK_LOG", "MAX_BATCH", "Metrics", "Refresher", "Service"]
+def _iso(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).replace(tzinfo=None).isoformat()
+
+
+__all__ = ["FEEDBACK", "NewUserLimit", "Refused", "Service"]

@@ -113,4 +113,15 @@ def encode_event(event: dict) -> bytes:
 
 
 def decode_event(blob: bytes) -> dict:
-    return json.loads(blob)
+    """A logged event; StateFormatError when the bytes are not one (bad JSON, a missing or mistyped key), so
+    a start-up replay can skip and count it."""
+    try:
+        rec = json.loads(blob)
+        ok = (isinstance(rec, dict) and isinstance(rec.get("fields"), dict) and isinstance(rec.get("codes"), list)
+              and all(type(rec.get(k)) is int for k in ("time", "token", "gap"))
+              and all(type(c) is int for c in rec["codes"]))
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise StateFormatError("not a logged event")
+    return rec
