@@ -25,6 +25,8 @@ VARIANTS = {
     "panther-positional": ("panther", {"profile_mode": "positional", "contrastive_lambda": 0.0}),
     "panther-first_token": ("panther", {"profile_mode": "first_token", "contrastive_lambda": 0.0}),
     "panther-first_token-cl": ("panther", {"profile_mode": "first_token"}),
+    "panther-history-cl": ("panther", {"contrastive_on": "history"}),
+    "panther-copy-fields": ("panther", {"copy_head": True, "field_heads": True}),
     "panther-plain-inputs": ("panther", {"field_embeddings": False, "time_gap": False}),
     "transformer": ("transformer", {}),
     "sasrec": ("sasrec", {}),

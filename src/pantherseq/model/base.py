@@ -47,6 +47,10 @@ class ModelConfig:
     profile_mode: Literal["positional", "first_token", "none"] = "positional"
     contrastive_lambda: float = 0.1
     contrastive_tau: float = 1.0
+    # what the contrastive term pulls together: `profile` = e_u, a function of the static profile alone (the
+    # first implementation); `history` = the L2-normalised mean of the causal states over the window, a
+    # history-dependent user representation (the paper's Fig. 2 "hidden states of user profile")
+    contrastive_on: Literal["profile", "history"] = "profile"
     # output heads, for every neural model (model/heads.py)
     copy_head: bool = False  # repeat-aware copy head: a gate mixes a pointer over the user's own past tokens
     history: int = 512  # events before the window the copy head and `personal` can see

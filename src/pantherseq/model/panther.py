@@ -9,8 +9,9 @@ Profile modes (paper §3.4), used only when the data has profile fields (otherwi
   a second vector would be redundant), events keep positions 0..T-1, and its output is dropped so
   `hidden` stays aligned with `batch.tokens`;
 - `none`.
-With cfg.contrastive_lambda > 0 and a profile in use, `extra_loss` adds the contrastive term on e_u
-(see profile.py); the trainer mixes L = (1−λ)·L_gen + λ·L_CL (base.NeuralModel.loss).
+With cfg.contrastive_lambda > 0 and a profile in use, `extra_loss` adds the contrastive term (see
+profile.py) on e_u (`contrastive_on = "profile"`) or on the normalised pooled causal states (`"history"`,
+history-dependent, the paper's Fig. 2); the trainer mixes L = (1−λ)·L_gen + λ·L_CL (base.NeuralModel.loss).
 
 `Transformer` is the same backbone with SPRM, profile and contrastive loss switched off: the paper's
 "Transformer" baseline.
@@ -59,7 +60,12 @@ class Panther(NeuralModel):
     def extra_loss(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         if self.profile is None or self.cfg.contrastive_lambda <= 0:
             return None, {}
-        cl = contrastive_loss(self.profile(batch), batch.positives, self.cfg.contrastive_tau)
+        if self.cfg.contrastive_on == "history":  # pooled causal states, on the unit sphere
+            m = batch.mask.unsqueeze(-1).to(hidden.dtype)
+            e = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+        else:
+            e = self.profile(batch)
+        cl = contrastive_loss(e, batch.positives, self.cfg.contrastive_tau)
         return cl, {"cl": float(cl.detach())}
 
     def prototype_attention(self) -> torch.Tensor | None:
