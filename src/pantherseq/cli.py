@@ -78,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun for data-parallel training.")
     t.add_argument("--run", required=True, help="a run directory written by `pantherseq prepare`")
     t.add_argument("--model", default="panther",
-                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular")
+                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular, personal")
     t.add_argument("--config", help="a TOML file with [model] and [train] tables")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one key, e.g. --set model.d_model=128 --set train.epochs=5 (repeatable)")
     t.add_argument("--name", help="output name under RUN_DIR/models/ (default: the model name)")
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/last.pt")
     t.set_defaults(func=cmd_pretrain)
+    _defaults_in_help(t)
 
     e = sub.add_parser("evaluate", help="evaluate trained models side by side",
                        description="Rank every target event of a split over the whole vocabulary with each "
@@ -236,6 +237,21 @@ def main(argv: list[str] | None = None) -> int:
 
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
                   "/usr/lib64/libtcmalloc.so.4", "/usr/lib/libtcmalloc.so.4")
+def _defaults_in_help(parser: argparse.ArgumentParser) -> None:
+    """`pretrain --help` ends with every [model] / [train] key and its default, made when help is shown
+    (so that building the parser does not import torch)."""
+    plain = parser.format_help
+
+    def with_defaults() -> str:
+        from pantherseq.train.loop import pretrain_defaults
+
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = "defaults (override with --set KEY=VALUE or a --config TOML file):\n" + pretrain_defaults()
+        return plain()
+
+    parser.format_help = with_defaults
+
+
 HEAVY = {"pretrain", "evaluate", "demo", "fraud"}
 
 

@@ -82,3 +82,24 @@ def test_torchrun_two_processes(run_dir, tmp_path):
     assert metrics["world_size"] == 2 and metrics["steps"] > 0
     model, _ = load_model(run_dir, "sasrec")
     assert sum(p.numel() for p in model.parameters()) == metrics["n_params"]
+
+
+def test_warm_up_is_a_fraction_of_the_run_unless_steps_are_given():
+    from pantherseq.train.loop import warmup_steps
+
+    assert warmup_steps(TrainConfig(warmup=0.05), 1000) == 50
+    assert warmup_steps(TrainConfig(warmup=0.05), 40) == 2  # a short run gets a short warm-up
+    assert warmup_steps(TrainConfig(warmup=0.05, warmup_steps=7), 1000) == 7
+
+
+def test_pretrain_help_lists_every_default(capsys):
+    import dataclasses
+
+    from pantherseq.cli import main
+    from pantherseq.model.base import ModelConfig
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "train.warmup = 0.05" in out and "model.copy_head = False" in out
+    assert all(f"model.{f.name} = " in out for f in dataclasses.fields(ModelConfig))

@@ -68,6 +68,19 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def pretrain_defaults() -> str:
+    """Every [model] and [train] key with its default, one `section.key = value` per line (`pretrain --help`,
+    docs/MODELS.md)."""
+    import dataclasses
+
+    lines = []
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} = {value!r}")
+    return "\n".join(lines)
+
+
 def load_pretrain_config(file: str | Path | None = None, overrides: list[str] | None = None,
                          model: str | None = None) -> PretrainConfig:
     """`pantherseq pretrain`'s config: a TOML file with [model] and [train] tables, `key=value` overrides.
