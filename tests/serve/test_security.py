@@ -219,3 +219,36 @@ def test_the_log_is_compacted_into_the_state_and_restart_replays_only_the_rest(s
     again = Service(svc.scorer, svc.store, refresh=False)
     again.start()
     assert again.score({**BODY, "user_id": user, "timestamp": (t0 + timedelta(days=91)).isoformat()})["event_seq"] == 7
+
+
+def test_a_big_batch_does_not_stall_other_requests(svc):
+    """Scoring runs in the pool, a batch in chunks: /health and a single /score answer while a batch of
+    256 is being scored."""
+    import asyncio
+
+    import httpx
+
+    app = create_app(svc, SCORER_KEYS)
+    done: list[str] = []
+
+    async def go() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     headers={"authorization": f"Bearer {TOKEN}"}) as c:
+            async def batch() -> None:
+                txs = [{**BODY, "user_id": f"b{i % 50}"} for i in range(256)]
+                r = await c.post("/score/batch", json={"transactions": txs}, timeout=120)
+                assert r.status_code == 200
+                done.append("batch")
+
+            async def small() -> None:
+                await asyncio.sleep(0.05)
+                assert (await c.get("/health")).status_code == 200
+                done.append("health")
+                assert (await c.post("/score", json={**BODY, "user_id": "solo"})).status_code == 200
+                done.append("score")
+
+            await asyncio.gather(batch(), small())
+
+    asyncio.run(go())
+    assert done == ["health", "score", "batch"]
