@@ -3,7 +3,8 @@
 Layout (see base.py): the state is a string key `ps:1:state:<user>`, the log a stream `ps:1:log:<user>`
 whose entry ids are `<seq>-0` with the event in field `v`, and `ps:1:seq:<user>` the counter that hands
 out sequence numbers; one Lua script does the INCR and the XADD, so the two never disagree and two
-writers never share a number. Reads of many users are one MGET per 1,000 keys, inside one MULTI so they
+writers never share a number. Internal logs (`ps:1:ilog:<name>`, counter `ps:1:iseq:<name>`) use the same
+script; `trim_log` is one Lua script too (XTRIM MINID: Redis >= 6.2). Reads of many users are one MGET per 1,000 keys, inside one MULTI so they
 see one moment; writes are MSETs inside one MULTI pipeline, so a batch lands whole or not at all.
 
 Durability. `append_event` returns once the server has run the script and answered, so the event lives in
