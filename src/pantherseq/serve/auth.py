@@ -123,7 +123,11 @@ def _main(argv: list[str]) -> int:
         return 2
     token = secrets.token_urlsafe(32)
     scopes = argv[1].split(",")
-    ApiKeys.parse({"keys": {argv[0]: {"sha256": hash_token(token), "scopes": scopes}}}, "arguments")
+    try:
+        ApiKeys.parse({"keys": {argv[0]: {"sha256": hash_token(token), "scopes": scopes}}}, "arguments")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"token (give it to the caller; it is not stored): {token}\n\n[keys.{argv[0]}]\n"
           f"sha256 = \"{hash_token(token)}\"\nscopes = {json.dumps(scopes)}")
     return 0
