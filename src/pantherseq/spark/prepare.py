@@ -370,7 +370,7 @@ def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: P
     final = _tokens(spark, tok, coded)
     users = _users(spark, final)
     clock("vocabulary and users")
-    index = spark.createDataFrame(users.select(USER, USER_IDX).to_arrow().to_pandas())
+    index = spark.createDataFrame(users.select(USER, pl.col(USER_IDX).cast(pl.Int64)).to_pandas())
     final = _stage(spark, final.join(index, USER).withColumn(SHARD, F.col(USER_IDX) % cfg.sequences.shards),
                    stage / "final")
     clock("tokens")
