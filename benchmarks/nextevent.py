@@ -1,14 +1,20 @@
-"""Next-behaviour benchmark (issue: generative pretraining): every model, same data, split and budget.
+"""Next-behaviour benchmark (issue 12): every model, same data, split, protocol, max epochs and seeds.
 
-    .venv/bin/python benchmarks/nextevent.py            # the full run (< 60 minutes on 2 cores)
-    .venv/bin/python benchmarks/nextevent.py --quick    # a ~5-minute smoke version (not for the record)
+    .venv/bin/python benchmarks/nextevent.py --dataset simulated       # each dataset alone, <= 60 min
+    .venv/bin/python benchmarks/nextevent.py --dataset movielens100k   # (+ RecBole's SASRec, its own run)
+    .venv/bin/python benchmarks/nextevent.py --dataset handbook        # one seed (the data is large)
+    .venv/bin/python benchmarks/nextevent.py --dataset simulated --quick   # smoke run, writes nothing
 
-Each model is trained by `pantherseq pretrain` in its own process under the same wall-clock budget
-(per dataset, stated in the table; early stopping on validation NDCG@10 may end it sooner), then all are
-ranked by `pantherseq evaluate` on the test split, full ranking over the vocabulary, seen items not
-masked. RecBole's SASRec runs on MovieLens-100k on the identical split under the same budget, in the
-separate bench environment (`benchmarks/bench-env.sh`). PANTHER's ablations (the paper's Table 1 shape)
-run on MovieLens-100k and on the simulator. Writes benchmarks/results/nextevent.json.
+Protocol: quality at convergence. Every neural model trains for at most `max_epochs` with early stopping
+on validation NDCG@10 (`patience`), the best epoch's weights kept, for each seed; count models
+(personal, popular, markov) are fitted once. Each (model, seed) runs `pantherseq pretrain` in its own
+process, then `pantherseq evaluate` ranks every test target over the whole vocabulary. Neural models run
+plain and with the copy + per-field heads (`+copy`), so a table shows where the heads help. Reported per
+model: mean and std over seeds of HR@1/5/10, NDCG@5/10, MRR and the repeat / explore HR@10 (targets
+already in the user's history vs new to the user), and the cost: epochs, CPU-seconds of training
+(the child process's user + system time), training events/s, peak RSS, parameters.
+Each dataset's block is merged into benchmarks/results/nextevent.json (the other keys are kept; the SPRM
+cost curve comes from benchmarks/sprm_cost.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -24,50 +32,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BENCH_PY = REPO / ".venv-bench" / "bin" / "python"
-METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
-MODELS = ("panther", "transformer", "sasrec", "hstu", "markov", "popular")
+RESULTS = REPO / "benchmarks" / "results" / "nextevent.json"
+METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "repeat_hr@10", "explore_hr@10")
+COUNT_MODELS = ("personal", "popular", "markov")
+NEURAL = ("transformer", "sasrec", "hstu", "panther")
+HEADS = ["model.copy_head=true", "model.field_heads=true"]
 
 DATASETS = {
-    # name: (prepare args, model/train overrides, budget seconds full / quick)
-    "handbook": {
-        "prepare": ["--dataset", "handbook", "--data", "{data}/fraud-handbook"],
-        "sets": ["model.max_len=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
-                 "model.loss=\"sampled\"", "train.batch_size=128", "train.epochs=30", "train.patience=2",
-                 "train.eval_max_users=400"],
-        "budget": (240, 40),
-        "eval_users": 1000,
-        "protocol": "time split: train < 2018-08-01, valid August, test September; every test event of "
-                    "1,000 seeded users (the same for every model, ~58K targets) predicted from all earlier "
-                    "events of its user (context >= 32 events); UNK targets excluded; full ranking over "
-                    "60,004 tokens",
-    },
     "movielens100k": {
         "prepare": ["--dataset", "movielens100k"],
-        "sets": ["model.max_len=50", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
-                 "model.dropout=0.2", "train.batch_size=128", "train.epochs=200", "train.patience=8",
+        "sets": ["model.max_len=50", "model.dropout=0.2", "train.batch_size=128", "train.patience=5",
                  "train.eval_max_users=null"],
-        "budget": (180, 30),
+        "max_epochs": (40, 3), "seeds": (0, 1, 2),
         "protocol": "leave-last-out (ties in time keep file order), max length 50, full ranking over all "
                     "1,682 items, seen items not masked",
     },
     "simulated": {
         "prepare": ["--dataset", "simulated"],
-        "sets": ["model.max_len=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
-                 "train.batch_size=128", "train.epochs=50", "train.patience=3", "train.eval_max_users=500"],
-        "budget": (100, 30),
-        "protocol": "time split of the built-in simulator (2,000 users, 120 days)",
+        "sets": ["model.max_len=64", "train.batch_size=128", "train.patience=2", "train.eval_max_users=500"],
+        "max_epochs": (8, 1), "seeds": (0, 1, 2),
+        "protocol": "time split of the built-in simulator (2,000 users, 120 days); every test event "
+                    "predicted from all earlier events of its user; UNK targets excluded",
+    },
+    "handbook": {
+        "prepare": ["--dataset", "handbook", "--data", "{data}/fraud-handbook"],
+        "sets": ["model.max_len=64", "model.loss=\"sampled\"", "train.batch_size=128", "train.patience=2",
+                 "train.eval_max_users=400"],
+        "max_epochs": (6, 1), "seeds": (0,), "eval_users": 1000,
+        "protocol": "time split: train < 2018-08-01, valid August, test September; every test event of "
+                    "1,000 seeded users (the same for every model) predicted from all earlier events of its "
+                    "user; UNK targets excluded; full ranking over the vocabulary",
     },
 }
-
-# PANTHER ablations, the paper's Table 1 shape: name -> overrides on top of `panther`
-ABLATIONS = {  # None = reuse the model of that name trained in the main table (same config and seed)
-    "transformer": None,
-    "sprm": ["model.profile_mode=\"none\"", "model.contrastive_lambda=0.0"],
-    "sprm+profile_first": ["model.profile_mode=\"first_token\"", "model.contrastive_lambda=0.0"],
-    "sprm+profile_pos": ["model.profile_mode=\"positional\"", "model.contrastive_lambda=0.0"],
-    "sprm+profile_pos+cl": None,  # = `panther` with its defaults (positional profile, lambda 0.1)
-}
-REUSE = {"transformer": "transformer", "sprm+profile_pos+cl": "panther"}
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -79,14 +75,17 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return res
 
 
-def pretrain(run: Path, model: str, sets: list[str], budget: int, name: str | None = None) -> dict:
-    cmd = [PY, "-m", "pantherseq.cli", "pretrain", "--run", str(run), "--model", model]
-    if name:
-        cmd += ["--name", name]
-    for s in [*sets, f"train.time_budget_s={budget}"]:
+def pretrain(run: Path, model: str, sets: list[str], name: str) -> dict:
+    """Train one (model, config, seed) in a child process; its metrics.json plus the child's CPU-seconds."""
+    cmd = [PY, "-m", "pantherseq.cli", "pretrain", "--run", str(run), "--model", model, "--name", name]
+    for s in sets:
         cmd += ["--set", s]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     sh(cmd)
-    return json.loads((run / "models" / (name or model) / "metrics.json").read_text())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    metrics = json.loads((run / "models" / name / "metrics.json").read_text())
+    metrics["cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
+    return metrics
 
 
 def evaluate(run: Path, names: list[str], max_users: int | None = None) -> dict:
@@ -96,125 +95,120 @@ def evaluate(run: Path, names: list[str], max_users: int | None = None) -> dict:
     return json.loads((run / "eval.json").read_text())
 
 
-def bench_dataset(name: str, spec: dict, work: Path, data: str, quick: bool, models=MODELS) -> dict:
-    run = work / name
-    sh([PY, "-m", "pantherseq.cli", "prepare", *[a.format(data=data) for a in spec["prepare"]], "--out", str(run)])
-    budget = spec["budget"][1 if quick else 0]
-    train = {m: pretrain(run, m, spec["sets"], budget) for m in models}
-    results = evaluate(run, list(models), spec.get("eval_users"))
-    out = {"protocol": spec["protocol"], "budget": f"{budget} s of training wall time per model "
-           "(+ validation each epoch), early stopping on validation NDCG@10", "models": {}}
-    for m in models:
-        out["models"][m] = _row(results[m]["test"], train[m])
+def variants() -> dict[str, tuple[str, list[str]]]:
+    """Table row name -> (registry model, extra overrides)."""
+    out = {m: (m, []) for m in COUNT_MODELS}
+    for m in NEURAL:
+        out[m] = (m, [])
+        out[f"{m}+copy"] = (m, HEADS)
     return out
 
 
-def _row(test: dict, train: dict) -> dict:
-    return {**{k: round(test[k], 4) for k in METRICS}, "n": test["n"],
-            "valid_ndcg@10": round(train["valid"]["ndcg@10"], 4), "epochs": train["epochs"],
-            "train_s": train["train_s"], "train_events_per_s": round(train["train_events_per_s"]),
-            "peak_mb": round(train["peak_mb"])}
+def bench_dataset(name: str, work: Path, data: str, quick: bool) -> dict:
+    spec = DATASETS[name]
+    run = work / name
+    sh([PY, "-m", "pantherseq.cli", "prepare", *[a.format(data=data) for a in spec["prepare"]], "--out", str(run),
+        "--force"])
+    max_epochs = spec["max_epochs"][1 if quick else 0]
+    seeds = spec["seeds"][:1] if quick else spec["seeds"]
+    trained: dict[str, list[tuple[str, dict]]] = {}
+    for row, (model, extra) in variants().items():
+        for seed in (seeds[:1] if model in COUNT_MODELS else seeds):
+            tag = f"{row.replace('+', '_')}_s{seed}"
+            sets = [*spec["sets"], *extra, f"train.epochs={max_epochs}", f"train.seed={seed}"]
+            trained.setdefault(row, []).append((tag, pretrain(run, model, sets, tag)))
+    results = evaluate(run, [t for runs in trained.values() for t, _ in runs], spec.get("eval_users"))
+    rows = {row: aggregate([results[t]["test"] for t, _ in runs], [m for _, m in runs])
+            for row, runs in trained.items()}
+    return {"protocol": spec["protocol"], "max_epochs": max_epochs, "seeds": list(seeds),
+            "early_stopping": "validation NDCG@10", "models": rows}
 
 
-def bench_recbole(work: Path, budget: int) -> dict | None:
+def aggregate(tests: list[dict], train: list[dict]) -> dict:
+    """Mean and std over seeds ([mean, std]; std 0 for one run) plus the cost columns."""
+    def ms(values: list[float]) -> list[float]:
+        return [round(statistics.fmean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0]
+
+    out = {k: ms([t[k] for t in tests]) for k in METRICS}
+    out |= {"n": tests[0]["n"], "epochs": [m["epochs"] for m in train], "train_cpu_s": ms([m["cpu_s"] for m in train]),
+            "train_events_per_s": round(statistics.fmean(m["train_events_per_s"] for m in train)),
+            "peak_mb": round(max(m["peak_mb"] for m in train)), "n_params": train[0].get("n_params", 0)}
+    return out
+
+
+def bench_recbole(work: Path) -> dict | None:
+    """RecBole 1.2.1 SASRec on the identical MovieLens split, trained to its own early stopping."""
     if not BENCH_PY.is_file():
         print("skipping RecBole: run benchmarks/bench-env.sh first", file=sys.stderr)
         return None
     out = work / "recbole_sasrec.json"
-    # batch 256 instead of RecBole's default 2048: 8x more steps in the same budget (better for it here)
+    # batch 256 instead of RecBole's default 2048 (more steps per epoch); a 2-hour cap: its own early
+    # stopping ends it long before
     sh([str(BENCH_PY), str(REPO / "benchmarks" / "recbole_sasrec.py"), "--run", str(work / "movielens100k"),
-        "--budget-s", str(budget), "--batch-size", "256", "--out", str(out)])
+        "--budget-s", "7200", "--batch-size", "256", "--out", str(out)])
     r = json.loads(out.read_text())
     return {**{k: round(r[k], 4) for k in METRICS}, "n": r["n"], "epochs": r["epochs"],
             "train_s": r["train_s"], "train_events_per_s": round(r["train_events_per_s"]),
             "peak_mb": round(r["peak_mb"]), "split_check": r.get("split_check")}
 
 
-def bench_ablations(work: Path, dataset: str, quick: bool) -> dict:
-    spec = DATASETS[dataset]
-    run = work / dataset
-    budget = spec["budget"][1 if quick else 0]
-    rows = {}
-    for name, extra in ABLATIONS.items():
-        if extra is None:
-            metrics = json.loads((run / "models" / REUSE[name] / "metrics.json").read_text())
-            rows[name] = (REUSE[name], metrics)
-            continue
-        metrics = pretrain(run, "panther", spec["sets"] + extra, budget, name=f"abl_{name}")
-        rows[name] = (f"abl_{name}", metrics)
-    results = evaluate(run, [n for n, _ in rows.values()], spec.get("eval_users"))
-    return {name: _row(results[n]["test"], m) for name, (n, m) in rows.items()}
-
-
 def print_table(title: str, rows: dict) -> None:
     print(f"\n{title}")
-    head = f"{'model':<22}" + "".join(f"{m:>8}" for m in METRICS) + f"{'ev/s':>12}{'MB':>7}{'ep':>7}"
+    head = f"{'model':<20}" + "".join(f"{m:>15}" for m in METRICS) + f"{'cpu s':>9}{'ev/s':>9}{'MB':>7}"
     print(head + "\n" + "-" * len(head))
     for name, r in rows.items():
-        if r is None:
-            continue
-        print(f"{name:<22}" + "".join(f"{r[m]:>8.4f}" for m in METRICS)
-              + f"{r['train_events_per_s']:>12,}{r['peak_mb']:>7}{r['epochs']:>7}")
+        if r:
+            print(f"{name:<20}" + "".join(f"{r[m][0]:>8.4f}±{r[m][1]:<6.4f}" for m in METRICS)
+                  + f"{r['train_cpu_s'][0]:>9.0f}{r['train_events_per_s']:>9,}{r['peak_mb']:>7}")
 
 
 def markdown(results: dict) -> str:
     """The results file as the markdown tables of docs/BENCHMARKS.md (no hand transcription)."""
-    cols = [*METRICS, "train_events_per_s", "peak_mb", "epochs"]
     out = []
-
-    def table(title: str, rows: dict) -> None:
-        out.append(f"\n**{title}**\n")
-        out.append("| model | " + " | ".join(c.replace("train_events_per_s", "train events/s") for c in cols) + " |")
-        out.append("|---" * (len(cols) + 1) + "|")
-        for name, r in rows.items():
+    for ds in ("movielens100k", "simulated", "handbook"):
+        block = results.get(ds)
+        if not block or "models" not in block or "max_epochs" not in block:
+            continue
+        out.append(f"\n**{ds}** — {block['protocol']}; at most {block['max_epochs']} epochs, early stopping on "
+                   f"{block['early_stopping']}, seeds {block['seeds']} (mean ± std)\n")
+        out.append("| model | " + " | ".join(METRICS) + " | train CPU-s | events/s | peak MB | params |")
+        out.append("|---" * (len(METRICS) + 5) + "|")
+        for name, r in block["models"].items():
             if r:
-                cells = [f"{r[c]:.4f}" if c in METRICS else f"{r[c]:,}" for c in cols]
-                out.append(f"| {name} | " + " | ".join(cells) + " |")
-
-    for ds in ("handbook", "movielens100k"):
-        if ds in results:
-            table(f"{ds}: {results[ds]['protocol']}; budget: {results[ds]['budget']}", results[ds]["models"])
-    for ds, rows in results.get("ablations", {}).items():
-        table(f"PANTHER ablations on {ds} (same budget as its main table)", rows)
+                cells = [f"{r[m][0]:.4f} ± {r[m][1]:.4f}" for m in METRICS]
+                out.append(f"| {name} | " + " | ".join(cells) + f" | {r['train_cpu_s'][0]:,.0f} | "
+                           f"{r['train_events_per_s']:,} | {r['peak_mb']:,} | {r['n_params']:,} |")
     return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short budgets, for a smoke test")
+    parser.add_argument("--dataset", required=False, choices=list(DATASETS), help="the dataset to run")
+    parser.add_argument("--quick", action="store_true", help="one seed, one or a few epochs; writes nothing")
     parser.add_argument("--data", default=os.environ.get("PANTHERSEQ_DATA", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-nextevent"))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nextevent.json"))
-    parser.add_argument("--only", default="handbook,movielens100k,ablations")
-    parser.add_argument("--markdown", action="store_true", help="print --out's tables as markdown and exit")
+    parser.add_argument("--markdown", action="store_true", help="print the results file's tables and exit")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(json.loads(Path(args.out).read_text())))
+        print(markdown(json.loads(RESULTS.read_text())))
         return
+    if not args.dataset:
+        parser.error("--dataset is required (each dataset runs alone)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    only = set(args.only.split(","))
     started = time.time()
-    results: dict = {"quick": args.quick}
-    if "handbook" in only:
-        results["handbook"] = bench_dataset("handbook", DATASETS["handbook"], work, args.data, args.quick)
-        print_table("fraud handbook — " + results["handbook"]["budget"], results["handbook"]["models"])
-    if "movielens100k" in only:
-        ml = bench_dataset("movielens100k", DATASETS["movielens100k"], work, args.data, args.quick)
-        ml["models"]["recbole_sasrec"] = bench_recbole(work, DATASETS["movielens100k"]["budget"][args.quick])
-        results["movielens100k"] = ml
-        print_table("MovieLens-100k — " + ml["budget"], ml["models"])
-    if "ablations" in only:
-        results["ablations"] = {}
-        for ds in ("movielens100k", "simulated"):
-            if not (work / ds / "models" / "panther").is_dir():
-                bench_dataset(ds, DATASETS[ds], work, args.data, args.quick, models=("transformer", "panther"))
-            results["ablations"][ds] = bench_ablations(work, ds, args.quick)
-            print_table(f"PANTHER ablations on {ds}", results["ablations"][ds])
-    results["wall_s"] = round(time.time() - started)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {args.out} ({results['wall_s']} s)")
+    block = bench_dataset(args.dataset, work, args.data, args.quick)
+    if args.dataset == "movielens100k" and not args.quick:
+        block["recbole_sasrec_converged"] = bench_recbole(work)
+    block["wall_s"] = round(time.time() - started)
+    print_table(f"{args.dataset}: at most {block['max_epochs']} epochs, seeds {block['seeds']}", block["models"])
+    if args.quick:
+        print("\n--quick: nothing written")
+        return
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results[args.dataset] = block
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {RESULTS} [{args.dataset}] ({block['wall_s']} s)")
 
 
 if __name__ == "__main__":
