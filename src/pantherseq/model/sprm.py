@@ -31,18 +31,21 @@ from torch import nn
 from pantherseq.model.base import ModelConfig
 
 
-def causal_taps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, w: int, r: int) -> torch.Tensor:
+def causal_taps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, w: int, r: int,
+                padded: torch.Tensor | None = None) -> torch.Tensor:
     """A causal dilated depthwise convolution as shifted multiply-adds: h (B, T, D), weight (D, 1, w) and bias
     (D,) of an `nn.Conv1d(D, D, w, dilation=r, groups=D)` -> (B, T, D) with
-    out[t] = bias + Σ_j weight[:, 0, j] · h[t − (w − 1 − j)·r]  (positions before the start count as zero)."""
+    out[t] = bias + Σ_j weight[:, 0, j] · h[t − (w − 1 − j)·r]  (positions before the start count as zero).
+    `padded`: h with P >= (w − 1)·r zero rows in front (B, P + T, D), shared by several calls; the taps are
+    views into it (no copies), one fused multiply-add each."""
     T = h.shape[1]
+    if padded is None:
+        padded = F.pad(h, (0, 0, (w - 1) * r, 0))
+    front = padded.shape[1] - T
     out = bias.to(h.dtype).expand_as(h)
     for j in range(w):
         s = (w - 1 - j) * r
-        if s >= T:
-            continue
-        tap = h[:, :T - s] * weight[:, 0, j].to(h.dtype)  # (B, T − s, D)
-        out = out + (F.pad(tap, (0, 0, s, 0)) if s else tap)  # shifted s steps later, zeros in front
+        out = torch.addcmul(out, padded[:, front - s:front - s + T], weight[:, 0, j].to(h.dtype))
     return out
 
 
@@ -65,8 +68,14 @@ class SPRM(nn.Module):
 
     def local_patterns(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> H_p (B, T, D): causal dilated depthwise convolutions, concatenated, projected."""
-        outs = [causal_taps(h, conv.weight, conv.bias, w, r) for conv, (w, r) in zip(self.convs, self.kernels)]
-        return self.merge(torch.cat(outs, dim=-1))  # (B, T, D·#pairs) -> (B, T, D)
+        return self.merge(self._taps(h))
+
+    def _taps(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D·#pairs): every (kernel, dilation)'s causal convolution, concatenated."""
+        front = max((w - 1) * r for w, r in self.kernels)
+        padded = F.pad(h, (0, 0, front, 0)) if front else h  # (B, front + T, D), shared by every tap
+        return torch.cat([causal_taps(h, conv.weight, conv.bias, w, r, padded)
+                          for conv, (w, r) in zip(self.convs, self.kernels)], dim=-1)
 
     def prototype_attention(self, hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H_p (B, T, D) -> X_p (B, T, D) and the weights (B, T, M)."""
@@ -77,10 +86,20 @@ class SPRM(nn.Module):
         return att @ v, att
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); position t depends on h[:, :t+1] only."""
-        xp, att = self.prototype_attention(self.local_patterns(h))
+        """(B, T, D) -> (B, T, D); position t depends on h[:, :t+1] only.
+
+        The same maths as prototype_attention(local_patterns(h)), in fewer products: merge, W_Q and the
+        product with Kᵀ are linear with nothing in between, so they fold into one (D·#pairs, M) matrix made
+        from the parameters at each call; one (B·T, D·#pairs) x (D·#pairs, M) product gives the prototype
+        logits (tested equal to the loop reference)."""
+        k = self.w_k(self.prototypes)  # (M, D)
+        scale = 1.0 / math.sqrt(k.shape[-1])
+        a = (self.merge.weight.t() @ self.w_q.weight.t() @ k.t()) * scale  # (D·#pairs, M)
+        c = (self.w_q(self.merge.bias) @ k.t()) * scale  # (M,)
+        att = torch.softmax(torch.addmm(c, self._taps(h).flatten(0, 1), a.to(h.dtype)), dim=-1)
+        att = att.view(*h.shape[:2], -1)  # (B, T, M)
         self.last_attention = att.detach()
-        return self.drop(xp)
+        return self.drop(att @ self.w_v(self.prototypes))
 
 
 def reference_sprm(m: SPRM, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
