@@ -12,6 +12,12 @@ service's request threads and its refresh thread take turns. A connection per th
 not chosen: a web server's worker pool would open one per worker that `close()` could not reach from its own
 thread, and under WAL + NORMAL a commit does not fsync, so the lock is held for microseconds. Other processes
 may open the same file: WAL lets readers run beside the one writer, and the busy timeout queues writers.
+
+Shared state (base.py): tables `version(user, seq)` (the stored state's log_seq), `tindex(name, member,
+time, flag)` (the time index), `admit(name, member, at)` (the new-user window) and `queue(id, user, at,
+claimed)` (the refresh queue, polled: a claim marks rows, an ack deletes them; rows claimed RECLAIM_S ago
+and never acknowledged are claimed again). Every check-then-write is one IMMEDIATE transaction, which
+SQLite serialises across processes.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from pantherseq.errors import ConfigError
-from pantherseq.store.base import SCHEMA_VERSION, Store, as_bytes
+from pantherseq.store.base import RECLAIM_S, SCHEMA_VERSION, Store, as_bytes, index_member
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,14 @@ CREATE TABLE IF NOT EXISTS state (user TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS log (user TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (user, seq));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS ilog (name TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (name, seq));
+CREATE TABLE IF NOT EXISTS version (user TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tindex (name TEXT, member TEXT, time INTEGER NOT NULL, flag INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (name, member));
+CREATE INDEX IF NOT EXISTS tindex_time ON tindex (name, time);
+CREATE TABLE IF NOT EXISTS admit (name TEXT, member TEXT, at REAL NOT NULL, PRIMARY KEY (name, member));
+CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY, user TEXT NOT NULL, at REAL NOT NULL, claimed REAL);
 """
-TABLES = {"state", "log", "meta", "ilog"}
+TABLES = {"state", "log", "meta", "ilog", "version", "tindex", "admit", "queue"}
+POLL_S = 0.05  # how often an idle refresh worker looks at the queue
 APPLICATION_ID = 0x50534551  # "PSEQ" in PRAGMA application_id: this file is a pantherseq store
 
 
@@ -116,22 +129,85 @@ class SQLiteStore(Store):
                 found.update(db.execute(f"SELECT user, value FROM state WHERE user IN ({marks})", chunk))
         return [found.get(key) for key in keys]
 
-    def put_many(self, items: Mapping[str, bytes]) -> None:
+    def put_many(self, items: Mapping[str, bytes], versions: Mapping[str, int] | None = None) -> None:
         rows = [(user, as_bytes(value)) for user, value in items.items()]
+        upsert = ("INSERT INTO state (user, value) VALUES (?, ?) "
+                  "ON CONFLICT (user) DO UPDATE SET value = excluded.value")
         with self._transaction("IMMEDIATE") as db:
-            db.executemany(
-                "INSERT INTO state (user, value) VALUES (?, ?) "
-                "ON CONFLICT (user) DO UPDATE SET value = excluded.value",
-                rows,
-            )
+            if versions is None:
+                db.executemany(upsert, rows)
+                db.executemany("DELETE FROM version WHERE user = ?", [(u,) for u, _ in rows])
+                return
+            for user, value in rows:
+                have = db.execute("SELECT seq FROM version WHERE user = ?", (user,)).fetchone()
+                if have is not None and have[0] > int(versions[user]):
+                    continue  # a newer state is stored: a slower refresh must not overwrite it
+                db.execute(upsert, (user, value))
+                db.execute("INSERT INTO version (user, seq) VALUES (?, ?) "
+                           "ON CONFLICT (user) DO UPDATE SET seq = excluded.seq", (user, int(versions[user])))
 
-    def append_event(self, user: str, event: bytes) -> int:
+    def append_event(self, user: str, event: bytes, *, expect_seq: int | None = None,
+                     index: tuple[str, int] | None = None, queue: bool = False) -> int | None:
         value = as_bytes(event)
         with self._transaction("IMMEDIATE") as db:
-            query = "SELECT COALESCE(MAX(seq), 0) + 1 FROM log WHERE user = ?"
-            (seq,) = db.execute(query, (user,)).fetchone()
+            (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM log WHERE user = ?", (user,)).fetchone()
+            if expect_seq is not None and last != int(expect_seq):
+                return None
+            seq = last + 1
             db.execute("INSERT INTO log (user, seq, value) VALUES (?, ?, ?)", (user, seq, value))
+            if index is not None:
+                db.execute("INSERT OR IGNORE INTO tindex (name, member, time) VALUES (?, ?, ?)",
+                           (index[0], index_member(user, seq), int(index[1])))
+            if queue:
+                db.execute("INSERT INTO queue (user, at) VALUES (?, ?)", (user, time.time()))
         return seq
+
+    def index_add(self, name: str, items: Sequence[tuple[str, int]]) -> None:
+        with self._transaction("IMMEDIATE") as db:
+            db.executemany("INSERT OR IGNORE INTO tindex (name, member, time) VALUES (?, ?, ?)",
+                           [(name, m, int(t)) for m, t in items])
+
+    def index_remove(self, name: str, members: Sequence[str]) -> None:
+        with self._transaction("IMMEDIATE") as db:
+            db.executemany("DELETE FROM tindex WHERE name = ? AND member = ?", [(name, m) for m in members])
+
+    def index_flag(self, name: str, member: str, flag: bool) -> bool:
+        with self._transaction("IMMEDIATE") as db:
+            cur = db.execute("UPDATE tindex SET flag = ? WHERE name = ? AND member = ?", (int(flag), name, member))
+        return cur.rowcount > 0
+
+    def index_counts(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        query = "SELECT COUNT(*), COALESCE(SUM(flag), 0) FROM tindex WHERE name = ? AND time > ? AND time <= ?"
+        with self._transaction() as db:
+            return [tuple(db.execute(query, (name, int(lo), int(hi))).fetchone()) for lo, hi in ranges]
+
+    def admit(self, name: str, member: str, now: float, window_s: float, cap: int) -> bool:
+        with self._transaction("IMMEDIATE") as db:
+            db.execute("DELETE FROM admit WHERE name = ? AND at <= ?", (name, now - window_s))
+            seen = db.execute("SELECT 1 FROM admit WHERE name = ? AND member = ?", (name, member)).fetchone()
+            (n,) = db.execute("SELECT COUNT(*) FROM admit WHERE name = ?", (name,)).fetchone()
+            if seen is None and n >= cap:
+                return False
+            db.execute("INSERT INTO admit (name, member, at) VALUES (?, ?, ?) "
+                       "ON CONFLICT (name, member) DO UPDATE SET at = excluded.at", (name, member, now))
+        return True
+
+    def claim_refresh(self, consumer: str, count: int, block_s: float) -> list[tuple[str, str, float]]:
+        deadline = time.monotonic() + block_s
+        while True:
+            now = time.time()
+            with self._transaction("IMMEDIATE") as db:
+                rows = db.execute(
+                    "UPDATE queue SET claimed = ? WHERE id IN (SELECT id FROM queue WHERE claimed IS NULL "
+                    "OR claimed < ? ORDER BY id LIMIT ?) RETURNING id, user, at",
+                    (now, now - RECLAIM_S, int(count))).fetchall()
+            if rows or time.monotonic() >= deadline:
+                return [(str(i), u, float(at)) for i, u, at in sorted(rows)]
+            time.sleep(POLL_S)
+
+    def ack_refresh(self, ids: Sequence[str]) -> None:
+        with self._transaction("IMMEDIATE") as db:
+            db.executemany("DELETE FROM queue WHERE id = ?", [(int(i),) for i in ids])
 
     def events_since(self, user: str, seq: int) -> list[tuple[int, bytes]]:
         with self._lock:
