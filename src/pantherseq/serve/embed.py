@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
@@ -30,25 +31,36 @@ from pantherseq.store import Store
 log = logging.getLogger(__name__)
 
 
-def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_size: int = 256,
-                progress: bool = True, migrate: bool = False) -> dict:
-    """Write the state of every user with history before `until` (ISO time) to `store`; returns the meta."""
-    started = time.perf_counter()
-    check_owner(store, scorer.run_id, scorer.model_version, migrate)  # ConfigError: another run / model
-    seq = Sequences.load(scorer.run.sequences)
-    cut_s = parse_time(until)[0] if until else None
+def window_ends(seq: Sequences, cut_s: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) rows of each user's events before `cut_s` (unix s; None = all of them)."""
     times = np.asarray(seq.time)
     offsets = np.asarray(seq.offsets).astype(np.int64)
     starts = offsets[:-1]
     ends = offsets[1:] if cut_s is None else np.array(
-        [s + int(np.searchsorted(times[s:e], cut_s, side="left")) for s, e in zip(starts, offsets[1:])])
-    amounts = scorer.run.read_events([scorer.amount_field])[scorer.amount_field].cast(pl.Float64).fill_null(0.0).to_numpy() \
-        if scorer.amount_field in scorer.kinds else np.zeros(len(times))
-    users = scorer.run.read_users()["user_id"].cast(pl.Utf8).to_list()
+        [s + int(np.searchsorted(times[s:e], cut_s, side="left")) for s, e in zip(starts, offsets[1:])],
+        dtype=np.int64)
+    return starts, ends
+
+
+def event_amounts(scorer: Scorer, frame: pl.DataFrame | None, n: int) -> np.ndarray:
+    """(n,) float64 amounts of the events in `frame` (events.parquet rows; zeros without an amount field)."""
+    if frame is None or scorer.amount_field not in scorer.kinds:
+        return np.zeros(n)
+    return frame[scorer.amount_field].cast(pl.Float64).fill_null(0.0).to_numpy()
+
+
+def user_states(scorer: Scorer, seq: Sequences, amounts: np.ndarray, user_ids: list[str], cut_s: int | None,
+                batch_size: int = 256, progress: bool = False, now: float | None = None) -> Iterator[list[UserState]]:
+    """Batches of refreshed states of `seq`'s users with events before `cut_s`. `seq` may be a shard: its
+    `users` (global indices) become the states' user_idx; `amounts` and `user_ids` are aligned with its rows
+    and users. One batched float64 forward pass (`Scorer.refresh`) per `batch_size` users."""
+    starts, ends = window_ends(seq, cut_s)
+    times = np.asarray(seq.time)
+    glob = np.arange(seq.n_users) if seq.users is None else np.asarray(seq.users)
     gap_b = gap_buckets(np.asarray(seq.gap, dtype=np.float64))
     tokens, codes = np.asarray(seq.tokens), np.asarray(seq.codes)
     todo = np.flatnonzero(ends > starts)
-    L, n_written = scorer.max_len, 0
+    L = scorer.max_len
     for b in tqdm(range(0, len(todo), batch_size), desc="embed", unit="batch", disable=not progress):
         states = []
         for u in todo[b:b + batch_size].tolist():
@@ -57,18 +69,46 @@ def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_si
             t_last = int(times[e - 1])
             m0 = s + int(np.searchsorted(times[s:e], t_last - scorer.spend_days * DAY, side="right"))
             states.append(UserState(
-                user_id=users[u], user_idx=u, model_version=scorer.model_version, n_events=e - s,
+                user_id=user_ids[u], user_idx=int(glob[u]), model_version=scorer.model_version, n_events=e - s,
                 last_time=t_last, tokens=tokens[w0:e].astype(np.int32), codes=codes[w0:e].astype(np.int32),
                 gap=gap_b[w0:e].astype(np.int8), times=times[m0:e].astype(np.int64),
                 amounts=amounts[m0:e].astype(np.float64)))
-        states = scorer.refresh(states, time.time(), cache=False)
-        store.put_many({s.user_id: s.encode() for s in states})
-        n_written += len(states)
-    meta = {"run": str(scorer.run.path.resolve()), "run_id": scorer.run_id, "model": scorer.model_name,
+        yield scorer.refresh(states, time.time() if now is None else now, cache=False)
+
+
+def embed_meta(scorer: Scorer, until: str | None, n_written: int, seconds: float, **extra) -> dict:
+    """The store's `embed` meta record (what the service reads at start-up)."""
+    cut_s = parse_time(until)[0] if until else None
+    return {"run": str(scorer.run.path.resolve()), "run_id": scorer.run_id, "model": scorer.model_name,
             "model_version": scorer.model_version,
-            "until": until, "until_s": cut_s, "users": n_written, "max_len": L, "spend_days": scorer.spend_days,
-            "seconds": round(time.perf_counter() - started, 2)}
+            "until": until, "until_s": cut_s, "users": n_written, "max_len": scorer.max_len,
+            "spend_days": scorer.spend_days, "seconds": round(seconds, 2), **extra}
+
+
+def finish_embed(store: Store, scorer: Scorer, meta: dict) -> None:
+    """Record the `embed` meta and claim the store for this run and model (identity.py)."""
     store.put_meta("embed", json.dumps(meta).encode())
     write_owner(store, scorer.run_id, scorer.model_version)
+
+
+def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_size: int = 256,
+                progress: bool = True, migrate: bool = False) -> dict:
+    """Write the state of every user with history before `until` (ISO time) to `store`; returns the meta."""
+    started = time.perf_counter()
+    check_owner(store, scorer.run_id, scorer.model_version, migrate)  # ConfigError: another run / model
+    seq = Sequences.load(scorer.run.sequences)
+    cut_s = parse_time(until)[0] if until else None
+    frame = scorer.run.read_events([scorer.amount_field]) if scorer.amount_field in scorer.kinds else None
+    amounts = event_amounts(scorer, frame, seq.n_events)
+    users = scorer.run.read_users()["user_id"].cast(pl.Utf8).to_list()
+    n_written = 0
+    for states in user_states(scorer, seq, amounts, users, cut_s, batch_size, progress):
+        store.put_many({s.user_id: s.encode() for s in states})
+        n_written += len(states)
+    meta = embed_meta(scorer, until, n_written, time.perf_counter() - started)
+    finish_embed(store, scorer, meta)
     log.info("embedded %d users in %.1f s", n_written, meta["seconds"])
     return meta
+
+
+__all__ = ["embed_meta", "embed_users", "event_amounts", "finish_embed", "user_states", "window_ends"]
