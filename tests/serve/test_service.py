@@ -196,9 +196,9 @@ def test_http_endpoints(client, service):
     # /feedback marks the answered event as fraud at its merchant: the delayed terminal risk of a later
     # event at that merchant (8 days on, past the 7-day label delay) now counts it
     later = int(datetime.fromisoformat(body["timestamp"]).timestamp()) + 8 * 86_400
-    before = service.scorer.terminals.features("m1", later)
+    before = service.terminal_features("m1", later)
     assert client.post("/feedback", json={"user_id": user, "event_seq": 1, "label": 1}).json() == {"ok": True}
-    after = service.scorer.terminals.features("m1", later)
+    after = service.terminal_features("m1", later)
     assert after["term_frauds_7d"] == before["term_frauds_7d"] + 1 and after["term_n_7d"] == before["term_n_7d"]
     assert client.post("/feedback", json={"user_id": user, "event_seq": 99, "label": 1}).status_code == 404
 

@@ -209,15 +209,24 @@ class TerminalHistory:
         hit = np.flatnonzero(ids == event_id) if ids is not None else []
         return int(self._labels[terminal][hit[0]]) if len(hit) else None
 
-    def features(self, terminal: str | None, t: int) -> dict[str, float]:
+    def ranges(self, t: int) -> list[tuple[int, int]]:
+        """The time ranges (lo, hi] the features of an event at t read, one per window."""
+        return [(t - self.lag - w * DAY, t - self.lag) for w in self.windows]
+
+    def features(self, terminal: str | None, t: int, extra: list[tuple[int, int]] | None = None
+                 ) -> dict[str, float]:
+        """The terminal features of an event at t; `extra`: per window, (transactions, frauds) held
+        elsewhere (the serving store's served events), added to this history's counts."""
         times = self._times.get(terminal) if terminal is not None else None
         out = {}
-        for w in self.windows:
+        for k, w in enumerate(self.windows):
             n = f = 0
             if times is not None:
                 hi = int(np.searchsorted(times, t - self.lag, side="right"))
                 lo = int(np.searchsorted(times, t - self.lag - w * DAY, side="right"))
                 n, f = hi - lo, int(self._labels[terminal][lo:hi].astype(np.int64).sum())
+            if extra is not None:
+                n, f = n + int(extra[k][0]), f + int(extra[k][1])
             out[f"term_n_{w}d"], out[f"term_frauds_{w}d"] = float(np.float32(n)), float(np.float32(f))
             out[f"term_rate_{w}d"] = float(np.float32(fraud_rate(f, n)))
         return out

@@ -4,6 +4,14 @@
 their states and recompute their predictions (`Service.refresh_users`: one batched forward pass), records
 each event's refresh lag, and every `compact_every_s` has the service trim the logs of the users it
 refreshed (`Service.compact`).
+
+`run_worker` is the same work in a process of its own (`pantherseq refresh`, or started by
+`serve --workers N`): it takes users from the store's refresh queue (Redis: a stream read by the consumer
+group `refresh`, so several workers share it; SQLite: a polled table), refreshes them, acknowledges the
+entries and compacts; the scorer processes then run with `external_refresh` and no refresh thread. An
+entry is acknowledged only after its state is written, so a worker killed mid-batch loses nothing: the
+entries are claimed again after RECLAIM_S (store/base.py). Two workers refreshing one user cannot move
+its state backwards (the write is versioned by log_seq).
 """
 
 from __future__ import annotations
@@ -95,6 +103,50 @@ class Refresher(threading.Thread):
             self.cond.notify_all()
 
 
+def run_worker(service: Service, consumer: str, stop: threading.Event, batch_size: int = 64,
+               report_every_s: float = 30.0) -> int:
+    """Refresh queued users until `stop` is set; returns how many queue entries were handled. The service
+    must have been started (identity checked; `service.behind`, the users left behind by a crash, are
+    refreshed first)."""
+    done, lags, reported = 0, deque(maxlen=100_000), time.time()
+    todo = list(service.behind)
+    for i in range(0, len(todo), batch_size):
+        service.refresh_users(todo[i:i + batch_size])
+    to_compact: set[str] = set(todo)
+    compacted_at = time.time()
+    while not stop.is_set():
+        entries = service.store.claim_refresh(consumer, batch_size, 0.5)
+        if entries:
+            first: dict[str, float] = {}
+            for _, user, at in entries:
+                first[user] = min(at, first.get(user, at))
+            try:
+                service.refresh_users(list(first))
+            except Exception:  # not acknowledged: claimed again after RECLAIM_S
+                log.exception("refresh failed; the entries will be claimed again")
+                time.sleep(0.5)
+                continue
+            service.store.ack_refresh([i for i, _, _ in entries])
+            now = time.time()
+            for user, at in first.items():
+                lags.append(now - at)
+                service.metrics.refresh_lag.observe(now - at)
+            to_compact |= set(first)
+            done += len(entries)
+        if to_compact and time.time() - compacted_at >= service.refresher.compact_every_s:
+            users, to_compact, compacted_at = sorted(to_compact), set(), time.time()
+            try:
+                service.compact(users)
+            except Exception:  # housekeeping: the next round retries
+                log.exception("log compaction failed")
+        if lags and time.time() - reported >= report_every_s:
+            p = sorted(lags)
+            log.info("refreshed %d queue entries; lag p50 %.3f s, p99 %.3f s", done, p[len(p) // 2],
+                     p[min(len(p) - 1, int(len(p) * 0.99))])
+            reported = time.time()
+    return done
+
+
 class Metrics:
     """Prometheus metrics in the service's own registry (several services can live in one process)."""
 
@@ -116,4 +168,4 @@ class Metrics:
                                   ["kind"], registry=self.registry)
 
 
-__all__ = ["Metrics", "Refresher"]
+__all__ = ["Metrics", "Refresher", "run_worker"]

@@ -174,8 +174,9 @@ class Scorer:
         self.amount_field = fc.get("amount_field", "amount")
         self.windows = tuple(int(w) for w in fc.get("windows", WINDOWS))
         self.spend_days = max(self.windows)
+        # the run's events before the embedding cut-off (the same in every process, read-only once loaded);
+        # the served events and their labels are the store's (Service.terminal_counts)
         self.terminals = TerminalHistory(self.windows, int(fc.get("delay_days", 7)))
-        self.terminal_lock = threading.Lock()  # request threads add to the history while others read it
         # how far back the terminal features read (the longest window before the label delay): logged events
         # older than this before a user's last event are folded into the state and need not be replayed
         self.log_horizon_s = (max(self.windows) * DAY + self.terminals.lag) if self.merchant is not None else 0
@@ -211,16 +212,18 @@ class Scorer:
         token, codes = self.tok.encode_one({**fields, TIME: dt, GAP: gap_s})
         return Event(user_id, t, dt, fields, int(token), [int(c) for c in codes], gap_bucket_one(gap_s))
 
-    def features(self, ev: Event, state: UserState) -> dict[str, float]:
-        """Every feature of the risk model for `ev` given the user's state (events before it folded in)."""
+    def features(self, ev: Event, state: UserState, served: list[tuple[int, int]] | None = None
+                 ) -> dict[str, float]:
+        """Every feature of the risk model for `ev` given the user's state (events before it folded in);
+        `served`: per window, (transactions, frauds) of the served events at the event's terminal (from the
+        store), added to the run's terminal history."""
         amount = float(ev.fields.get(self.amount_field) or 0.0)
         names = self.tok.field_names
         out = context_one(ev.dt, amount, {c: ev.codes[names.index(c)] for c in self.categorical})
         out |= customer_one(state.times, state.amounts, ev.time, amount, self.windows)
         if self.merchant is not None:
             m = ev.fields.get(self.merchant)
-            with self.terminal_lock:
-                out |= self.terminals.features(None if m is None else str(m), ev.time)
+            out |= self.terminals.features(None if m is None else str(m), ev.time, served)
         out |= self.deviation(ev, state)
         d = self.model.cfg.d_model
         for name, vec in zip(EMBEDDINGS, (state.pooled, state.h)):

@@ -5,18 +5,27 @@ The request path (`Service.score`): parse and tokenize, read the state and the l
 into it, refuse an event older than the user's last accepted one (409) and a new user beyond the
 new-users-per-minute cap (429), compute the features and the score (serve/scorer.py: no transformer pass),
 append the event to the user's log in the store — durable before the answer is sent, so a 200 is never
-lost, even to `kill -9` — and queue the user for refresh. The check and the append run under the user's
-lock, so two request threads never interleave one user's events. A background thread folds the queued
+lost, even to `kill -9` — and queue the user for refresh. The append is a compare-and-append in the store
+(`expect_seq`: the last sequence number the check read), so a request of another process for the same user
+in between makes this one re-read and re-check: the time order holds across processes; within one process
+the user's lock keeps request threads from even trying. A background thread folds the queued
 users' logged events into their states and recomputes their prediction with one batched forward pass
 (`Scorer.refresh`); the time from an event's append to the write of its refreshed state is the refresh lag
 (`stats`, `/metrics`). A user the store has never seen is a cold start: scored from the current event alone
 (no Δ, as a user's first event offline), flagged `cold_start`. `stale` says the prediction used did not yet
 include every earlier event of the user (the refresh had not caught up).
 
+Horizontal scale: every mutable thing a score reads is in the store — states, logs, the served events at
+each terminal with their `/feedback` labels (a time index per terminal, appended in the same step as the
+event), the new-user window (`Store.admit`) — so N processes on one store give the scores one process
+would. With `external_refresh` the append also queues the user for `pantherseq refresh` worker processes
+(serve/refresher.py `run_worker`) instead of the in-process thread.
+
 On start-up the service checks that the store belongs to this run and model (identity.py; `migrate`
-recomputes every state with this model), rebuilds the terminal history (the run's events before the
-embedding cut-off, then every logged event and `/feedback` label) and queues every user whose log is ahead
-of their state, so a restart after a crash loses nothing that was answered. Unreadable records (a damaged
+recomputes every state with this model), loads the run's terminal history before the embedding cut-off
+(read-only, the same in every process), re-indexes every retained logged event and `/feedback` label into
+the store's terminal index (idempotent: it repairs stores written before the index) and queues every user
+whose log is ahead of their state, so a restart after a crash loses nothing that was answered. Unreadable records (a damaged
 state, a log entry that is not an event, a log under an id no request could carry) are skipped and counted
 (`stats()["unreadable_records"]`), never fatal; a damaged state is rebuilt from the user's retained log.
 
@@ -33,7 +42,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -46,10 +55,13 @@ from pantherseq.serve.schemas import valid_user_id
 from pantherseq.serve.scorer import Event, Scorer
 from pantherseq.serve.state import StateFormatError, UserState, decode_event, encode_event
 from pantherseq.store import Store
+from pantherseq.store.base import index_member
 
 log = logging.getLogger(__name__)
 FEEDBACK = "feedback"  # the store's internal log of /feedback labels (store.append_internal: no user id reaches it)
-USER_LOCKS = 256  # striped per-user locks: a user's check-and-append runs alone
+NEW_USERS = "new-users"  # the store's admission window of cold starts (Store.admit)
+USER_LOCKS = 256  # striped per-user locks: a user's check-and-append runs alone in this process
+RETRIES = 20  # compare-and-append attempts against other processes' writes to the same user
 
 
 class Refused(Exception):
@@ -61,23 +73,14 @@ class Refused(Exception):
 
 
 class NewUserLimit:
-    """At most `per_minute` new users in any 60 s (0 = no cap), per process."""
+    """At most `per_minute` new users in any 60 s (0 = no cap), counted in the store: shared by every
+    process on it (a user admitted twice, e.g. by two processes racing, counts once)."""
 
-    def __init__(self, per_minute: int):
-        self.per_minute = int(per_minute)
-        self._times: deque[float] = deque()
-        self._lock = threading.Lock()
+    def __init__(self, store: Store, per_minute: int):
+        self.store, self.per_minute = store, int(per_minute)
 
-    def allow(self, now: float) -> bool:
-        if self.per_minute <= 0:
-            return True
-        with self._lock:
-            while self._times and self._times[0] <= now - 60.0:
-                self._times.popleft()
-            if len(self._times) >= self.per_minute:
-                return False
-            self._times.append(now)
-            return True
+    def allow(self, user: str, now: float) -> bool:
+        return self.per_minute <= 0 or self.store.admit(NEW_USERS, user, now, 60.0, self.per_minute)
 
 
 class Service:
@@ -85,12 +88,16 @@ class Service:
 
     `score_threads`: the pool the HTTP layer runs scoring in (off the event loop); `max_pending`: requests
     admitted to it at once (more get 503); `new_users_per_minute`: the cold-start cap (0 = none);
-    `migrate`: serve a store of another model version of the same run by recomputing its states."""
+    `migrate`: serve a store of another model version of the same run by recomputing its states;
+    `external_refresh`: queue refreshes in the store for `pantherseq refresh` workers (no in-process
+    refresh thread)."""
 
     def __init__(self, scorer: Scorer, store: Store, refresh: bool = True, refresh_batch: int = 64,
                  warm: bool = True, *, migrate: bool = False, score_threads: int = 4, max_pending: int = 256,
-                 new_users_per_minute: int = 6000, compact_every_s: float = 60.0):
+                 new_users_per_minute: int = 6000, compact_every_s: float = 60.0, external_refresh: bool = False):
         self.scorer, self.store, self.warm, self.migrate = scorer, store, warm, migrate
+        self.external_refresh = external_refresh
+        refresh = refresh and not external_refresh
         self.metrics = Metrics()
         self.refresher = Refresher(self, refresh_batch, compact_every_s)
         self.refresh_enabled = refresh
@@ -101,11 +108,10 @@ class Service:
             self.embed_meta = {}
         self.pool = ThreadPoolExecutor(max(1, score_threads), thread_name_prefix="pantherseq-score")
         self.max_pending, self.in_flight = int(max_pending), 0
-        self.new_users = NewUserLimit(new_users_per_minute)
+        self.new_users = NewUserLimit(store, new_users_per_minute)
         self.skipped: Counter[str] = Counter()  # unreadable records met at start-up, by kind
-        self.trimmed = 0
-        self._ids: dict[tuple[str, int], int] = {}
-        self._next_id = 0
+        self.trimmed = self.replayed = 0
+        self.behind: list[str] = []  # users whose log was ahead of their state at start-up
         self._lock = threading.Lock()
         self._user_locks = [threading.Lock() for _ in range(USER_LOCKS)]
 
@@ -116,6 +122,9 @@ class Service:
         write_owner(self.store, self.scorer.run_id, self.scorer.model_version)
         n = self.scorer.load_terminals(self.embed_meta.get("until_s"))
         behind = self._replay()
+        if self.refresh_enabled:
+            for u in self.behind:
+                self.refresher.submit(u, time.time())
         self.scorer.readable_labels()  # made once, before the first request
         warmed = 0
         if self.warm:  # the run's users, while the cache has room: no request pays the V x D product
@@ -131,7 +140,7 @@ class Service:
             self.refresher.start()
         log.info("predictions cached for %d users", warmed)
         log.info("service ready: %d terminal events from the run, %d logged events replayed (%d not yet in a "
-                 "state, %d log entries compacted), unreadable records skipped: %s", n, len(self._ids), behind,
+                 "state, %d log entries compacted), unreadable records skipped: %s", n, self.replayed, behind,
                  self.trimmed, dict(self.skipped) or "none")
 
     def stop(self) -> None:
@@ -153,8 +162,9 @@ class Service:
         log.info("migrated %d states to %s", done, self.scorer.model_version)
 
     def _replay(self) -> int:
-        """Index every logged event, add it to the terminal history, queue users whose log is ahead of their
-        state and trim what the states hold; returns the number of events not yet in a state."""
+        """Re-index every retained logged event (and then every /feedback label) in the store's terminal
+        index, note users whose log is ahead of their state (`behind`) and trim what the states hold;
+        returns the number of events not yet in a state."""
         users = self.store.users_with_log()
         behind = 0
         for i in range(0, len(users), 500):
@@ -165,21 +175,46 @@ class Service:
                     continue
                 state = (self._decode(u, blob) if blob is not None else None) or self.scorer.new_state(u)
                 records = self._read_log(u, 0)
-                for s, rec in records:
-                    self._track(u, s, rec)
+                self._index(u, records)
+                self.replayed += len(records)
                 ahead = sum(s > state.log_seq for s, _ in records)
                 behind += ahead
                 if ahead:
-                    self.refresher.submit(u, time.time())
+                    self.behind.append(u)
                 self._trim(u, state, records)
         for _, raw in self.store.internal_since(FEEDBACK, 0):
             try:
                 rec = json.loads(raw)
-                self._apply_feedback({"user_id": str(rec["user_id"]), "event_seq": int(rec["event_seq"]),
-                                      "label": int(rec["label"])})
+                self._apply_feedback(str(rec["user_id"]), int(rec["event_seq"]), int(rec["label"]))
             except (ValueError, TypeError, KeyError):
                 self._skip("feedback")
         return behind
+
+    def _terminal(self, rec: dict) -> str | None:
+        """The event's terminal / merchant (the name of its time index in the store), or None."""
+        m = self.scorer.merchant
+        value = rec["fields"].get(m) if m is not None else None
+        return None if value is None else str(value)
+
+    def _index(self, user: str, records: list[tuple[int, dict]]) -> None:
+        """Add logged events to their terminals' time indexes in the store (idempotent)."""
+        by_terminal: dict[str, list[tuple[str, int]]] = {}
+        for s, rec in records:
+            term = self._terminal(rec)
+            if term is not None:
+                by_terminal.setdefault(term, []).append((index_member(user, s), int(rec["time"])))
+        for term, items in by_terminal.items():
+            self.store.index_add(term, items)
+
+    def terminal_counts(self, terminal: str | None, t: int) -> list[tuple[int, int]] | None:
+        """Per terminal window, (served events, labelled frauds) in the store (None: no merchant field)."""
+        if self.scorer.merchant is None or terminal is None:
+            return None
+        return self.store.index_counts(terminal, self.scorer.terminals.ranges(t))
+
+    def terminal_features(self, terminal: str, t: int) -> dict[str, float]:
+        """The terminal-risk features an event at `terminal` at time t would get now."""
+        return self.scorer.terminals.features(terminal, t, self.terminal_counts(terminal, t))
 
     def _skip(self, kind: str, n: int = 1) -> None:
         self.skipped[kind] += n
@@ -198,8 +233,13 @@ class Service:
     def _read_log(self, user: str, since: int, last_time: int | None = None) -> list[tuple[int, dict]]:
         """The user's readable logged events after `since`; unreadable ones, and any older than the one
         before (`last_time` first), are skipped and counted: nothing is folded out of time order."""
-        out = []
+        return self._pending(user, since, last_time)[0]
+
+    def _pending(self, user: str, since: int, last_time: int | None = None) -> tuple[list[tuple[int, dict]], int]:
+        """(`_read_log`, the last sequence number in the log after `since`, readable or not, else `since`)."""
+        out, last_seq = [], since
         for s, raw in self.store.events_since(user, since):
+            last_seq = s
             try:
                 rec = decode_event(raw)
             except StateFormatError:
@@ -210,18 +250,7 @@ class Service:
                 continue
             last_time = rec["time"]
             out.append((s, rec))
-        return out
-
-    def _track(self, user: str, seq: int, rec: dict) -> None:
-        """Index a logged event and add it to the terminal history."""
-        with self._lock:
-            eid = self._next_id
-            self._next_id += 1
-            self._ids[(user, seq)] = eid
-        m = self.scorer.merchant
-        if m is not None and rec["fields"].get(m) is not None:
-            with self.scorer.terminal_lock:
-                self.scorer.terminals.add(str(rec["fields"][m]), int(rec["time"]), 0, eid)
+        return out, last_seq
 
     # -- compaction -----------------------------------------------------------------------------------
     def _trim(self, user: str, state: UserState, records: list[tuple[int, dict]]) -> int:
@@ -234,11 +263,15 @@ class Service:
         if not cut:
             return 0
         n = self.store.trim_log(user, cut)
+        by_terminal: dict[str, list[str]] = {}  # the trimmed events leave the terminal index too
+        for s, rec in records:
+            term = self._terminal(rec)
+            if s <= cut and term is not None:
+                by_terminal.setdefault(term, []).append(index_member(user, s))
+        for term, members in by_terminal.items():
+            self.store.index_remove(term, members)
         with self._lock:
-            for s, _ in records:
-                if s <= cut:
-                    self._ids.pop((user, s), None)
-        self.trimmed += n
+            self.trimmed += n
         return n
 
     def compact(self, users: list[str]) -> int:
@@ -255,12 +288,16 @@ class Service:
     # -- state ----------------------------------------------------------------------------------------
     def current_state(self, user: str) -> tuple[UserState, bool, bool]:
         """(state with every logged event folded in, cold start?, stale prediction?)."""
+        return self._current(user)[:3]
+
+    def _current(self, user: str) -> tuple[UserState, bool, bool, int]:
+        """`current_state` and the user's last sequence number in the store (what an append expects)."""
         blob = self.store.get_many([user])[0]
         state = (self._decode(user, blob) if blob is not None else None) or self.scorer.new_state(user)
-        pending = self._read_log(user, state.log_seq, state.last_time)
+        pending, last_seq = self._pending(user, state.log_seq, state.last_time)
         stale = bool(pending) and state.has_prediction
-        cold = blob is None and not pending
-        return self.scorer.fold(state, pending), cold, stale
+        cold = blob is None and not pending and not last_seq
+        return self.scorer.fold(state, pending), cold, stale, last_seq
 
     def refresh_users(self, users: list[str]) -> None:
         blobs = self.store.get_many(users)
@@ -268,8 +305,9 @@ class Service:
         for u, blob in zip(users, blobs):
             st = (self._decode(u, blob) if blob is not None else None) or self.scorer.new_state(u)
             states.append(self.scorer.fold(st, self._read_log(u, st.log_seq, st.last_time)))
-        fresh = self.scorer.refresh(states, time.time())
-        self.store.put_many({s.user_id: s.encode() for s in fresh})
+        fresh = self.scorer.refresh(states, time.time(), cache=not self.external_refresh)
+        # versioned: a slower refresh (another worker) never overwrites a state holding more of the log
+        self.store.put_many({s.user_id: s.encode() for s in fresh}, versions={s.user_id: s.log_seq for s in fresh})
 
     # -- scoring --------------------------------------------------------------------------------------
     def score(self, tx: dict[str, Any]) -> dict[str, Any]:
@@ -278,19 +316,27 @@ class Service:
         user = str(tx["user_id"])
         fields = {k: v for k, v in tx.items() if k not in ("user_id", "timestamp")}
         with self._user_locks[hash(user) % USER_LOCKS]:
-            state, cold, stale = self.current_state(user)
-            ev: Event = self.scorer.parse(user, tx["timestamp"], fields, state.last_time)
-            if state.last_time is not None and ev.time < state.last_time:
-                self.metrics.refused.labels("out_of_order").inc()
-                raise Refused(409, f"event at {ev.dt.isoformat()} is older than this user's last accepted event "
-                                   f"at {_iso(state.last_time)}: refused, events are taken in time order")
-            if cold and not self.new_users.allow(time.time()):
-                self.metrics.refused.labels("new_user_cap").inc()
-                raise Refused(429, f"more than {self.new_users.per_minute} new users in the last minute")
-            feats = self.scorer.features(ev, state)
-            score = self.scorer.score(feats)
-            seq = self.store.append_event(user, encode_event(ev.record()))  # durable before we answer
-            self._track(user, seq, ev.record())
+            for _ in range(RETRIES):
+                state, cold, stale, last_seq = self._current(user)
+                ev: Event = self.scorer.parse(user, tx["timestamp"], fields, state.last_time)
+                if state.last_time is not None and ev.time < state.last_time:
+                    self.metrics.refused.labels("out_of_order").inc()
+                    raise Refused(409, f"event at {ev.dt.isoformat()} is older than this user's last accepted "
+                                       f"event at {_iso(state.last_time)}: refused, events are taken in time order")
+                if cold and not self.new_users.allow(user, time.time()):
+                    self.metrics.refused.labels("new_user_cap").inc()
+                    raise Refused(429, f"more than {self.new_users.per_minute} new users in the last minute")
+                term = self._terminal(ev.record())
+                feats = self.scorer.features(ev, state, self.terminal_counts(term, ev.time))
+                score = self.scorer.score(feats)
+                seq = self.store.append_event(  # durable before we answer; None: another process came first
+                    user, encode_event(ev.record()), expect_seq=last_seq,
+                    index=None if term is None else (term, ev.time), queue=self.external_refresh)
+                if seq is not None:
+                    break
+            else:
+                self.metrics.refused.labels("contention").inc()
+                raise Refused(503, "this user's events are being written by other requests: retry")
         now = time.time()
         if self.refresh_enabled:
             self.refresher.submit(user, now)
@@ -316,24 +362,24 @@ class Service:
         return out
 
     def feedback(self, user: str, seq: int, label: int) -> bool:
-        with self._lock:
-            known = (user, seq) in self._ids
-        if not known:
+        """Record a fraud label for the user's logged event `seq` (False: no such event in the log)."""
+        ev = self._read_log(user, seq - 1)
+        if not ev or ev[0][0] != seq:
             return False
         rec = {"user_id": user, "event_seq": seq, "label": int(label)}
         self.store.append_internal(FEEDBACK, json.dumps(rec).encode())
-        return self._apply_feedback(rec)
+        self._apply_feedback(user, seq, int(label), ev[0][1])
+        return True
 
-    def _apply_feedback(self, rec: dict) -> bool:
-        eid = self._ids.get((rec["user_id"], rec["event_seq"]))
-        if eid is None or self.scorer.merchant is None:
-            return False
-        ev = self._read_log(rec["user_id"], rec["event_seq"] - 1)
-        if not ev or ev[0][0] != rec["event_seq"]:
-            return False
-        m = ev[0][1]["fields"].get(self.scorer.merchant)
-        with self.scorer.terminal_lock:
-            return m is not None and self.scorer.terminals.set_label(str(m), eid, rec["label"])
+    def _apply_feedback(self, user: str, seq: int, label: int, rec: dict | None = None) -> bool:
+        """Flag (label 1) or unflag the event in its terminal's index in the store."""
+        if rec is None:
+            ev = self._read_log(user, seq - 1)
+            if not ev or ev[0][0] != seq:
+                return False
+            rec = ev[0][1]
+        term = self._terminal(rec)
+        return term is not None and self.store.index_flag(term, index_member(user, seq), label == 1)
 
     def user_view(self, user: str) -> dict[str, Any]:
         blob = self.store.get_many([user])[0]
