@@ -5,7 +5,7 @@
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
     pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
-    pantherseq embed --run RUN_DIR --model NAME --store URL [--until TIME]
+    pantherseq embed --run RUN_DIR --model NAME --store URL [--until TIME] [--engine local|spark]
     pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000] [--api-keys FILE]
     pantherseq llm4es --run RUN_DIR --model-dir DIR [--format plain|json|markdown] [--steps N | --budget-s S]
     pantherseq probe --run RUN_DIR --embeddings aggregates,panther,aggregates+panther --target gender
@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     em.add_argument("--until", help="states as of this time (ISO), e.g. the test period's start (default: all)")
     em.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default: 256)")
+    em.add_argument("--engine", choices=("local", "spark"), default="local",
+                    help="local: one process (default); spark: the executors compute the states, also written "
+                         "to --states-parquet (docs/SPARK.md)")
+    em.add_argument("--spark-master", help="with --engine spark: the master URL (default: [spark] master in the "
+                                           "run's config, local[*])")
+    em.add_argument("--states-parquet", help="with --engine spark: the Parquet folder of the states "
+                                             "(default: RUN_DIR/states.parquet)")
     for q in (em, sv):
         q.add_argument("--migrate", action="store_true",
                        help="take a store written with another model version of this run: serve recomputes its "

@@ -86,8 +86,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from pantherseq.serve.scorer import Scorer
     from pantherseq.store import open_store
 
-    _run(args.run)
+    run = _run(args.run)
     scorer = Scorer(args.run, args.model, args.fraud_dir, threads=args.threads)
+    if args.engine == "spark":
+        from pantherseq.spark.embed import embed_spark
+
+        meta = embed_spark(scorer, args.store, args.states_parquet or run.path / "states.parquet", args.until,
+                           args.batch_size, migrate=args.migrate, master=args.spark_master,
+                           fraud_dir=args.fraud_dir, threads=args.threads)
+        print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "
+              f"{meta['until'] or 'the last event'} on Spark ({meta['tasks']} tasks) into {args.store} and "
+              f"{meta['parquet']} in {meta['seconds']:.1f} s")
+        return 0
     with open_store(args.store) as store:
         meta = embed_users(scorer, store, args.until, args.batch_size, migrate=args.migrate)
     print(f"embedded {meta['users']:,} users of {args.run} with {meta['model_version']} as of "

@@ -4,7 +4,6 @@ tokenizer, events, users) and stops on bad input with the same one-line error.""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +11,12 @@ import polars as pl
 import pytest
 
 from conftest import HANDBOOK_HEADER, handbook_rows, write_lines
-from pantherseq.data.schema import SparkConfig, load_dataset_config
+from pantherseq.data.schema import load_dataset_config
 from pantherseq.data.sequences import Sequences, load_shards
 from pantherseq.errors import DataError
 from pantherseq.prepare import prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
-@pytest.fixture(scope="session")
-def spark():
-    pytest.importorskip("pyspark", reason="PySpark is not installed: pip install -e '.[spark]'")
-    if shutil.which("java") is None:
-        pytest.skip("no Java runtime: apt-get install openjdk-17-jre-headless (make setup does, where apt exists)")
-    from pantherseq.spark.session import build_session
-
-    session = build_session(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}))
-    yield session
-    session.stop()
-
 
 SPLIT = ['split.t1="2018-06-01"', 'split.t2="2018-08-01"']
 

@@ -172,6 +172,24 @@ def load_shards(folder: str | Path, mmap: bool = True) -> list[Sequences]:
             for i in range(shards)]
 
 
+def shard_count(folder: str | Path) -> int:
+    """How many shards a sequences folder holds (1 for the one-folder layout)."""
+    return int(_meta(folder).get("shards", 1))
+
+
+def load_shard(folder: str | Path, shard: int, mmap: bool = True) -> Sequences:
+    """Shard `shard` of a sequences folder, memory-mapped, with its global user indices in `users` (for a
+    one-shard folder, 0..U-1)."""
+    shards = shard_count(folder)
+    if not 0 <= shard < shards:
+        raise DataError(f"{folder} has {shards} shards, not shard {shard}")
+    path = shard_folder(folder, shard, shards)
+    seq = Sequences._load_one(path, _meta(path), mmap)
+    if seq.users is None:
+        seq.users = np.arange(seq.n_users, dtype=np.int64)
+    return seq
+
+
 def merge_shards(parts: list[Sequences]) -> Sequences:
     """Shards -> one Sequences of every user in global user-index order (in memory)."""
     users = np.concatenate([p.users if p.users is not None else np.arange(p.n_users) for p in parts])
