@@ -7,6 +7,8 @@
     pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
     pantherseq embed --run RUN_DIR --model NAME --store URL [--until TIME] [--engine local|spark]
     pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000] [--api-keys FILE]
+                     [--workers N | --external-refresh]
+    pantherseq refresh --run RUN_DIR --model NAME --store URL [--consumer NAME]
     pantherseq llm4es --run RUN_DIR --model-dir DIR [--format plain|json|markdown] [--steps N | --budget-s S]
     pantherseq probe --run RUN_DIR --embeddings aggregates,panther,aggregates+panther --target gender
     pantherseq report RUN_DIR
@@ -32,6 +34,7 @@ from pantherseq.commands import (
     cmd_prepare,
     cmd_pretrain,
     cmd_probe,
+    cmd_refresh,
     cmd_report,
     cmd_serve,
 )
@@ -152,7 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--new-users-per-minute", type=int, default=6000,
                     help="cap on cold-start users per minute, 0 = none (default: 6000; 429)")
     sv.add_argument("--guard-metrics", action="store_true", help="GET /metrics needs an admin key")
+    sv.add_argument("--external-refresh", action="store_true",
+                    help="queue refreshes in the store for `pantherseq refresh` workers instead of refreshing "
+                         "in this process (every scorer process of a group on one store)")
+    sv.add_argument("--workers", type=int, default=0,
+                    help="start N `pantherseq refresh` worker processes on the store (implies --external-refresh)")
     sv.set_defaults(func=cmd_serve)
+
+    rf = sub.add_parser("refresh", help="a refresh worker process for scorers on a shared store",
+                        description="Take users from the store's refresh queue (Redis: consumer group "
+                                    "`refresh`; SQLite: polled), fold their logged events into their states and "
+                                    "recompute their predictions, for `serve --external-refresh` scorers.")
+    rf.add_argument("--run", required=True, help="the prepared run directory")
+    rf.add_argument("--model", default="panther", help="the trained model's name under RUN_DIR/models/")
+    rf.add_argument("--store", default=None, help="sqlite:///path.db (default: RUN_DIR/states.db) or "
+                                                  "redis://host:port/db")
+    rf.add_argument("--fraud-dir", help="where `pantherseq fraud` wrote the risk model (default RUN_DIR/fraud)")
+    rf.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    rf.add_argument("--batch-size", type=int, default=64, help="users per forward pass (default: 64)")
+    rf.add_argument("--consumer", help="this worker's name in the consumer group (default: host-pid)")
+    rf.set_defaults(func=cmd_refresh)
 
     lm = sub.add_parser("llm4es", help="user embeddings from a language model fine-tuned on event texts",
                         description="LLM4ES: write each user's events as text, fine-tune a local Hugging Face "

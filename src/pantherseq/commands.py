@@ -153,13 +153,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _run(args.run)
     scorer = Scorer(args.run, args.model, args.fraud_dir, args.feature_set, threads=args.threads)
     store = open_store(args.store)
+    external = args.external_refresh or args.workers > 0
     service = Service(scorer, store, refresh=not args.no_refresh, migrate=args.migrate,
-                      score_threads=args.score_threads, new_users_per_minute=args.new_users_per_minute)
+                      score_threads=args.score_threads, new_users_per_minute=args.new_users_per_minute,
+                      external_refresh=external and not args.no_refresh)
     try:
         service.start()
     except BaseException:
         store.close()
         raise
+    workers = _start_workers(args) if args.workers > 0 and not args.no_refresh else []
     print(f"serving {scorer.model_version} ({scorer.feature_set or 'deviation score: no risk model'}) from {args.store} "
           f"on http://{args.host}:{args.port} (docs: /docs; {'API keys required' if keys else 'no API keys'})",
           flush=True)
@@ -170,6 +173,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         service.stop()
         store.close()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=30)
+    return 0
+
+
+def _start_workers(args: argparse.Namespace) -> list:
+    """`--workers N`: N `pantherseq refresh` processes on the same run, model and store."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pantherseq.cli", "refresh", "--run", args.run, "--model", args.model,
+           "--store", args.store, "--threads", str(args.threads),
+           *(["--fraud-dir", args.fraud_dir] if args.fraud_dir else [])]
+    return [subprocess.Popen(cmd) for _ in range(args.workers)]
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import socket
+    import threading
+
+    from pantherseq.serve.refresher import run_worker
+    from pantherseq.serve.scorer import Scorer
+    from pantherseq.serve.service import Service
+    from pantherseq.store import open_store
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    _run(args.run)
+    consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    scorer = Scorer(args.run, args.model, args.fraud_dir, threads=args.threads)
+    store = open_store(args.store)
+    service = Service(scorer, store, warm=False, score_threads=1, external_refresh=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        service.start()
+        print(f"refresh worker {consumer}: {scorer.model_version} on {args.store}", flush=True)
+        n = run_worker(service, consumer, stop, args.batch_size)
+    finally:
+        service.stop()
+        store.close()
+    print(f"refresh worker {consumer}: {n:,} queued events refreshed")
     return 0
 
 

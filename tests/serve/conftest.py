@@ -30,3 +30,6 @@ def served(trained_run: Path, tmp_path_factory) -> dict:
     with open_store(url) as store:
         meta = embed_users(om, store, PERIODS["test_start"], progress=False)
     return {"run": trained_run, "fraud_dir": fraud_dir, "report": report, "url": url, "meta": meta, "root": root}
+
+
+from store.conftest import redis_url  # noqa: F401 (a throwaway redis-server for the replicas test)
