@@ -3,7 +3,8 @@
 `RunData.load(run_dir)` opens the sequences, encodes the profile and derives the model's `DataInfo`.
 
 - Training (`train_batches`): windows of up to max_len + 1 training-period events (`Sequences.windows`);
-  inputs are the first max_len events, targets the same events shifted by one.
+  inputs are the first max_len events, targets the same events shifted by one. A run with
+  `sequences.shards` > 1 streams its shards one at a time instead of merging them (data/shards.py).
 - Evaluation (`eval_batches`, SPEC §6): every event of the evaluated split is a target, predicted from
   its user's earlier events (all splits), with at least max_len // 2 of them as context when the user
   has that many: a user's targets are cut into chunks of `chunk` consecutive events and each chunk is
@@ -27,7 +28,8 @@ import torch
 
 from pantherseq.data.batch import Batch, DataInfo, collate, seen_before
 from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
-from pantherseq.data.sequences import Sequences
+from pantherseq.data.sequences import Sequences, sequence_users, shard_count
+from pantherseq.data.shards import ShardStream
 from pantherseq.data.split import SPLIT_NAMES
 from pantherseq.errors import DataError
 from pantherseq.run import RunDir
@@ -112,13 +114,39 @@ class RunData:
     def __init__(self, run_dir: RunDir | str | Path):
         self.run = RunDir.of(run_dir)
         self.cfg = self.run.config()
-        self.seq = Sequences.load(self.run.sequences)
+        self.shards = shard_count(self.run.sequences)
+        self._seq: Sequences | None = None
+        self._gap_bucket: np.ndarray | None = None
+        self._user_of: np.ndarray | None = None
+        if self.shards == 1:  # sharded: merged on first use of `seq` (training streams the shards instead)
+            self._seq = Sequences.load(self.run.sequences)
+            self._gap_bucket = gap_buckets(np.asarray(self._seq.gap))
+            self._user_of = np.repeat(np.arange(self._seq.n_users), np.diff(self._seq.offsets))
         self.tokenizer = self.run.tokenizer()
         profile = self.run.read_profile() if self.cfg.profile.fields else None
-        self.profile = Profile.empty(self.seq.n_users) if profile is None else Profile.from_frame(profile, self.cfg)
-        self.gap_bucket = gap_buckets(np.asarray(self.seq.gap))
-        self.user_of = np.repeat(np.arange(self.seq.n_users), np.diff(self.seq.offsets))
+        n_users = self._seq.n_users if self._seq is not None else sequence_users(self.run.sequences)
+        self.profile = Profile.empty(n_users) if profile is None else Profile.from_frame(profile, self.cfg)
+        self.stream = ShardStream(self.run.sequences, self.profile) if self.shards > 1 else None
         self._seen_before: np.ndarray | None = None
+
+    @property
+    def seq(self) -> Sequences:
+        """Every user's sequences in global order (a sharded run's shards merged in memory on first use)."""
+        if self._seq is None:
+            self._seq = Sequences.load(self.run.sequences)
+        return self._seq
+
+    @property
+    def gap_bucket(self) -> np.ndarray:
+        if self._gap_bucket is None:
+            self._gap_bucket = gap_buckets(np.asarray(self.seq.gap))
+        return self._gap_bucket
+
+    @property
+    def user_of(self) -> np.ndarray:
+        if self._user_of is None:
+            self._user_of = np.repeat(np.arange(self.seq.n_users), np.diff(self.seq.offsets))
+        return self._user_of
 
     @property
     def info(self) -> DataInfo:
@@ -145,10 +173,15 @@ class RunData:
         return self._seen_before
 
     def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                      history: int = 0) -> Iterator[Batch]:
+                      history: int = 0, stream: bool | None = None) -> Iterator[Batch]:
         """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th.
+        A sharded run (`stream` None or True) streams its shards instead (data/shards.py): rank r reads
+        shards r, r + world, ...; `stream=False` merges them and takes this path.
 
         Raises DataError (on the first batch) when the training period has no target at all."""
+        if self.stream is not None and stream is not False:
+            yield from self.stream.batches(max_len + 1, batch_size, seed, rank, world, history)
+            return
         require_train_targets(self.seq, max_len, self.run)
         win = self.seq.windows(max_len + 1, split="train")
         order = np.random.default_rng(seed).permutation(len(win))
@@ -161,8 +194,17 @@ class RunData:
                 yield self._batch(w[:, 0], w[:, 1] - w[:, 0] - 1, history=history)
 
     def n_train_targets(self, max_len: int) -> int:
+        if self.stream is not None:
+            return int(sum((w[:, 1] - w[:, 0] - 1).sum() for w in self.stream.windows(max_len + 1)))
         win = self.seq.windows(max_len + 1, split="train")
         return int((win[:, 1] - win[:, 0] - 1).sum())
+
+    def train_steps(self, max_len: int, batch_size: int, world: int = 1) -> int:
+        """Batches `train_batches` gives each rank per epoch (without merging a sharded run)."""
+        if self.stream is not None:
+            return self.stream.steps(max_len + 1, batch_size, world)
+        n = math.ceil(len(self.seq.windows(max_len + 1, split="train")) / batch_size)
+        return n // world if world > 1 else n
 
     def eval_windows(self, split: str, max_len: int, chunk: int | None = None,
                      max_users: int | None = None, seed: int = 0) -> np.ndarray:

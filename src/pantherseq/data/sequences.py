@@ -177,6 +177,11 @@ def shard_count(folder: str | Path) -> int:
     return int(_meta(folder).get("shards", 1))
 
 
+def sequence_users(folder: str | Path) -> int:
+    """How many users a sequences folder holds (all shards), from its meta.json."""
+    return int(_meta(folder)["users"])
+
+
 def load_shard(folder: str | Path, shard: int, mmap: bool = True) -> Sequences:
     """Shard `shard` of a sequences folder, memory-mapped, with its global user indices in `users` (for a
     one-shard folder, 0..U-1)."""
