@@ -8,23 +8,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta
 
 import httpx
 import polars as pl
 import pytest
-import redis
 
 from pantherseq.serve.embed import embed_users
+from pantherseq.serve.refresher import run_worker
 from pantherseq.serve.scorer import Scorer
-from pantherseq.serve.service import Service
+from pantherseq.serve.service import Refused, Service
 from pantherseq.serve.state import UserState
 from pantherseq.store import open_store
 from stolen_routine import PERIODS
 from store.conftest import free_port
 
-from .test_service import FIELDS, _tx
+from .test_service import FIELDS, _service, _tx
 
 N_EVENTS = 60
 SHIFT = timedelta(days=8)  # past the 7-day label delay: the second pass reads the first pass's events and labels
@@ -72,6 +73,8 @@ def _refreshed(store, user: str, seq: int, seconds: float = 60.0) -> None:
 
 @pytest.mark.slow
 def test_two_scorer_processes_and_a_worker_score_as_one_process(served, redis_url, tmp_path):
+    import redis
+
     events = pl.read_parquet(served["run"] / "events.parquet")
     start = datetime.fromisoformat(PERIODS["test_start"])
     test = events.filter(pl.col("timestamp") >= start).sort("timestamp", maintain_order=True)
@@ -136,3 +139,57 @@ def test_two_scorer_processes_and_a_worker_score_as_one_process(served, redis_ur
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+BODY = {"user_id": "u-rep", "timestamp": "2024-03-20 09:30:00", "merchant_id": "m-rep", "amount": 20.0,
+        "category": "grocery", "channel": "pos"}
+
+
+@pytest.fixture
+def pair(served, tmp_path):
+    """Two services on one SQLite store (two connections, as two processes would have), queueing
+    refreshes for a worker."""
+    a = _service(served, tmp_path, refresh=False)
+    a.stop()
+    url = f"sqlite:///{tmp_path / 'states.db'}"
+    a = Service(a.scorer, open_store(url), external_refresh=True)
+    b = Service(a.scorer, open_store(url), external_refresh=True)
+    a.start()
+    b.start()
+    yield a, b
+    for s in (a, b):
+        s.stop()
+        s.store.close()
+
+
+def test_two_services_on_one_sqlite_store_share_terminals_labels_and_time_order(pair):
+    a, b = pair
+    t = datetime.fromisoformat(BODY["timestamp"])
+    later = int((t + SHIFT).timestamp())
+    before = b.terminal_features("m-rep", later)
+    seq = a.score(BODY)["event_seq"]
+    assert b.terminal_features("m-rep", later)["term_n_7d"] == before["term_n_7d"] + 1
+    assert b.feedback("u-rep", seq, 1)  # a label given to the other process
+    assert a.terminal_features("m-rep", later)["term_frauds_7d"] == before["term_frauds_7d"] + 1
+    with pytest.raises(Refused) as refused:
+        b.score({**BODY, "timestamp": (t - timedelta(minutes=1)).isoformat()})
+    assert refused.value.status == 409
+    assert b.score({**BODY, "timestamp": (t + timedelta(minutes=1)).isoformat()})["event_seq"] == seq + 1
+
+
+def test_a_worker_refreshes_what_the_services_queued(pair):
+    a, b = pair
+    user = next(iter(a.scorer.user_index))
+    last = a.current_state(user)[0].last_time
+    t = datetime.fromtimestamp(last) + timedelta(hours=1)
+    a.score({**BODY, "user_id": user, "timestamp": t.isoformat()})
+    seq = b.score({**BODY, "user_id": user, "timestamp": (t + timedelta(minutes=1)).isoformat()})["event_seq"]
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(a, "w", stop))
+    worker.start()
+    try:
+        _refreshed(a.store, user, seq, 30)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert a.store.claim_refresh("check", 10, 0) == []  # both queue entries acknowledged
