@@ -72,3 +72,21 @@ def test_the_refresh_queue_hands_each_entry_to_one_consumer_until_acknowledged(s
         a.ack_refresh([i for i, _, _ in first])
         b.ack_refresh([i for i, _, _ in second])
         assert a.claim_refresh("c1", 10, 0.05) == []
+
+
+def test_a_sqlite_store_of_the_previous_layout_gains_the_new_tables(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # what the stores of the previous version hold
+        for table in ("state (user TEXT PRIMARY KEY, value BLOB NOT NULL)",
+                      "log (user TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (user, seq))",
+                      "meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+                      "ilog (name TEXT, seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (name, seq))"):
+            db.execute(f"CREATE TABLE {table}")
+        db.execute("INSERT INTO log VALUES ('u', 1, x'00')")
+        db.execute("PRAGMA user_version = 1")
+        db.execute("PRAGMA application_id = 1347634513")
+    with open_store(f"sqlite:///{path}") as store:
+        assert store.append_event("u", b"e", expect_seq=1, index=("t", 5), queue=True) == 2
+        assert store.index_counts("t", [(0, 5)]) == [(1, 0)]

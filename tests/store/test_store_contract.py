@@ -260,12 +260,24 @@ def test_redis_keys_follow_the_documented_layout(redis_url: str) -> None:
             store.put_many({"u": b"s"})
             store.append_event("u", b"e")
             store.put_meta("m", b"v")
+            store.put_many({"v": b"s"}, versions={"v": 0})
+            store.append_event("v", b"e", index=("t", 100), queue=True)
+            store.index_flag("t", "1:v", True)
+            store.admit("new-users", "v", 1000.0, 60, 10)
         keys = {key.decode(): client.type(key).decode() for key in client.keys("*")}
     assert keys == {
         f"{KEY_PREFIX}state:u": "string",
         f"{KEY_PREFIX}log:u": "stream",
         f"{KEY_PREFIX}seq:u": "string",
         f"{KEY_PREFIX}meta:m": "string",
+        f"{KEY_PREFIX}state:v": "string",
+        f"{KEY_PREFIX}ver:v": "string",
+        f"{KEY_PREFIX}log:v": "stream",
+        f"{KEY_PREFIX}seq:v": "string",
+        f"{KEY_PREFIX}tidx:t": "zset",
+        f"{KEY_PREFIX}tflag:t": "zset",
+        f"{KEY_PREFIX}admit:new-users": "zset",
+        f"{KEY_PREFIX}queue:refresh": "stream",
     }
 
 
