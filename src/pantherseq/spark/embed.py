@@ -127,9 +127,10 @@ def _put_from_executors(url: str):
 
 
 def _put_from_driver(store, parquet: Path) -> None:
-    import pyarrow.parquet as pq
+    """Stream the states Parquet into the store, 4,096 users at a time (the driver never holds them all)."""
+    import pyarrow.dataset as ds
 
-    for batch in pq.ParquetDataset(str(parquet)).read(columns=["user_id", "state"]).to_batches(max_chunksize=4096):
+    for batch in ds.dataset(str(parquet), format="parquet").to_batches(columns=["user_id", "state"], batch_size=4096):
         store.put_many(dict(zip(batch.column("user_id").to_pylist(), batch.column("state").to_pylist())))
 
 
