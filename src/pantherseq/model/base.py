@@ -45,7 +45,7 @@ class ModelConfig:
     sprm_kernels: list[list[int]] = field(default_factory=lambda: [[3, 1], [3, 2], [3, 4]])
     n_prototypes: int = 64
     profile_mode: Literal["positional", "first_token", "none"] = "positional"
-    contrastive_lambda: float = 0.1
+    contrastive_lambda: float = 0.0  # off by default: it lowered HR@10 wherever measured (docs/MODELS.md)
     contrastive_tau: float = 1.0
     # what the contrastive term pulls together: `profile` = e_u, a function of the static profile alone (the
     # first implementation); `history` = the L2-normalised mean of the causal states over the window, a
