@@ -270,7 +270,7 @@ def _train_neural(core, data, cfg: PretrainConfig, run: RunDir, name: str, model
     last = run.checkpoint(name, "last")
     if resume and last.is_file():
         best_state = _resume(last, core, opt, state)
-    steps_per_epoch = max(1, int(np.ceil(len(data.seq.windows(cfg.model.max_len + 1)) / tc.batch_size)) // world)
+    steps_per_epoch = max(1, data.train_steps(cfg.model.max_len, tc.batch_size, world))  # training windows only
     total_steps = tc.epochs * steps_per_epoch
     while state.epoch < tc.epochs:
         finished = _epoch(model, core, opt, data, cfg, state, total_steps, rank, world, logger,
