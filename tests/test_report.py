@@ -55,6 +55,7 @@ def report(full_run: Path) -> tuple[Path, Path]:
     return write_report(full_run)
 
 
+@pytest.mark.slow
 def test_every_section_is_drawn(report, full_run):
     html_path, md_path = report
     html = html_path.read_text()

@@ -124,6 +124,7 @@ def test_a_model_that_read_the_target_as_a_profile_input_is_refused(run_dir, tmp
     assert main([*probe_args, "--target", "persona", "--embeddings", "with_profile"]) == 0
 
 
+@pytest.mark.slow
 def test_cli_probe_end_to_end(run_dir, capsys):
     code = main(["pretrain", "--run", str(run_dir), "--model", "transformer", "--set", "train.time_budget_s=5",
                  "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.max_len=16",

@@ -39,6 +39,7 @@ def copy_run(trained_run: Path, tmp_path_factory) -> RunDir:
     return RunDir(run)
 
 
+@pytest.mark.slow
 def test_pretraining_panther_writes_its_prototype_analysis(copy_run):
     entry = json.loads(copy_run.prototypes.read_text())["panther"]
     att = np.asarray(entry["attention"])  # (G, M)
@@ -51,6 +52,7 @@ def test_pretraining_panther_writes_its_prototype_analysis(copy_run):
     assert entry["token_fields"] == list(tokenizer.token_fields)
 
 
+@pytest.mark.slow
 def test_a_fresh_analysis_of_the_checkpoint_gives_the_same_weights(copy_run):
     written = json.loads(copy_run.prototypes.read_text())["panther"]
     again = write_prototypes(copy_run, "panther")  # loads models/panther/checkpoint.pt

@@ -84,6 +84,7 @@ def test_a_first_event_has_no_key_and_gate_zero():
     assert (g == 0).all() and (a == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["full", "chunked", "sampled"])
 def test_copy_and_field_losses_train(loss):
     m = copy_model("panther", loss=loss, n_negatives=16).train()
