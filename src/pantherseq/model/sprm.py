@@ -88,15 +88,29 @@ class SPRM(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); position t depends on h[:, :t+1] only.
 
-        The same maths as prototype_attention(local_patterns(h)), in fewer products: merge, W_Q and the
-        product with Kᵀ are linear with nothing in between, so they fold into one (D·#pairs, M) matrix made
-        from the parameters at each call; one (B·T, D·#pairs) x (D·#pairs, M) product gives the prototype
-        logits (tested equal to the loop reference)."""
+        The same maths as prototype_attention(local_patterns(h)), in one product: the convolutions, merge,
+        W_Q and the product with Kᵀ are all linear with nothing in between, so they fold into one
+        (S·D, M) matrix made from the parameters at each call, S the distinct tap shifts (0, 1, 2, 4, 8 for
+        the default kernels); the input is the S shifted views of h side by side (B·T, S·D), and one
+        product gives the prototype logits (tested equal to the loop reference)."""
         k = self.w_k(self.prototypes)  # (M, D)
         scale = 1.0 / math.sqrt(k.shape[-1])
+        D = h.shape[-1]
         a = (self.merge.weight.t() @ self.w_q.weight.t() @ k.t()) * scale  # (D·#pairs, M)
         c = (self.w_q(self.merge.bias) @ k.t()) * scale  # (M,)
-        att = torch.softmax(torch.addmm(c, self._taps(h).flatten(0, 1), a.to(h.dtype)), dim=-1)
+        per_shift: dict[int, list[torch.Tensor]] = {}
+        for i, (conv, (w, r)) in enumerate(zip(self.convs, self.kernels)):
+            a_i = a[i * D:(i + 1) * D]  # (D, M): this pair's block
+            c = c + conv.bias @ a_i
+            for j in range(w):
+                per_shift.setdefault((w - 1 - j) * r, []).append(conv.weight[:, 0, j].unsqueeze(1) * a_i)
+        T = h.shape[1]
+        shifts = sorted(s for s in per_shift if s < T)  # a shift of T or more only ever reads padding
+        front = shifts[-1]
+        padded = F.pad(h, (0, 0, front, 0)) if front else h
+        x = torch.cat([padded[:, front - s:front - s + T] for s in shifts], dim=-1)  # (B, T, S·D)
+        b = torch.cat([torch.stack(per_shift[s]).sum(0) for s in shifts])  # (S·D, M)
+        att = torch.softmax(torch.addmm(c.to(h.dtype), x.flatten(0, 1), b.to(h.dtype)), dim=-1)
         att = att.view(*h.shape[:2], -1)  # (B, T, M)
         self.last_attention = att.detach()
         return self.drop(att @ self.w_v(self.prototypes))
