@@ -1,5 +1,5 @@
-"""Horizontal scale (issue 14): two `pantherseq serve --external-refresh` processes and one `pantherseq
-refresh` worker on one Redis give every event the score one in-process service gives on the same replay —
+"""Horizontal scale (issue 14): two `pantherseq serve` processes (one `--external-refresh`, one `--workers 1`,
+which starts a `pantherseq refresh` worker) on one Redis give every event the score one in-process service gives on the same replay —
 terminal history and /feedback labels included — and the time order and the new-user cap hold across the
 processes."""
 
@@ -42,8 +42,9 @@ def _processes(served, url: str, ports: list[int], log_dir) -> list[subprocess.P
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PANTHERSEQ_MALLOC": "system"}
     common = ["--run", str(served["run"]), "--model", "panther", "--fraud-dir", str(served["fraud_dir"]),
               "--store", url]
-    cmds = [["serve", *common, "--port", str(p), "--external-refresh", "--new-users-per-minute", "3"] for p in ports]
-    cmds.append(["refresh", *common, "--consumer", "w1"])
+    cmds = [["serve", *common, "--port", str(p), "--new-users-per-minute", "3"] for p in ports]
+    cmds[0].append("--external-refresh")
+    cmds[1] += ["--workers", "1"]  # starts the refresh worker process (`pantherseq refresh`) and stops it on exit
     return [subprocess.Popen([sys.executable, "-m", "pantherseq.cli", *c], env=env, stdout=subprocess.DEVNULL,
                              stderr=open(log_dir / f"proc{i}.log", "wb"))
             for i, c in enumerate(cmds)]
