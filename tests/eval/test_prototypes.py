@@ -62,6 +62,7 @@ def test_a_fresh_analysis_of_the_checkpoint_gives_the_same_weights(copy_run):
     np.testing.assert_allclose(again["attention"], written["attention"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_model_without_sprm_leaves_no_entry(copy_run):
     data = RunData(copy_run)
     model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, max_len=8), data.info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from pantherseq.fraud.dcn import DCNConfig, fit_dcn
 from pantherseq.fraud.metrics import roc_auc
@@ -25,6 +26,7 @@ def test_dcn_learns_an_interaction_and_handles_missing_values():
     assert roc_auc(s, y[4000:]) > 0.85
 
 
+@pytest.mark.slow
 def test_run_fraud_with_the_dcn_head(trained_run, tmp_path):
     cfg = FraudConfig(**PERIODS, context=24, risk_model="dcn", feature_sets=["hybrid"], out_dir=str(tmp_path),
                       dcn=DCNConfig(max_epochs=8, hidden=[64, 32]))

@@ -17,6 +17,8 @@ from pantherseq.fraud.metrics import recall_at_top, roc_auc
 from pantherseq.fraud.pipeline import FraudConfig, load_fraud_config, run_fraud
 from stolen_routine import PERIODS
 
+pytestmark = pytest.mark.slow  # the whole fraud stage end to end (make test runs it; the fast loop does not)
+
 LGBM = LGBMConfig(max_rounds=200, early_stopping=30, learning_rate=0.1, min_child_samples=20, refit=False)
 
 

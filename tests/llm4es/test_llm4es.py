@@ -149,6 +149,7 @@ def test_descriptions_from_files_and_movielens_titles(tmp_path):
 
 
 # -- model --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_finetuning_lowers_the_training_loss(sim_run, tiny_lm_dir):
     texts = serialise_users(sim_run, TextConfig(max_events=30))
     lm = load_lm(tiny_lm_dir)
