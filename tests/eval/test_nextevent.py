@@ -49,3 +49,24 @@ def test_every_eval_target_once_with_enough_context(run_dir):
     expected = [i for i in np.flatnonzero(np.asarray(seq.split) == 2).tolist()
                 if i not in set(seq.offsets[:-1].tolist()) and seq.tokens[i] != UNK]
     assert sorted(seen) == expected
+
+
+def test_repeat_and_explore_split_the_targets_by_the_users_history(run_dir):
+    """repeat_n counts the test targets whose token occurred at an earlier event of the user (a loop over the
+    flat arrays, independent of `seen_before`), explore_n the rest; the oracle wins both."""
+    data = RunData(run_dir)
+    seq = data.seq
+    tokens, offsets = np.asarray(seq.tokens), np.asarray(seq.offsets)
+    starts = set(offsets[:-1].tolist())
+    repeat = explore = 0
+    for i in np.flatnonzero(np.asarray(seq.split) == 2).tolist():
+        if i in starts or tokens[i] == UNK:
+            continue
+        s = offsets[data.user_of[i]]
+        if tokens[i] in set(tokens[s:i].tolist()):
+            repeat += 1
+        else:
+            explore += 1
+    res = evaluate_split(Oracle(data.info.vocab_size), data, "test", max_len=16)
+    assert (res["repeat_n"], res["explore_n"]) == (repeat, explore) and repeat > 0 and explore > 0
+    assert res["repeat_hr@10"] == 1.0 and res["explore_hr@10"] == 1.0

@@ -94,8 +94,8 @@ def test_deviation_features_agree_with_the_parts():
     codes = torch.tensor([[1], [1], [2], [3], [2], [0]])
     members = [field_members(np.array([1, 1, 2, 3]), 4)]
     p = torch.softmax(logits, 1)
-    f = deviation_features(Prediction(h, p), w, obs, codes, members, ["merchant"],
-                           {0: field_onehot(np.array([1, 1, 2, 3]), 4, torch.float64)})
+    f = deviation_features(Prediction.of(h, p, {0: field_onehot(np.array([1, 1, 2, 3]), 4, torch.float64)}), w,
+                           obs, codes, members, ["merchant"])
     assert all(v.dtype == torch.float32 for v in f.values())
     assert torch.allclose(f["surprisal"][:4].double(), -torch.log_softmax(logits, 1)[torch.arange(4), obs[:4]],
                           atol=1e-6)
@@ -124,10 +124,10 @@ def test_one_event_equals_the_batch_bit_for_bit():
                                            np.where(obs >= 0, codes_b[obs], rng.integers(0, 7, n))], 1))
     obs = torch.from_numpy(obs)
     wt = w.t().contiguous()
-    batched = deviation_features(predict(h, wt, bias), w, obs, obs_codes, members, ["a", "b"], ordered)
+    batched = deviation_features(predict(h, wt, bias, ordered), w, obs, obs_codes, members, ["a", "b"])
     for i in range(n):
-        one = deviation_features(predict(h[i:i + 1], wt, bias), w, obs[i:i + 1], obs_codes[i:i + 1], members,
-                                 ["a", "b"], ordered)
+        one = deviation_features(predict(h[i:i + 1], wt, bias, ordered), w, obs[i:i + 1], obs_codes[i:i + 1],
+                                 members, ["a", "b"])
         assert list(one) == list(batched)
         for k, val in one.items():
             assert torch.equal(val, batched[k][i:i + 1]) or (val.isnan().all() and batched[k][i].isnan()), k

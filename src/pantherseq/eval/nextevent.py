@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pantherseq.data.dataset import RunData
+from pantherseq.data.schema import PAD
 from pantherseq.errors import ConfigError
 from pantherseq.eval.metrics import METRICS, MetricSum, ranks
 from pantherseq.model.base import SequenceModel
@@ -48,7 +49,7 @@ def evaluate_split(model: SequenceModel, data: RunData, split: str, max_len: int
         if targets.numel():
             r = ranks(scores, targets)
             acc.add(r)
-            repeat = batch.target_repeat[batch.targets != 0]
+            repeat = batch.target_repeat[batch.targets != PAD]
             by_kind["repeat"].add(r[repeat])
             by_kind["explore"].add(r[~repeat])
     if world > 1:

@@ -120,12 +120,12 @@ class DeviationVocab:
 
     def predict(self, h: torch.Tensor) -> Prediction:
         """h (N, D) float32 -> the Prediction at those positions."""
-        return predict(h, self.weight_t, self.bias)
+        return predict(h, self.weight_t, self.bias, self.ordered)
 
     def deviation(self, pred: Prediction, tokens: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Δ of the observed events (tokens (N,), token-field codes (N, Ft)) against `pred` -> {name: (N,)}."""
         obs = torch.where(tokens >= N_SPECIAL, tokens - N_SPECIAL, torch.full_like(tokens, -1))
-        return deviation_features(pred, self.weight, obs, codes, self.members, self.token_fields, self.ordered)
+        return deviation_features(pred, self.weight, obs, codes, self.members, self.token_fields)
 
 
 def float64_copy(model: NeuralModel) -> NeuralModel:

@@ -17,7 +17,8 @@ UNK (outside the vocabulary). Each returns (N,) float32, NaN where it is undefin
     upper_tail_surprisal(marginal, obs_code)   −log P(field >= observed bucket) for numeric fields: the
                                                one-sided surprise of an amount this high
     embedding_distance(pred, weight, obs)      1 − cos(predicted vector, observed token's output embedding)
-    predict(h, weight, bias) -> Prediction     the prediction at N positions: h and P over V, float64
+    predict(h, weight, bias) -> Prediction     the prediction at N positions: h, P over V and the per-
+                                               prediction sums (Σp², ordered fields' marginals), float64
     deviation_features(pred, obs, ...)         all of them at once, (N,) float32 each
 
 One implementation for the batch and for one event. `pantherseq fraud` calls `deviation_features` on chunks
@@ -86,19 +87,21 @@ def _sum_sq(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(p, dim=1).square()
 
 
-def standardised_deviation(p: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+def standardised_deviation(p: torch.Tensor, obs: torch.Tensor, sum_sq: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """p (N, V) probabilities (rows sum to 1) -> (N,) (p_obs − μ) / σ, μ = 1/V, σ the population std
-    sqrt(Σp²/V − μ²), computed from Σp² in one pass (floored at 1e-12)."""
+    sqrt(Σp²/V − μ²), computed from Σp² (`sum_sq`, one pass over V when not given; floored at 1e-12)."""
     v = p.shape[1]
     mu = 1.0 / v
-    sd = (_sum_sq(p) / v - mu * mu).clamp_min(0).sqrt().clamp_min(1e-12)
+    sum_sq = _sum_sq(p) if sum_sq is None else sum_sq
+    sd = (sum_sq / v - mu * mu).clamp_min(0).sqrt().clamp_min(1e-12)
     return (_gather(p, obs) - mu) / sd
 
 
-def collision_entropy(p: torch.Tensor) -> torch.Tensor:
+def collision_entropy(p: torch.Tensor, sum_sq: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) Rényi-2 entropy −log Σ p²: how spread the prediction is (0 when certain, log V when uniform).
     Used instead of the Shannon entropy because it comes from the same pass as σ."""
-    return _neg_log(_sum_sq(p), 1e-38)
+    return _neg_log(_sum_sq(p) if sum_sq is None else sum_sq, 1e-38)
 
 
 def field_members(token_codes: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,37 +183,53 @@ DELTA_NAMES = ("surprisal", "rank", "log_rank", "delta_std", "entropy2", "emb_di
 
 @dataclass
 class Prediction:
-    """The model's prediction at N positions, float64: the states h (N, D) and P over the V regular tokens
-    (N, V). What every Δ of the next event needs; the service keeps one per user (8 V bytes)."""
+    """The model's prediction at N positions, float64, and what every Δ of the next event needs from it that
+    does not depend on that event — computed once per prediction (the service caches one per user, about
+    8 V bytes, so a request pays no pass over V for these):
+
+        h (N, D) states, p (N, V) P over the regular tokens, sum_sq (N,) Σp²,
+        marginals {ordered field f: (N, C) P(field = c)}
+    """
 
     h: torch.Tensor
     p: torch.Tensor
+    sum_sq: torch.Tensor
+    marginals: dict[int, torch.Tensor]
+
+    @classmethod
+    def of(cls, h: torch.Tensor, p: torch.Tensor, ordered: dict[int, torch.Tensor] | None = None) -> Prediction:
+        """From states h (N, D) and probabilities p (N, V); `ordered` {f: `field_onehot` (V, C)}."""
+        return cls(h, p, _sum_sq(p), {f: field_marginal(p, onehot.to(p.dtype)) for f, onehot in (ordered or {}).items()})
 
     def row(self, i: int) -> Prediction:
-        """Row i alone (a copy: a cached row must not keep its whole batch alive)."""
-        return Prediction(self.h[i:i + 1].clone(), self.p[i:i + 1].clone())
+        """Row i alone (copies: a cached row must not keep its whole batch alive)."""
+        return Prediction(self.h[i:i + 1].clone(), self.p[i:i + 1].clone(), self.sum_sq[i:i + 1].clone(),
+                          {f: m[i:i + 1].clone() for f, m in self.marginals.items()})
 
     @property
     def nbytes(self) -> int:
-        return self.h.numel() * self.h.element_size() + self.p.numel() * self.p.element_size()
+        tensors = [self.h, self.p, self.sum_sq, *self.marginals.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def predict(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> Prediction:
+def predict(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor,
+            ordered: dict[int, torch.Tensor] | None = None) -> Prediction:
     """h (N, D) float32 states, weight_t (D, V) and bias (V,) of the output layer over the regular tokens
-    (float64: `DeviationVocab.weight_t`, `.bias`) -> Prediction. The logits are computed in float64 from the float32 h."""
+    (float64: `DeviationVocab.weight_t`, `.bias`), the ordered fields' one-hot tables -> Prediction. The
+    logits are computed in float64 from the float32 h."""
     h64 = h.detach().to(torch.float64)
-    return Prediction(h64, torch.softmax(torch.addmm(bias, h64, weight_t), dim=1))
+    return Prediction.of(h64, torch.softmax(torch.addmm(bias, h64, weight_t), dim=1), ordered)
 
 
 def deviation_features(pred: Prediction, weight: torch.Tensor, obs: torch.Tensor, obs_codes: torch.Tensor,
-                       members: list[tuple[torch.Tensor, torch.Tensor]], field_names: list[str],
-                       ordered: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                       members: list[tuple[torch.Tensor, torch.Tensor]], field_names: list[str]
+                       ) -> dict[str, torch.Tensor]:
     """All Δ at N positions at once, the batch and the one-event form alike (N = 1).
 
     pred the `Prediction` at those positions, weight (V, D) the regular tokens' output embeddings (float64),
     obs (N,) observed index (-1 = UNK), obs_codes (N, Ft) the observed event's codes of the token fields,
-    members[f] the `field_members` tables of token field f; `ordered` {f: `field_onehot` (V, C) float64}
-    for the ordered (numeric) token fields, which also get `tail_<name>` = `upper_tail_surprisal`.
+    members[f] the `field_members` tables of token field f; the ordered (numeric) token fields of
+    `pred.marginals` also get `tail_<name>` = `upper_tail_surprisal`.
     Returns {name: (N,) float32}, rounded once from float64 (see the module doc).
     """
     p = pred.p
@@ -219,13 +238,13 @@ def deviation_features(pred: Prediction, weight: torch.Tensor, obs: torch.Tensor
         "surprisal": surprisal(p, obs),
         "rank": rank,
         "log_rank": torch.log(rank),
-        "delta_std": standardised_deviation(p, obs),
-        "entropy2": collision_entropy(p),
+        "delta_std": standardised_deviation(p, obs, pred.sum_sq),
+        "entropy2": collision_entropy(p, pred.sum_sq),
         "emb_distance": embedding_distance(pred.h, weight, obs),
         "is_unk": (obs < 0).to(p.dtype),
     }
     for f, name in enumerate(field_names):
         out[f"surprisal_{name}"] = field_surprisal(p, obs_codes[:, f], members[f])
-    for f, onehot in (ordered or {}).items():
-        out[f"tail_{field_names[f]}"] = upper_tail_surprisal(field_marginal(p, onehot), obs_codes[:, f])
+    for f, marginal in pred.marginals.items():
+        out[f"tail_{field_names[f]}"] = upper_tail_surprisal(marginal, obs_codes[:, f])
     return {k: v.to(torch.float32) for k, v in out.items()}

@@ -345,7 +345,7 @@ class Scorer:
         pred = self.vocab.predict(h)
         top_p, top_i = pred.p.topk(min(TOP_K, pred.p.shape[1]), dim=1)
         v = pred.p.shape[1]
-        sigma = ((pred.p.square().sum(1) / v - 1.0 / v ** 2).clamp_min(0)).sqrt()
+        sigma = ((pred.sum_sq / v - 1.0 / v ** 2).clamp_min(0)).sqrt()
         for r, i in enumerate(todo):
             out[i] = UserState(**{**states[i].__dict__, "h": h[r].numpy().copy(), "pooled": pooled[r].numpy().copy(),
                                   "top_ids": (top_i[r] + N_SPECIAL).numpy().astype(np.int32),
