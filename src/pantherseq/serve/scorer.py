@@ -253,14 +253,20 @@ class Scorer:
             self.cache.put(state.user_id, key, pred)
         return pred
 
-    def warm(self, states: list[UserState]) -> int:
-        """Fill the prediction cache for these states (the service does it at start-up, so no request pays
-        the V × D product). Returns how many."""
+    def warm(self, states: list[UserState], batch: int = 256) -> int:
+        """Fill the prediction cache for these states while it has room (the service does it at start-up, so
+        no request pays the V × D product): one (B × D) x (D × V) product per batch. Returns how many."""
+        todo = [s for s in states if s.has_prediction]
         done = 0
-        for s in states:
-            if s.has_prediction and self.cache.bytes < self.cache.max_bytes:
-                self.prediction(s)
-                done += 1
+        for i in range(0, len(todo), batch):
+            if self.cache.bytes >= self.cache.max_bytes:
+                break
+            part = todo[i:i + batch]
+            with torch.no_grad():
+                pred = self.vocab.predict(torch.from_numpy(np.stack([st.h.astype(np.float32) for st in part])))
+            for r, st in enumerate(part):
+                self.cache.put(st.user_id, _version_key(st), pred.row(r))
+            done += len(part)
         return done
 
     def score(self, feats: dict[str, float]) -> float:
