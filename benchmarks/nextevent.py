@@ -1,8 +1,12 @@
 """Next-behaviour benchmark (issue 12): every model, same data, split, protocol, max epochs and seeds.
 
     .venv/bin/python benchmarks/nextevent.py --dataset simulated       # each dataset alone, <= 60 min
-    .venv/bin/python benchmarks/nextevent.py --dataset movielens100k   # (+ RecBole's SASRec, its own run)
+    .venv/bin/python benchmarks/nextevent.py --dataset movielens100k
     .venv/bin/python benchmarks/nextevent.py --dataset handbook        # one seed (the data is large)
+    .venv/bin/python benchmarks/nextevent.py --dataset recbole_sasrec
+                         # RecBole's SASRec to its own convergence on the identical MovieLens split
+                         # (needs bash benchmarks/bench-env.sh; prepares the split if missing)
+    add --threads 1 to run two of them side by side on a 2-core machine
     .venv/bin/python benchmarks/nextevent.py --dataset simulated --quick   # smoke run, writes nothing
 
 Protocol: quality at convergence. Every neural model trains for at most `max_epochs` with early stopping
@@ -37,6 +41,9 @@ METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "repeat_hr@10", 
 COUNT_MODELS = ("personal", "popular", "markov")
 NEURAL = ("transformer", "sasrec", "hstu", "panther")
 HEADS = ["model.copy_head=true", "model.field_heads=true"]
+# every neural model sees the same inputs: the token, each event field (time of day, weekday, amount,
+# channel...) and the time gap since the previous event
+INPUTS = ["model.field_embeddings=true", "model.time_gap=true"]
 
 DATASETS = {
     "movielens100k": {
@@ -99,16 +106,21 @@ def variants() -> dict[str, tuple[str, list[str]]]:
     """Table row name -> (registry model, extra overrides)."""
     out = {m: (m, []) for m in COUNT_MODELS}
     for m in NEURAL:
-        out[m] = (m, [])
-        out[f"{m}+copy"] = (m, HEADS)
+        out[m] = (m, INPUTS)
+        out[f"{m}+copy"] = (m, [*INPUTS, *HEADS])
     return out
 
 
-def bench_dataset(name: str, work: Path, data: str, quick: bool) -> dict:
-    spec = DATASETS[name]
+def prepare(name: str, work: Path, data: str) -> Path:
     run = work / name
-    sh([PY, "-m", "pantherseq.cli", "prepare", *[a.format(data=data) for a in spec["prepare"]], "--out", str(run),
-        "--force"])
+    sh([PY, "-m", "pantherseq.cli", "prepare", *[a.format(data=data) for a in DATASETS[name]["prepare"]],
+        "--out", str(run), "--force"])
+    return run
+
+
+def bench_dataset(name: str, work: Path, data: str, quick: bool, threads: int | None) -> dict:
+    spec = DATASETS[name]
+    run = prepare(name, work, data)
     max_epochs = spec["max_epochs"][1 if quick else 0]
     seeds = spec["seeds"][:1] if quick else spec["seeds"]
     trained: dict[str, list[tuple[str, dict]]] = {}
@@ -116,12 +128,15 @@ def bench_dataset(name: str, work: Path, data: str, quick: bool) -> dict:
         for seed in (seeds[:1] if model in COUNT_MODELS else seeds):
             tag = f"{row.replace('+', '_')}_s{seed}"
             sets = [*spec["sets"], *extra, f"train.epochs={max_epochs}", f"train.seed={seed}"]
+            if threads:
+                sets.append(f"train.threads={threads}")
             trained.setdefault(row, []).append((tag, pretrain(run, model, sets, tag)))
     results = evaluate(run, [t for runs in trained.values() for t, _ in runs], spec.get("eval_users"))
     rows = {row: aggregate([results[t]["test"] for t, _ in runs], [m for _, m in runs])
             for row, runs in trained.items()}
     return {"protocol": spec["protocol"], "max_epochs": max_epochs, "seeds": list(seeds),
-            "early_stopping": "validation NDCG@10", "models": rows}
+            "early_stopping": "validation NDCG@10", "inputs": INPUTS, "heads_for_+copy": HEADS,
+            "overrides": spec["sets"], "threads": threads, "models": rows}
 
 
 def aggregate(tests: list[dict], train: list[dict]) -> dict:
@@ -136,11 +151,12 @@ def aggregate(tests: list[dict], train: list[dict]) -> dict:
     return out
 
 
-def bench_recbole(work: Path) -> dict | None:
+def bench_recbole(work: Path, data: str) -> dict:
     """RecBole 1.2.1 SASRec on the identical MovieLens split, trained to its own early stopping."""
     if not BENCH_PY.is_file():
-        print("skipping RecBole: run benchmarks/bench-env.sh first", file=sys.stderr)
-        return None
+        raise SystemExit("RecBole needs its own environment: run bash benchmarks/bench-env.sh first")
+    work = work / "recbole"
+    prepare("movielens100k", work, data)
     out = work / "recbole_sasrec.json"
     # batch 256 instead of RecBole's default 2048 (more steps per epoch); a 2-hour cap: its own early
     # stopping ends it long before
@@ -183,7 +199,10 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=False, choices=list(DATASETS), help="the dataset to run")
+    parser.add_argument("--dataset", required=False, choices=[*DATASETS, "recbole_sasrec"],
+                        help="the dataset to run (recbole_sasrec: RecBole's SASRec on the MovieLens split)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per training (default: torch's); 1 to run two benchmarks side by side")
     parser.add_argument("--quick", action="store_true", help="one seed, one or a few epochs; writes nothing")
     parser.add_argument("--data", default=os.environ.get("PANTHERSEQ_DATA", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-nextevent"))
@@ -197,18 +216,27 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    block = bench_dataset(args.dataset, work, args.data, args.quick)
-    if args.dataset == "movielens100k" and not args.quick:
-        block["recbole_sasrec_converged"] = bench_recbole(work)
+    if args.dataset == "recbole_sasrec":
+        block = bench_recbole(work, args.data)
+        block["wall_s"] = round(time.time() - started)
+        print(json.dumps(block, indent=1))
+        merge("recbole_sasrec_converged", block)
+        return
+    block = bench_dataset(args.dataset, work, args.data, args.quick, args.threads)
     block["wall_s"] = round(time.time() - started)
     print_table(f"{args.dataset}: at most {block['max_epochs']} epochs, seeds {block['seeds']}", block["models"])
     if args.quick:
         print("\n--quick: nothing written")
         return
+    merge(args.dataset, block)
+
+
+def merge(key: str, block: dict) -> None:
+    """Write one key of the results file, keeping the others (each dataset runs alone)."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[args.dataset] = block
+    results[key] = block
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {RESULTS} [{args.dataset}] ({block['wall_s']} s)")
+    print(f"\nwrote {RESULTS} [{key}] ({block['wall_s']} s)")
 
 
 if __name__ == "__main__":
