@@ -1,4 +1,4 @@
-"""`pantherseq demo` end to end on a small simulator: prepare, three models, evaluation, fraud, embed,
+"""`pantherseq demo` end to end on a small simulator: prepare, four models, evaluation, fraud, embed,
 the service over HTTP, the report, the summary."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
         assert f"[{step}/7]" in text
     assert "pantherseq demo: done" in text and "hybrid" in text
     results = json.loads((out / "eval.json").read_text())
-    assert set(results) == {"panther", "transformer", "markov"}
+    assert set(results) == {"panther", "transformer", "personal", "markov"}
     assert all(r["test"]["n"] > 0 for r in results.values())
     fraud = json.loads((out / "fraud" / "fraud.json").read_text())
     assert set(fraud["feature_sets"]) == {"baseline", "baseline+embedding", "baseline+deviation", "hybrid"}

@@ -1,7 +1,7 @@
 """`pantherseq demo`: the whole system on the built-in simulator, in one command.
 
     [1/7] prepare       simulate users and events, tokenize, split by time
-    [2/7] pretrain      panther, transformer (time budget each) and the Markov baseline
+    [2/7] pretrain      panther, transformer (time budget each), the personal-frequency and Markov baselines
     [3/7] evaluate      next-behaviour prediction on the test period, side by side
     [4/7] fraud         deviation + user-state features from PANTHER, the hybrid risk model vs the baseline
     [5/7] embed         every user's state as of the fraud test period's start, into RUN/states.db (SQLite)
@@ -29,7 +29,7 @@ from pantherseq.run import RunDir
 
 log = logging.getLogger(__name__)
 
-DEMO_MODELS = ("panther", "transformer", "markov")
+DEMO_MODELS = ("panther", "transformer", "personal", "markov")  # the two counting baselines in every table
 DEMO_TRAIN = ["model.max_len=64", "train.epochs=20", "train.patience=2", "train.eval_max_users=400"]
 STEPS = 7
 # context 32 of max_len 64: 32 predictions per forward pass (the default 100 would leave one per window);

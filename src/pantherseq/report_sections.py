@@ -128,6 +128,16 @@ def eval_split(results: dict) -> str | None:
     return "test" if "test" in splits else (splits[0] if splits else None)
 
 
+def _grouped_bars(ax, rows: dict[str, dict], names: list[str]) -> None:
+    """One group of bars per metric in `names`, one bar per model (colour = model)."""
+    width = 0.8 / len(rows)
+    for i, (model, r) in enumerate(rows.items()):
+        ax.bar(np.arange(len(names)) + (i - (len(rows) - 1) / 2) * width, [r[m] for m in names], width,
+               color=f"C{i}", label=model)
+    ax.set_xticks(np.arange(len(names)), [m.upper() for m in names])
+    ax.grid(axis="y", alpha=0.3)
+
+
 def eval_section(run: RunDir) -> Section:
     results = run.read_eval() or {}
     split = eval_split(results)
@@ -135,22 +145,23 @@ def eval_section(run: RunDir) -> Section:
         raise NotRun(f"no {run.eval_report.name} (pantherseq evaluate)")
     rows = {name: r[split] for name, r in results.items() if split in r}
     metric_names = [k for k in next(iter(rows.values())) if k not in ("n", "users")]
-    fig = _figure(11, 3.6)
-    axes = fig.subplots(1, 2)
+    split_by = [m for m in ("repeat_hr@10", "explore_hr@10") if m in metric_names]
+    fig = _figure(16 if split_by else 11, 3.6)
+    axes = fig.subplots(1, 3 if split_by else 2)
     for ax, prefix in zip(axes, ("hr@", "ndcg@")):
-        names = [m for m in metric_names if m.startswith(prefix)]
-        width = 0.8 / len(rows)
-        for i, (model, r) in enumerate(rows.items()):
-            ax.bar(np.arange(len(names)) + (i - (len(rows) - 1) / 2) * width, [r[m] for m in names], width,
-                   color=f"C{i}", label=model)
-        ax.set_xticks(np.arange(len(names)), [m.upper() for m in names])
+        _grouped_bars(ax, rows, [m for m in metric_names if m.startswith(prefix)])
         ax.set(ylabel=prefix.rstrip("@").upper() + "@K", title=f"{prefix.rstrip('@').upper()}@K ({split})")
-        ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
+    if split_by:  # where a model wins: targets already in the user's history vs new to the user
+        _grouped_bars(axes[2], rows, split_by)
+        axes[2].set(ylabel="HR@10", title=f"repeat vs explore targets ({split})")
     table = Table(["model", *metric_names, "n"], [[m, *(cell(r[k]) for k in metric_names), cell(r.get("n"))]
                                                   for m, r in rows.items()], f"{run.eval_report.name}, {split} split")
     text = (f"Full ranking over the vocabulary of every {split}-split event, predicted from the user's earlier "
-            "events: hit rate and NDCG at K per model.")
+            "events: hit rate and NDCG at K per model."
+            + (" Right: HR@10 on repeat targets (the token occurred earlier in the user's sequence) and on "
+               "explore targets (new to the user) — counting baselines win on repeats, only a model "
+               "can score on explore targets." if split_by else ""))
     return Section(text, _png(fig), [table])
 
 

@@ -101,5 +101,5 @@ def test_pretrain_help_lists_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     out = capsys.readouterr().out
-    assert "train.warmup = 0.05" in out and "model.copy_head = False" in out
+    assert "train.warmup = 0.05" in out and "model.copy_head = True" in out
     assert all(f"model.{f.name} = " in out for f in dataclasses.fields(ModelConfig))

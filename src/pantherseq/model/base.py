@@ -38,8 +38,9 @@ class ModelConfig:
     loss: Literal["auto", "full", "chunked", "sampled"] = "auto"
     n_negatives: int = 1024  # sampled softmax
     auto_full_max_vocab: int = 20_000  # "auto" uses the full softmax up to this vocabulary size
-    field_embeddings: bool = False  # add per-field embeddings to the token embedding (SPEC §3)
-    time_gap: bool = False  # add a log time-gap bucket embedding
+    # the defaults are the best configuration measured by benchmarks/nextevent.py (docs/MODELS.md)
+    field_embeddings: bool = True  # add per-field embeddings to the token embedding (SPEC §3)
+    time_gap: bool = True  # add a log time-gap bucket embedding
     # PANTHER (paper §3.3-3.4)
     sprm: bool = True
     sprm_kernels: list[list[int]] = field(default_factory=lambda: [[3, 1], [3, 2], [3, 4]])
@@ -52,9 +53,9 @@ class ModelConfig:
     # history-dependent user representation (the paper's Fig. 2 "hidden states of user profile")
     contrastive_on: Literal["profile", "history"] = "profile"
     # output heads, for every neural model (model/heads.py)
-    copy_head: bool = False  # repeat-aware copy head: a gate mixes a pointer over the user's own past tokens
+    copy_head: bool = True  # repeat-aware copy head: a gate mixes a pointer over the user's own past tokens
     history: int = 512  # events before the window the copy head and `personal` can see
-    field_heads: bool = False  # per-field next-value heads as auxiliary losses
+    field_heads: bool = True  # per-field next-value heads as auxiliary losses
     field_loss_weight: float = 0.2  # weight of the mean per-field cross-entropy
     # count models
     markov_backoff: float = 1.0  # weight of the popularity prior added to transition counts
