@@ -69,6 +69,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pantherseq.predict import format_predictions, predict
+
+    run = _run(args.run)
+    frame = predict(run, args.model, args.events, top_k=args.top_k)
+    out = Path(args.out) if args.out else run.predictions
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    known = int(frame["known_user"].sum())
+    print(f"predicted the next behaviour of {frame.height:,} users ({frame.height - known:,} new to the run) "
+          f"from {args.events} with {args.model}\n{format_predictions(frame, args.show)}\n-> {out}")
+    return 0
+
+
 def cmd_fraud(args: argparse.Namespace) -> int:
     from pantherseq.fraud.pipeline import format_fraud_table, load_fraud_config, run_fraud
 
