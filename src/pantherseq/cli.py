@@ -3,6 +3,7 @@
     pantherseq prepare --dataset NAME [--data PATH] [--config FILE] [--set key=value ...] --out RUN_DIR
                        [--engine polars|spark] [--spark-master URL]
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
+                        [--init-from RUN_DIR/models/NAME]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
     pantherseq predict --run RUN_DIR --model NAME --events FILE [--top-k K] [--out PATH]
     pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
@@ -82,13 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "last.pt, train_log.jsonl, metrics.json, pretrain.toml). Works under "
                                    "torchrun for data-parallel training.")
     t.add_argument("--run", required=True, help="a run directory written by `pantherseq prepare`")
-    t.add_argument("--model", default="panther",
-                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular, personal")
+    t.add_argument("--model", default=None,
+                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular, personal "
+                        "(with --init-from: the checkpoint's)")
     t.add_argument("--config", help="a TOML file with [model] and [train] tables")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one key, e.g. --set model.d_model=128 --set train.epochs=5 (repeatable)")
     t.add_argument("--name", help="output name under RUN_DIR/models/ (default: the model name)")
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/last.pt")
+    t.add_argument("--init-from", metavar="RUN_DIR/models/NAME",
+                   help="fine-tune from this trained model: its architecture; its weights loaded as they are "
+                        "(same tokenizer) or matched by readable token labels (another run's vocabulary; the "
+                        "rest fresh). docs/MODELS.md")
     t.set_defaults(func=cmd_pretrain)
     _defaults_in_help(t)
 
