@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from conftest import HANDBOOK_HEADER, handbook_rows, write_lines
 from pantherseq.cli import main
 from pantherseq.data.schema import UNK
 from pantherseq.errors import ConfigError, DataError
@@ -142,3 +143,23 @@ def test_unk_is_counted_like_prepare(trained, tmp_path):
     stored = pl.read_parquet(trained / "events.parquet").filter(pl.col("user_id").is_in(ev.user_ids))
     assert ev.tokens.tolist() == stored.sort("user_id", "timestamp", maintain_order=True)["token"].to_list()
     assert (ev.tokens == UNK).sum() == (stored["token"] == UNK).sum()
+
+
+def test_label_and_event_id_columns_are_optional(tmp_path, handbook_csv):
+    """A handbook run names label, scenario and event-id columns: a file without them is predicted; with
+    them they are checked as prepare checks them."""
+    from pantherseq.data.schema import load_dataset_config
+    from pantherseq.prepare import prepare
+
+    run = tmp_path / "hb"
+    prepare(load_dataset_config("handbook", data=str(handbook_csv)), run)
+    train(run, "markov", PretrainConfig(model=ModelConfig(max_len=8), train=TrainConfig(eval_max_users=None)))
+    rows = [",".join(r.split(",")[1:5]) for r in handbook_rows(2, 5)]  # no id, no label, no scenario
+    write_lines(tmp_path / "plain.csv", ["TX_DATETIME,CUSTOMER_ID,TERMINAL_ID,TX_AMOUNT", *rows])
+    out = predict(run, "markov", tmp_path / "plain.csv", top_k=3)
+    assert out["events"].to_list() == [5, 5] and out["known_user"].all()
+    dup = handbook_rows(2, 5)
+    dup[3] = "0," + dup[3].split(",", 1)[1]  # event id 0 twice
+    write_lines(tmp_path / "dup.csv", [HANDBOOK_HEADER, *dup])
+    with pytest.raises(DataError, match="duplicate event id"):
+        predict(run, "markov", tmp_path / "dup.csv")

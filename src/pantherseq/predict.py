@@ -8,7 +8,8 @@ Reading. The file is read and checked as `prepare` reads its source, with the ru
 config names (the canonical names `user_id`, `timestamp` and the field names for the built-in simulator;
 `user_id, item_id, rating, timestamp` in epoch seconds for MovieLens; the TabFormer layout for TabFormer),
 the same bad-input rules (one error line naming file, row and column, or `bad_rows = "drop"`) and the same
-duplicate-id check, ordering and time gaps (data/sources.py, prepare.py). No split: every event is
+duplicate-id check, ordering and time gaps (data/sources.py, prepare.py). The label, scenario and event-id
+columns are optional: read and checked when the file has them. No split: every event is
 history; a user with one event is predicted too. Encoding uses the run's saved tokenizer: a value it never
 saw is its field's UNK, an unseen combination the token UNK (`unk_events` counts them).
 
@@ -44,8 +45,9 @@ import torch
 
 from pantherseq.data.batch import Batch, collate
 from pantherseq.data.dataset import Profile, gap_buckets
-from pantherseq.data.schema import BOS, GAP, N_SPECIAL, TIME, UNK, USER
+from pantherseq.data.schema import BOS, GAP, N_SPECIAL, TIME, UNK, USER, ColumnsConfig, DatasetConfig
 from pantherseq.data.sources import load_source
+from pantherseq.data.tables import resolve_files, scan_text
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.fraud.behaviour import final_states, float64_copy
 from pantherseq.model.base import NeuralModel, SequenceModel
@@ -70,12 +72,23 @@ class FileEvents:
     last_time: list
 
 
+def _present(cfg: DatasetConfig, events: str | Path) -> ColumnsConfig:
+    """The config's columns, without the label, scenario and event-id columns the file does not have (a
+    prediction needs none of them; present, they are read and checked as `prepare` does)."""
+    files = resolve_files(events, "--events")
+    have = set(scan_text(files[0], cfg.format).collect_schema().names())
+    c = cfg.columns
+    return dataclasses.replace(c, **{k: None for k in ("label", "scenario", "event_id")
+                                     if getattr(c, k) is not None and getattr(c, k) not in have})
+
+
 def read_events(run: RunDir, events: str | Path) -> pl.DataFrame:
     """The file's canonical events, checked, ordered by user and time, with `gap_s` (see the module doc)."""
     cfg = run.config()
     cfg = dataclasses.replace(
         cfg, source="tabformer" if cfg.source == "tabformer" else "csv", data=str(events),
-        profile=dataclasses.replace(cfg.profile, path=None), split=dataclasses.replace(cfg.split, min_events=1))
+        columns=_present(cfg, events), profile=dataclasses.replace(cfg.profile, path=None),
+        split=dataclasses.replace(cfg.split, min_events=1))
     loaded = load_source(cfg)
     dropped = dict(loaded.dropped)
     frame = order_events(drop_duplicate_ids(loaded.events, cfg.bad_rows, dropped), cfg, dropped)
