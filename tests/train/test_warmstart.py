@@ -112,6 +112,10 @@ def test_conflicting_architecture_is_refused_training_keys_are_not(runs):
     line = error_line(cli("pretrain", "--run", runs["b"], "--init-from", runs["ckpt"], "--set", "model.n_layers=3"),
                       "model.n_layers = 3", "conflicts", "architecture comes from the checkpoint")
     assert "\n" not in line
+
+
+@pytest.mark.slow
+def test_other_model_or_no_checkpoint_is_one_line(runs):
     error_line(cli("pretrain", "--run", runs["b"], "--init-from", runs["ckpt"], "--model", "sasrec"),
                "--model sasrec", "'panther'")
     error_line(cli("pretrain", "--run", runs["b"], "--init-from", runs["a"] / "models" / "none"), "no checkpoint")
