@@ -3,7 +3,9 @@
     pantherseq prepare --dataset NAME [--data PATH] [--config FILE] [--set key=value ...] --out RUN_DIR
                        [--engine polars|spark] [--spark-master URL]
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
+                        [--init-from RUN_DIR/models/NAME]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
+    pantherseq predict --run RUN_DIR --model NAME --events FILE [--top-k K] [--out PATH]
     pantherseq fraud --run RUN_DIR --model NAME [--config FILE] [--set key=value ...]
     pantherseq embed --run RUN_DIR --model NAME --store URL [--until TIME] [--engine local|spark]
     pantherseq serve --run RUN_DIR --model NAME --store URL [--host 127.0.0.1 --port 8000] [--api-keys FILE]
@@ -31,6 +33,7 @@ from pantherseq.commands import (
     cmd_evaluate,
     cmd_fraud,
     cmd_llm4es,
+    cmd_predict,
     cmd_prepare,
     cmd_pretrain,
     cmd_probe,
@@ -80,13 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "last.pt, train_log.jsonl, metrics.json, pretrain.toml). Works under "
                                    "torchrun for data-parallel training.")
     t.add_argument("--run", required=True, help="a run directory written by `pantherseq prepare`")
-    t.add_argument("--model", default="panther",
-                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular, personal")
+    t.add_argument("--model", default=None,
+                   help="a registry model: panther (default), transformer, sasrec, hstu, markov, popular, personal "
+                        "(with --init-from: the checkpoint's)")
     t.add_argument("--config", help="a TOML file with [model] and [train] tables")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one key, e.g. --set model.d_model=128 --set train.epochs=5 (repeatable)")
     t.add_argument("--name", help="output name under RUN_DIR/models/ (default: the model name)")
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/last.pt")
+    t.add_argument("--init-from", metavar="RUN_DIR/models/NAME",
+                   help="fine-tune from this trained model: its architecture; its weights loaded as they are "
+                        "(same tokenizer) or matched by readable token labels (another run's vocabulary; the "
+                        "rest fresh). docs/MODELS.md")
     t.set_defaults(func=cmd_pretrain)
     _defaults_in_help(t)
 
@@ -99,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-users", type=int, help="evaluate a seeded subset of this many users (default: all)")
     e.add_argument("--seed", type=int, default=0, help="seed of that subset (default: 0)")
     e.set_defaults(func=cmd_evaluate)
+
+    pd = sub.add_parser("predict", help="next behaviour and user embedding for the event histories in a file",
+                        description="For every user of a CSV/Parquet file of events (new users included; no "
+                                    "split), read and checked as `prepare` reads the run's source and encoded "
+                                    "with the run's tokenizer (unknown values -> UNK): the top-K next "
+                                    "behaviours with readable labels and probabilities, each field's most "
+                                    "likely next value (models with field heads) and the user embedding (h, "
+                                    "pooled; neural models), as the service computes them. Writes Parquet "
+                                    "(default RUN_DIR/predictions.parquet) and prints a few users.")
+    pd.add_argument("--run", required=True, help="the prepared run directory the model was trained on")
+    pd.add_argument("--model", default="panther", help="the trained model's name under RUN_DIR/models/")
+    pd.add_argument("--events", required=True, help="the events: a CSV/Parquet file (or a glob or folder) with "
+                                                    "the columns the run's config names")
+    pd.add_argument("--top-k", type=int, default=10, help="next behaviours per user (default: 10)")
+    pd.add_argument("--out", help="the Parquet file to write (default: RUN_DIR/predictions.parquet)")
+    pd.add_argument("--show", type=int, default=5, help="users to print (default: 5)")
+    pd.set_defaults(func=cmd_predict)
 
     f = sub.add_parser("fraud", help="train and measure the hybrid fraud risk model",
                        description="Build baseline, deviation and user-state features from a trained generative "
@@ -281,7 +306,7 @@ def _defaults_in_help(parser: argparse.ArgumentParser) -> None:
     parser.format_help = with_defaults
 
 
-HEAVY = {"pretrain", "evaluate", "demo", "fraud"}
+HEAVY = {"pretrain", "evaluate", "demo", "fraud", "predict"}
 
 
 def _preload_tcmalloc(argv: list[str]) -> None:

@@ -35,17 +35,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from pantherseq.data.dataset import require_train_targets
     from pantherseq.data.sequences import Sequences
     from pantherseq.train.loop import load_pretrain_config, train
+    from pantherseq.train.warmstart import init_model_name, load_init
 
-    cfg = load_pretrain_config(args.config, args.set, model=args.model)
+    source = load_init(args.init_from) if args.init_from else None
+    model = init_model_name(source, args.model) if source else (args.model or "panther")
+    cfg = load_pretrain_config(args.config, args.set, model=model, init_from=source)
     run = _run(args.run)
     require_train_targets(Sequences.load(run.sequences), cfg.model.max_len, run)
-    name = args.name or args.model
+    name = args.name or model
     out = run.model_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     save_toml(cfg, run.pretrain_config(name))
-    metrics = train(run, args.model, cfg, resume=args.resume, name=name)
+    metrics = train(run, model, cfg, resume=args.resume, name=name)
     v = metrics["valid"]
-    print(f"trained {name} ({args.model}) on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
+    init = metrics.get("init_from")
+    if init:
+        print(f"initialised from {init['path']}: {init['tokens_matched']:,} of {init['tokens_total']:,} tokens "
+              f"matched{' (same tokenizer)' if init['same_tokenizer'] else ' by label'}")
+    print(f"trained {name} ({model}) on {args.run}: {metrics['epochs']} epochs in {metrics['train_s']:.0f} s, "
           f"{metrics['train_events_per_s']:,.0f} events/s, peak {metrics['peak_mb']:.0f} MB\n"
           f"  valid HR@1 {v['hr@1']:.4f}  HR@10 {v['hr@10']:.4f}  NDCG@10 {v['ndcg@10']:.4f}  "
           f"MRR {v['mrr']:.4f}  (n = {v['n']:,})\n  -> {out}")
@@ -66,6 +73,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for split in splits:
         print(f"{split}:\n{format_table(results, split)}")
     print(f"-> {run.eval_report}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pantherseq.predict import format_predictions, predict
+
+    run = _run(args.run)
+    frame = predict(run, args.model, args.events, top_k=args.top_k)
+    out = Path(args.out) if args.out else run.predictions
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    known = int(frame["known_user"].sum())
+    print(f"predicted the next behaviour of {frame.height:,} users ({frame.height - known:,} new to the run) "
+          f"from {args.events} with {args.model}\n{format_predictions(frame, args.show)}\n-> {out}")
     return 0
 
 

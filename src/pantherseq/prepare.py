@@ -62,7 +62,7 @@ class Facts:
     profile_fields: list[str] = field(default_factory=list)
 
 
-def _drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, int]) -> pl.DataFrame:
+def drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, int]) -> pl.DataFrame:
     if EVENT_ID not in frame.columns:
         return frame
     dup = frame[EVENT_ID].is_duplicated()
@@ -78,7 +78,7 @@ def _drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, i
     return frame.filter(keep)
 
 
-def _order(frame: pl.DataFrame, cfg: DatasetConfig, dropped: dict[str, int]) -> pl.DataFrame:
+def order_events(frame: pl.DataFrame, cfg: DatasetConfig, dropped: dict[str, int]) -> pl.DataFrame:
     """Sort by user then time (stable: ties keep file order), add gap_s, drop too-short users."""
     frame = frame.sort([USER, TIME], maintain_order=True)
     if cfg.split.min_events > 1:
@@ -202,8 +202,8 @@ def _prepare_polars(cfg: DatasetConfig, run: RunDir) -> tuple[StructuredTokenize
     log.info("reading %s", cfg.source)
     loaded = load_source(cfg)
     dropped = dict(loaded.dropped)
-    frame = _drop_duplicate_ids(loaded.events, cfg.bad_rows, dropped)
-    frame = _order(frame, cfg, dropped)
+    frame = drop_duplicate_ids(loaded.events, cfg.bad_rows, dropped)
+    frame = order_events(frame, cfg, dropped)
     if frame.height == 0:
         raise DataError(f"no events left after dropping {dropped}")
     frame = frame.with_columns(split_expr(cfg.split))

@@ -11,7 +11,7 @@ Layout (docs/DATA.md, docs/MODELS.md, docs/FRAUD.md):
     prepare.json  config.toml  tokenizer.json  sequences/  events.parquet  users.parquet  [profile.parquet]
     models/NAME/  checkpoint.pt  last.pt  train_log.jsonl  metrics.json  pretrain.toml
     eval.json     fraud/ (FraudDir)  prototypes.json  serve_demo.json  report.html  report.md  report/
-    probe.json    states.db          llm4es/ (EmbeddingsDir)
+    probe.json    states.db          llm4es/ (EmbeddingsDir)   predictions.parquet
 
 Every stage takes a `RunDir` (or a path, turned into one by `RunDir.of`); no other module spells these
 names.
@@ -176,6 +176,11 @@ class RunDir:
 
     def fraud_dir(self, out: str | Path | None = None) -> FraudDir:
         return FraudDir(Path(out) if out else self.path / "fraud")
+
+    @property
+    def predictions(self) -> Path:
+        """`pantherseq predict`'s default output."""
+        return self.path / "predictions.parquet"
 
     @property
     def prototypes(self) -> Path:

@@ -146,6 +146,15 @@ def running_mean(h: torch.Tensor) -> torch.Tensor:
     return h.cumsum(1) / torch.arange(1, T + 1, dtype=h.dtype).view(1, T, 1)
 
 
+def final_states(model64: NeuralModel, batch: Batch, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state after each window's last input, as serving keeps it: h (B, D) and the pooled state (B, D),
+    float32, from one float64 pass over the right-padded windows of `lens` (B,) real inputs each, rounded
+    once (the refresh worker, `embed` and `predict` call this)."""
+    hid = exact_hidden(model64, batch)  # (B, T, D) float64
+    rows, last = torch.arange(len(lens)), torch.as_tensor(np.asarray(lens) - 1, dtype=torch.long)
+    return hid[rows, last].to(torch.float32), running_mean(hid)[rows, last].to(torch.float32)
+
+
 def delta_from_hidden(vocab: DeviationVocab, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,
                       pos_chunk: int = 128) -> dict[str, torch.Tensor]:
     """h (N, D) float32 states that predict the observed events, their tokens (N,) and token-field codes
@@ -204,4 +213,4 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
 
 
 __all__ = ["DELTA_NAMES", "BehaviourFeatures", "DeviationVocab", "behaviour_features", "delta_from_hidden",
-           "exact_hidden", "float64_copy", "running_mean", "scoring_windows"]
+           "exact_hidden", "final_states", "float64_copy", "running_mean", "scoring_windows"]

@@ -81,6 +81,11 @@ class SequenceModel(nn.Module):
         keep = batch.targets != PAD
         return self.scores(batch)[keep], batch.targets[keep]
 
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores (N, V) -> the next-token distribution (N, V): their softmax (scores are logits or
+        log-probabilities; a model whose scores are not overrides this)."""
+        return torch.softmax(scores.float(), dim=-1)
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

@@ -126,3 +126,7 @@ class Personal(Popular):
     def target_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         keep = batch.targets != PAD
         return self._personal(batch, keep), batch.targets[keep]
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores are non-negative weights (counts + a small prior): normalised, not a softmax."""
+        return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)

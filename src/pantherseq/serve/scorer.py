@@ -37,7 +37,7 @@ import torch
 from pantherseq.data.dataset import Profile, gap_bucket_one
 from pantherseq.data.schema import DAY, GAP, LABEL, N_SPECIAL, PAD, TIME, USER
 from pantherseq.errors import ConfigError
-from pantherseq.fraud.behaviour import DeviationVocab, exact_hidden, float64_copy, running_mean
+from pantherseq.fraud.behaviour import DeviationVocab, final_states, float64_copy
 from pantherseq.fraud.config import MERCHANT_FIELDS
 from pantherseq.fraud.deviation import Prediction
 from pantherseq.fraud.features import WINDOWS, TerminalHistory, context_one, customer_one
@@ -344,10 +344,7 @@ class Scorer:
         if not todo:
             return out
         batch, lens = self._batch([states[i] for i in todo])
-        hid = exact_hidden(self.model64, batch)  # (B, T, D) float64
-        rows, last_pos = torch.arange(len(todo)), torch.from_numpy(lens - 1)
-        h = hid[rows, last_pos].to(torch.float32)  # rounded once, as offline
-        pooled = running_mean(hid)[rows, last_pos].to(torch.float32)
+        h, pooled = final_states(self.model64, batch, lens)  # rounded once, as offline
         pred = self.vocab.predict(h)
         top_p, top_i = pred.p.topk(min(TOP_K, pred.p.shape[1]), dim=1)
         v = pred.p.shape[1]

@@ -4,7 +4,8 @@ AdamW (weight decay on matrices only), warm-up + cosine, gradient clipping, seed
 the epoch's batch order is a function of (seed, epoch), so a resumed run sees the same batches), early
 stopping on validation NDCG@10 (the best weights are kept), resume from `last.pt`, a wall-clock budget,
 a progress bar with loss and events/s, and a JSON-lines log. Count models take one counting pass over
-the same batches instead of gradient steps. A model with SPRM ends with its prototype analysis
+the same batches instead of gradient steps. `init_from` starts a neural model from another checkpoint
+(train/warmstart.py) and records how in the metrics. A model with SPRM ends with its prototype analysis
 (eval/prototypes.py -> RUN_DIR/prototypes.json).
 
 Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel over gloo, each rank
@@ -30,9 +31,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from pantherseq.config import load_config
+from pantherseq.config import apply_overrides, build_config, load_toml
 from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import PAD
+from pantherseq.errors import ConfigError
 from pantherseq.eval.nextevent import evaluate_split
 from pantherseq.eval.prototypes import write_prototypes
 from pantherseq.model.base import ModelConfig, SequenceModel
@@ -40,6 +42,7 @@ from pantherseq.model.registry import build_model, check_model
 from pantherseq.run import RunDir
 from pantherseq.train.checkpoint import load_checkpoint, save_checkpoint
 from pantherseq.train.schedule import get_lr
+from pantherseq.train.warmstart import InitSource, init_model_name, init_model_table, load_init, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class TrainConfig:
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: str | None = None  # RUN_DIR/models/NAME to fine-tune from (train/warmstart.py)
 
 
 def pretrain_defaults() -> str:
@@ -82,12 +86,25 @@ def pretrain_defaults() -> str:
 
 
 def load_pretrain_config(file: str | Path | None = None, overrides: list[str] | None = None,
-                         model: str | None = None) -> PretrainConfig:
+                         model: str | None = None, init_from: str | Path | InitSource | None = None
+                         ) -> PretrainConfig:
     """`pantherseq pretrain`'s config: a TOML file with [model] and [train] tables, `key=value` overrides.
-    `model`, when given, must be a registry model (checked before anything is trained or written)."""
+    `model`, when given, must be a registry model (checked before anything is trained or written). With
+    `init_from` (or a top-level `init_from` key) the [model] table is the checkpoint's (train/warmstart.py:
+    a conflicting architecture key is refused)."""
     if model is not None:
         check_model(model)
-    return load_config(PretrainConfig, file, overrides)
+    where = str(file) if file else "config"
+    raw = apply_overrides(load_toml(file) if file else {}, overrides)
+    init = init_from if init_from is not None else raw.get("init_from")
+    if init is not None:
+        source = init if isinstance(init, InitSource) else load_init(init)
+        given = raw.get("model", {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"{where}: model must be a table, got {given!r}")
+        raw["model"] = init_model_table(source, given)
+        raw["init_from"] = str(source.path.parent if source.path.name == "checkpoint.pt" else source.path)
+    return build_config(PretrainConfig, raw, where)
 
 
 def seed_everything(seed: int) -> None:
@@ -230,6 +247,11 @@ def train(run_dir: RunDir | str | Path, model: str, cfg: PretrainConfig, resume:
     data = RunData(run.path)
     info = data.info
     core = build_model(model, cfg.model, info)
+    init = None
+    if cfg.init_from:
+        source = load_init(cfg.init_from)
+        init_model_name(source, model)
+        init = warm_start(core, source, run)
     run.model_dir(name).mkdir(parents=True, exist_ok=True)
     logger = Logger(run.train_log(name), rank == 0, append=resume)
     if not core.trainable:
@@ -246,6 +268,7 @@ def train(run_dir: RunDir | str | Path, model: str, cfg: PretrainConfig, resume:
         "train_events_per_s": round(state.targets / max(state.train_s, 1e-9), 1),
         "train_targets": state.targets, "peak_mb": round(peak_mb(), 1), "world_size": world,
         "n_params": sum(p.numel() for p in core.parameters()),
+        **({"init_from": init} if init is not None else {}),
     }
     logger(kind="final", **metrics)
     logger.close()
