@@ -62,7 +62,8 @@ def test_the_edge_disappears_when_behaviour_features_are_shuffled(trained_run, r
 def test_outputs(trained_run, report):
     out = trained_run / "fraud"
     saved = json.loads((out / "fraud.json").read_text())
-    assert set(saved["feature_sets"]) == {"baseline", "baseline+embedding", "baseline+deviation", "hybrid"}
+    assert set(saved["feature_sets"]) == {
+        "baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "hybrid"}
     row = saved["feature_sets"]["hybrid"]
     for key in ("recall@0.01%", "recall@0.1%", "recall@1%", "recall@5%", "average_precision", "roc_auc",
                 "card_precision@100", "recall@1%_by_scenario"):

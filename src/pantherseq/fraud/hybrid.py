@@ -1,7 +1,7 @@
 """The hybrid risk model g (SPEC §7, paper §3.1 Stage 2): gradient-boosted trees on
 [context ψ, recent pattern, pooled history state, Δ], and the feature sets it is compared on.
 
-    FEATURE_SETS        baseline | baseline+embedding | baseline+deviation | hybrid (= all)
+    FEATURE_SETS        baseline | baseline+robust_z | baseline+embedding | baseline+deviation | hybrid (= all)
     LGBMConfig          the booster's knobs (defaults below)
     fit_risk_model(X, y, t, cfg) -> RiskModel      time-ordered early stopping, then a refit on all rows
     RiskModel.predict(X) -> (N,) scores; .save(stem); RiskModel.load(stem); .importances()
@@ -32,12 +32,13 @@ from pantherseq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FEATURE_SETS = ("baseline", "baseline+embedding", "baseline+deviation", "hybrid")
+FEATURE_SETS = ("baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "hybrid")
 GROUPS = {  # feature groups each set uses
     "baseline": ("baseline",),
+    "baseline+robust_z": ("baseline", "robust"),
     "baseline+embedding": ("baseline", "embedding"),
     "baseline+deviation": ("baseline", "deviation"),
-    "hybrid": ("baseline", "embedding", "deviation"),
+    "hybrid": ("baseline", "robust", "embedding", "deviation"),
 }
 
 

@@ -35,7 +35,7 @@ from pantherseq.data.schema import EVENT_ID, LABEL, SCENARIO, TIME, USER
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.fraud.behaviour import BehaviourFeatures, behaviour_features
 from pantherseq.fraud.config import MERCHANT_FIELDS, FraudConfig, load_fraud_config, resolve_periods
-from pantherseq.fraud.features import auto_categorical, baseline_features
+from pantherseq.fraud.features import auto_categorical, baseline_features, robust_features
 from pantherseq.fraud.hybrid import GROUPS
 from pantherseq.fraud.merchant import merchant_auc, merchant_risk
 from pantherseq.fraud.metrics import fraud_metrics
@@ -164,6 +164,7 @@ def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.D
     periods = resolve_periods(cfg, data.cfg.split, events[TIME].min(), events[TIME].max())
     categorical = _categorical(data, cfg, merchant)
     base = baseline_features(events, cfg.amount_field, merchant, categorical, tuple(cfg.windows), cfg.delay_days)
+    robust = robust_features(events, cfg.amount_field, cfg.robust_days)
     timings["baseline_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.D
     ts = events[TIME]
     masks = {name: ((ts >= a) & (ts < b)).to_numpy() for name, (a, b) in
              (("train", periods.train), ("test", periods.test))}
-    if any(g != "baseline" for s in cfg.feature_sets for g in GROUPS[s]):
+    if any(g in ("embedding", "deviation") for s in cfg.feature_sets for g in GROUPS[s]):
         bf = _merge(*[behaviour_features(model, data, m, cfg.context, cfg.batch_windows, cfg.pos_chunk)
                       for m in masks.values()])
     else:  # only the baseline was asked for: no model pass
@@ -187,9 +188,9 @@ def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.D
     frame = pl.concat([
         events.select(keys)[rows].with_columns(
             pl.Series("period", np.where(masks["train"][rows], "train", "test"))),
-        base[rows], pl.DataFrame(delta), pl.DataFrame(emb),
+        base[rows], robust[rows], pl.DataFrame(delta), pl.DataFrame(emb),
     ], how="horizontal", strict=True)
-    groups = {"baseline": base.columns, "deviation": list(delta), "embedding": list(emb)}
+    groups = {"baseline": base.columns, "robust": robust.columns, "deviation": list(delta), "embedding": list(emb)}
     meta = {"periods": periods, "merchant": merchant, "categorical": [f"ctx_{c}" for c in categorical],
             "timings": timings, "pca": pca}
     return frame, groups, meta
