@@ -250,7 +250,8 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
         cols = [c for g in GROUPS[name] for c in groups[g]]
         kind = risk_model_kind(cfg.risk_model)
         fit, knobs = kind.fit, getattr(cfg, kind.config_key)
-        model = fit(train.select(cols), train[LABEL].to_numpy(), train[TIME].to_numpy(), knobs, meta["categorical"])
+        model = fit(train.select(cols), train[LABEL].to_numpy(), train[TIME].to_numpy(), knobs, meta["categorical"],
+                    train[USER].to_numpy())
         s = model.predict(test.select(cols))
         scores[f"score_{name}"] = s
         results[name] = fraud_metrics(s, test[LABEL].to_numpy(), test[USER].to_numpy(), day,
