@@ -31,7 +31,7 @@ the victim's own, so nothing about amounts or counts gives them away; only *what
 
 Scenario-3 victims are chosen first (they depend on who paid where); the other scenarios draw from the
 remaining users with at least 5 genuine events (5 and 6 from those their typology fits). With the default
-config, about 0.7% of events are fraud.
+config, about 0.4% of events are fraud.
 """
 
 from __future__ import annotations
@@ -248,6 +248,9 @@ def _stealth_takeover(rng, world: World, genuine: dict, candidates: np.ndarray, 
                       ) -> tuple[np.ndarray, dict]:
     """Scenario 5 (module doc): the genuine events kept and the attacker's events."""
     days, n = world.days, len(candidates)
+    if quota == 0 or n == 0:
+        none = np.zeros(0, np.int64)
+        return np.ones(len(genuine["t"]), bool), world.events(none, none, none, np.zeros(0), 0, 5)
     first = min(max(1, days // 3), days - 1)
     start = rng.integers(first, max(first + 1, days - 2), n) * DAY
     end = np.minimum(start + rng.integers(3, 11, n) * DAY, days * DAY)

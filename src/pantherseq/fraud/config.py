@@ -46,7 +46,7 @@ class FraudConfig:
     merchant_quantile: float = 0.9
     merchant_min_users: int = 3
     merchant_delta: str = "auto"  # auto = surprisal_<merchant field> (−log P_u(m), paper §4.1.3) if a token field
-    compromised_scenario: int | None = None  # None = 2 on handbook runs (compromised terminals)
+    compromised_scenario: int | None = None  # None = handbook 2 (compromised terminals), simulated 6 (rogue)
     allow_in_sample: bool = False
     threads: int | None = None  # torch threads for the behaviour pass
     batch_windows: int = 64

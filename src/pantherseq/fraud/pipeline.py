@@ -37,7 +37,7 @@ from pantherseq.fraud.behaviour import BehaviourFeatures, behaviour_features
 from pantherseq.fraud.config import MERCHANT_FIELDS, FraudConfig, load_fraud_config, resolve_periods
 from pantherseq.fraud.features import auto_categorical, baseline_features, robust_features
 from pantherseq.fraud.hybrid import GROUPS
-from pantherseq.fraud.merchant import merchant_auc, merchant_risk
+from pantherseq.fraud.merchant import flagged_precision, merchant_auc, merchant_risk
 from pantherseq.fraud.metrics import fraud_metrics
 from pantherseq.fraud.risk import risk_model_kind
 from pantherseq.model.base import NeuralModel
@@ -45,7 +45,10 @@ from pantherseq.run import RunDir
 from pantherseq.train.checkpoint import load_model
 
 log = logging.getLogger(__name__)
-EMBEDDINGS = ("pool", "rec")  # column prefixes: the pooled history state and the recent (causal) state
+EMBEDDINGS = ("pool", "rec")
+# the scenario whose frauds happen AT the compromised merchant, per source (merchant-risk ground truth):
+# the handbook's compromised terminals, the simulator's rogue merchants
+COMPROMISED_SCENARIO = {"handbook": 2, "simulated": 6}  # column prefixes: the pooled history state and the recent (causal) state
 
 
 def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -216,15 +219,16 @@ def _merchant_section(test: pl.DataFrame, merchant: str | None, cfg: FraudConfig
         raise ConfigError(f"merchant_delta {cfg.merchant_delta!r} is not a feature or score column")
     table = merchant_risk(test, merchant, column, cfg.merchant_quantile, cfg.merchant_min_users)
     scenario = cfg.compromised_scenario
-    if scenario is None and dataset_source == "handbook":
-        scenario = 2
+    if scenario is None:
+        scenario = COMPROMISED_SCENARIO.get(dataset_source)
     truth = _compromised(test, merchant, scenario)
     info: dict[str, Any] = {"delta": column, "quantile": cfg.merchant_quantile,
                             "merchants_rated": int(table["risk"].drop_nulls().len())}
     if truth is not None:
         table = table.with_columns(pl.col(merchant).is_in(list(truth)).alias("compromised"))
         info.update(roc_auc=merchant_auc(table, merchant, truth), compromised=len(truth),
-                    ground_truth=f"any scenario-{scenario} fraud in the test period")
+                    ground_truth=f"any scenario-{scenario} fraud in the test period",
+                    **flagged_precision(table, merchant, truth))
     return table, info
 
 
@@ -334,8 +338,14 @@ def format_fraud_table(report: dict[str, Any]) -> str:
     m = report.get("merchant_risk", {})
     if m.get("roc_auc") is not None:
         lines.append(f"merchant risk ROC-AUC (compromised merchants): {m['roc_auc']:.4f} "
-                     f"({m['compromised']} compromised, {m['merchants_rated']} merchants rated)")
+                     f"({m['compromised']} compromised, {m['merchants_rated']} merchants rated); "
+                     f"{m.get('flagged', 0)} flagged, {_share(m.get('flagged_precision'))} of them compromised "
+                     f"(base rate {_share(m.get('base_rate'))})")
     return "\n".join(lines)
+
+
+def _share(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, float) and np.isfinite(value) else "-"
 
 
 def _cell(value: Any, width: int) -> str:
