@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from pantherseq.errors import ConfigError
-from pantherseq.fraud.hybrid import LGBMConfig, early_stopping_split, fit_risk_model
+from pantherseq.fraud.hybrid import LGBMConfig, early_stopping_split, fit_risk_model, risk_split
 
 
 def rows(n: int = 3000, customers: int = 200, seed: int = 0):
@@ -37,6 +37,18 @@ def test_the_held_out_customers_include_late_fraud_customers():
     customer[-5:] = "victim"
     fit, valid = early_stopping_split(t, y, customer, 0.2, 0.5, seed=3)
     assert y[valid].sum() == 5 and "victim" not in set(customer[fit])
+
+
+def test_one_fraud_customer_alone_falls_back_to_the_time_split():
+    t, y, customer = rows(seed=4)
+    y[:] = 0
+    y[[100, 200, -3, -2]] = 1  # every fraud is one customer's, early and late: no disjoint slices have both
+    customer[[100, 200, -3, -2]] = "victim"
+    fit, valid, disjoint = risk_split(t, y, customer, LGBMConfig())
+    assert not disjoint and y[fit].sum() == 2 and y[valid].sum() == 2 and t[valid].min() >= t[fit].max()
+    y[-3:] = 0
+    with pytest.raises(ConfigError):
+        risk_split(t, y, customer, LGBMConfig())  # no late fraud at all
 
 
 def test_without_customers_the_split_is_by_time_only():

@@ -29,7 +29,7 @@ from torch import nn
 
 from pantherseq.errors import ConfigError
 from pantherseq.eval.metrics import average_precision
-from pantherseq.fraud.hybrid import check_split, early_stopping_split
+from pantherseq.fraud.hybrid import check_split, risk_split
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
         raise ConfigError(f"the risk model's training period has {pos} frauds and {neg} genuine events")
     features = list(X.columns)
     M = X.cast(pl.Float64).to_numpy()
-    fit_rows, valid_rows = early_stopping_split(t, y, customer, cfg.valid_share, cfg.valid_customers, cfg.seed)
+    fit_rows, valid_rows, disjoint = risk_split(t, y, customer, cfg)
     scaler = Scaler(M[fit_rows])
     Zf, Zv = scaler(M[fit_rows]), scaler(M[valid_rows])
     yf, yv = torch.from_numpy(y[fit_rows]), y[valid_rows]
@@ -193,7 +193,8 @@ def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
                 break
     net.load_state_dict(best_state)
     info = {"epochs": epoch, "valid_average_precision": best, "pos_weight": float(weight),
-            "train_rows": len(y), "train_frauds": pos}
+            "train_rows": len(y), "train_frauds": pos, "fit_rows": len(fit_rows), "valid_rows": len(valid_rows),
+            "customer_disjoint": disjoint}
     log.info("DCN risk model: %d inputs, %d epochs, early-stopping AP %.4f", Zf.shape[1], epoch, best)
     model = DCNRiskModel(net, scaler, features, info)
     model.cfg, model.n_in = cfg, int(Zf.shape[1])

@@ -99,6 +99,22 @@ def early_stopping_split(t: np.ndarray, y: np.ndarray, customer: np.ndarray | No
     return np.flatnonzero(~late & ~out), np.flatnonzero(late & out)
 
 
+def risk_split(t: np.ndarray, y: np.ndarray, customer: np.ndarray | None, cfg: LGBMConfig
+               ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`early_stopping_split` with cfg's shares; when too few fraud customers leave one slice without fraud,
+    the time-only split (logged; the third value says which). ConfigError when even that has none."""
+    fit, valid = early_stopping_split(t, y, customer, cfg.valid_share, cfg.valid_customers, cfg.seed)
+    disjoint = customer is not None
+    if disjoint and (y[valid].sum() == 0 or y[fit].sum() == 0):
+        log.warning("too few fraud customers for a customer-disjoint early-stopping slice (%d frauds in the fit "
+                    "slice, %d in the early-stopping one): split by time only", y[fit].sum(), y[valid].sum())
+        (fit, valid), disjoint = early_stopping_split(t, y, None, cfg.valid_share, cfg.valid_customers), False
+    if y[valid].sum() == 0 or y[fit].sum() == 0:
+        raise ConfigError("no fraud in one of the fit / early-stopping slices: lengthen the risk model's "
+                          "training period or change valid_share")
+    return fit, valid, disjoint
+
+
 def _lightgbm():
     try:
         import lightgbm
@@ -174,10 +190,7 @@ def fit_risk_model(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: LGBMConfi
     weight = cfg.pos_weight if cfg.pos_weight is not None else float(np.sqrt(neg / pos))
     params = _params(cfg, weight)
     M = _matrix(X, features)
-    fit_rows, valid_rows = early_stopping_split(t, y, customer, cfg.valid_share, cfg.valid_customers, cfg.seed)
-    if y[valid_rows].sum() == 0 or y[fit_rows].sum() == 0:
-        raise ConfigError("no fraud in one of the fit / early-stopping slices: lengthen the risk model's "
-                          "training period or change lgbm.valid_share / lgbm.valid_customers")
+    fit_rows, valid_rows, disjoint = risk_split(t, y, customer, cfg)
     train_set = lgb.Dataset(M[fit_rows], y[fit_rows], feature_name=features, categorical_feature=cats,
                             free_raw_data=False)
     valid_set = lgb.Dataset(M[valid_rows], y[valid_rows], reference=train_set)
@@ -190,7 +203,7 @@ def fit_risk_model(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: LGBMConfi
         booster = lgb.train(params, full, num_boost_round=best)
     info = {"best_iteration": best, "valid_average_precision": valid_ap, "pos_weight": weight,
             "train_rows": len(y), "train_frauds": pos, "fit_rows": len(fit_rows), "valid_rows": len(valid_rows),
-            "valid_frauds": int(y[valid_rows].sum()), "customer_disjoint": customer is not None,
+            "valid_frauds": int(y[valid_rows].sum()), "customer_disjoint": disjoint,
             "refit": cfg.refit, "threads": cfg.threads}
     log.info("risk model: %d features, %d rounds, early-stopping AP %.4f", len(features), best, valid_ap)
     return RiskModel(booster, features, info)
