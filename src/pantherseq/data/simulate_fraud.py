@@ -16,7 +16,6 @@
   in the window are dropped and an attacker pays at a few merchants of another region, in risky
   categories (electronics, online retail, cash, travel), mostly at night, at about 2.5× the usual amounts.
 
-
 Two behaviour-only scenarios: every amount is one of the victim's own earlier amounts and the counts are
 the victim's own, so nothing about amounts or counts gives them away; only *what*, *when* and *where* do.
 5 stealth_takeover: as 4, the victim's events of a 3–10 day window are replaced, but by as many attacker
@@ -24,9 +23,9 @@ the victim's own, so nothing about amounts or counts gives them away; only *what
   victim, in a category the victim never used before (the one whose typical amount for this victim is
   nearest that amount), at an hour of day the victim never used (the commonest such hour overall), by the
   channel the victim used least among those the category allows, at a local merchant.
-6 rogue_merchant: a few card-not-present merchants (online retail, entertainment) turn rogue for 4–8 days
-  and charge stolen cards of customers who never paid there (and do shop in the merchant's category):
-  1–3 charges each, each a copy of a random earlier payment of the victim in that category (amount, time
+6 rogue_merchant: card-not-present merchants (online retail, entertainment; one per about four victims) turn
+  rogue for 4–8 days and charge stolen cards of customers who never paid there (and do shop in the
+  merchant's category): 1–3 charges each, each a copy of a random earlier payment of the victim in that category (amount, time
   of day, channel) on a day of the window. The merchant, new to every victim, is the only sign.
 
 Scenario-3 victims are chosen first (they depend on who paid where); the other scenarios draw from the
@@ -291,7 +290,7 @@ def _stealth_takeover(rng, world: World, genuine: dict, candidates: np.ndarray, 
 def _rogue_merchants(rng, world: World, genuine: dict, candidates: np.ndarray, quota: int) -> dict:
     """Scenario 6 (module doc): charges at a few rogue merchants to customers who never paid there."""
     pool = np.flatnonzero(np.isin(world.merchant_cat, world.cat_ids(*_ROGUE)))
-    k = min(max(1, round(quota / 6)), len(pool)) if quota > 0 else 0
+    k = min(max(1, round(quota / 4)), len(pool)) if quota > 0 else 0  # about 4 victims each
     merchants = rng.choice(pool, size=k, replace=False)
     first = min(max(1, world.days // 3), world.days - 1)
     taken = np.zeros(world.n_users, bool)
