@@ -25,8 +25,9 @@ the victim's own, so nothing about amounts or counts gives them away; only *what
   channel the victim used least among those the category allows, at a local merchant.
 6 rogue_merchant: card-not-present merchants (online retail, entertainment; one per about four victims) turn
   rogue for 4–8 days and charge stolen cards of customers who never paid there (and do shop in the
-  merchant's category): 1–3 charges each, each a copy of a random earlier payment of the victim in that category (amount, time
-  of day, channel) on a day of the window. The merchant, new to every victim, is the only sign.
+  merchant's category): 1–3 charges each, each a copy of a random earlier payment of the victim in that
+  category (amount, time of day, channel) on a day of the window. The merchant, new to every victim, is
+  the only sign.
 
 Scenario-3 victims are chosen first (they depend on who paid where); the other scenarios draw from the
 remaining users with at least 5 genuine events (5 and 6 from those their typology fits). With the default
@@ -235,7 +236,7 @@ def _earlier_events(rng, genuine: dict, users: np.ndarray, before: np.ndarray, c
     time (of that category). The fraud users are a few dozen: a loop over them."""
     cat = np.full(len(users), -1) if category is None else np.asarray(category, np.int64)
     out = np.empty(len(users), np.int64)
-    for u, c in {(int(u), int(c)) for u, c in zip(users, cat)}:
+    for u, c in sorted({(int(u), int(c)) for u, c in zip(users, cat)}):
         own = np.flatnonzero((genuine["user"] == u) & ((genuine["category"] == c) | (c < 0)))
         rows = np.flatnonzero((users == u) & (cat == c))
         limit = np.searchsorted(genuine["t"][own], before[rows])  # genuine is sorted by (user, time)

@@ -21,9 +21,10 @@ fields and `label`); the output rows are aligned with its rows.
 Exact arithmetic, so both forms agree bit for bit on any CPU. Window sums are integer: counts, fraud
 counts and amounts in units of 1/AMOUNT_SCALE (`amount_units`, rounded to the nearest unit, 1e-4 of the
 currency), summed in int64, which no summation order can change; a mean or a rate is then one float64
-division, rounded once to float32. The robust deviation's quantiles are order statistics of those integer
-units (a sort, then an interpolation by k/4: exact), computed by one function for both forms. Float sums would differ in their last bits between a cumulative-sum
-difference (batch) and a direct sum (one event), and a LightGBM split can fall between the two.
+division, rounded once to float32. Float sums would differ in their last bits between a cumulative-sum
+difference (batch) and a direct sum (one event), and a LightGBM split can fall between the two. The robust
+deviation's quantiles are order statistics of the integer units (a sort, then an interpolation by k/4:
+exact in float64), computed by one function (`robust_from_sorted`) for both forms.
 
 Windows are computed with cumulative sums and binary search over a sorted (group, time, row) key rather
 than Polars `rolling`: a rolling window (t − w, t] also includes the rows that share the current

@@ -14,9 +14,10 @@ left out of the AUC: a quantile of two users says nothing. Δ that are NaN (UNK 
 are ignored.
 
 Ground truth on the handbook data: a terminal is compromised when any of its transactions in the window
-is scenario-2 fraud; on the simulator, a merchant with any scenario-6 (rogue merchant) fraud, whose
-victims never paid there before — what a per-user Δ_{u,m} of the merchant sees. Scenario 2 does not change what the customers do (they pay at their usual terminal,
-usual amounts), so a deviation-based R_m has nothing to see there; the AUC is reported to show that.
+is scenario-2 fraud. Scenario 2 does not change what the customers do (they pay at their usual terminal,
+usual amounts), so a deviation-based R_m has nothing to see there; the AUC is reported to show that. On
+the simulator: a merchant with any scenario-6 (rogue merchant) fraud, whose victims never paid there
+before — what a per-user Δ_{u,m} of the merchant sees.
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ from pantherseq.run import RunDir
 from pantherseq.train.checkpoint import load_model
 
 log = logging.getLogger(__name__)
-EMBEDDINGS = ("pool", "rec")
+EMBEDDINGS = ("pool", "rec")  # column prefixes: the pooled history state and the recent (causal) state
 # the scenario whose frauds happen AT the compromised merchant, per source (merchant-risk ground truth):
 # the handbook's compromised terminals, the simulator's rogue merchants
-COMPROMISED_SCENARIO = {"handbook": 2, "simulated": 6}  # column prefixes: the pooled history state and the recent (causal) state
+COMPROMISED_SCENARIO = {"handbook": 2, "simulated": 6}
 
 
 def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
