@@ -63,7 +63,7 @@ def test_columns_and_dtypes(sim):
                  "compromised_to": pl.Datetime("us")}
     assert merchants.items() <= dict(sim.merchants.schema).items()
     assert SCENARIOS == {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant",
-                         4: "account_takeover"}
+                         4: "account_takeover", 5: "stealth_takeover", 6: "rogue_merchant"}
 
 
 def test_values_are_well_formed(sim):
@@ -103,7 +103,7 @@ def test_default_scale_and_fraud_rate():
     ev = simulate(SimulateConfig()).events
     per_user_day = ev.height / (2_000 * 120)
     assert 2.0 < per_user_day < 3.0
-    assert 0.005 < ev["label"].mean() < 0.02
+    assert 0.002 < ev["label"].mean() < 0.02
     assert set(ev["scenario"].unique()) == set(SCENARIOS)
 
 
@@ -166,6 +166,72 @@ def test_account_takeover_changes_the_routine(sim, events, genuine):
     region = ato.join(sim.merchants.select("merchant_id", merchant_region="region"), on="merchant_id") \
         .join(sim.profile.select("user_id", "region"), on="user_id")
     assert (region["merchant_region"] != region["region"]).mean() > 0.7
+
+
+def _history(genuine: pl.DataFrame, fraud: pl.DataFrame) -> pl.DataFrame:
+    """Each fraud victim's genuine events before their first fraud."""
+    first = fraud.group_by("user_id").agg(t0=pl.col("timestamp").min())
+    return genuine.join(first, on="user_id").filter(pl.col("timestamp") < pl.col("t0"))
+
+
+def _own_percentiles(fraud: pl.DataFrame, history: pl.DataFrame, by: list[str]) -> np.ndarray:
+    """Mid-rank percentile of each fraud amount among the victim's own earlier amounts (of the same `by`)."""
+    own = history.group_by(by).agg(past=pl.col("amount"))
+    rows = fraud.join(own, on=by)
+    return np.array([(np.sum(np.array(p) < a) + 0.5 * np.sum(np.array(p) == a)) / len(p)
+                     for a, p in zip(rows["amount"], rows["past"])])
+
+
+def test_stealth_takeover_spends_like_the_victim_where_and_when_they_never_did(events, genuine):
+    st = _fraud(events, 5)
+    history = _history(genuine, st)
+    assert st["user_id"].n_unique() >= 5 and st.height >= 30
+    # amounts: each one of the victim's own earlier amounts, spread like them (not their top)
+    amounts = history.group_by("user_id").agg(own=pl.col("amount"))
+    joined = st.join(amounts, on="user_id")
+    assert all(a in set(own) for a, own in zip(joined["amount"], joined["own"]))
+    pct = _own_percentiles(st, history, ["user_id"])
+    assert len(pct) == st.height and 0.35 < pct.mean() < 0.65 and (pct > 0.95).mean() < 0.15
+    # counts: the victim's own events of the window are replaced one for one, so a day holds no more than usual
+    window = st.group_by("user_id").agg(t0=pl.col("timestamp").min(), t1=pl.col("timestamp").max())
+    during = genuine.join(window, on="user_id").filter(pl.col("timestamp").is_between("t0", "t1"))
+    assert during.height == 0
+    per_day = st.group_by("user_id", pl.col("timestamp").dt.date()).len()["len"]
+    usual = genuine.join(window, on="user_id", how="semi").group_by("user_id", pl.col("timestamp").dt.date()).len()
+    assert per_day.max() <= usual["len"].max()
+    # what, when and where are new to the victim
+    known_cat = history.select("user_id", "category").unique().with_columns(known=pl.lit(True))
+    assert st.join(known_cat, on=["user_id", "category"], how="left")["known"].is_null().all()
+    known_hour = history.select("user_id", "hour").unique().with_columns(known=pl.lit(True))
+    assert st.join(known_hour, on=["user_id", "hour"], how="left")["known"].is_null().mean() > 0.9
+    known_shop = history.select("user_id", "merchant_id").unique().with_columns(known=pl.lit(True))
+    assert st.join(known_shop, on=["user_id", "merchant_id"], how="left")["known"].is_null().all()
+    assert (st["hour"] < 6).mean() < (_fraud(events, 4)["hour"] < 6).mean()  # not simply night-time
+
+
+def test_rogue_merchant_charges_its_new_customers_their_usual_amounts(events, genuine):
+    rm = _fraud(events, 6)
+    assert rm["merchant_id"].n_unique() >= 1 and rm["user_id"].n_unique() >= 5
+    assert set(rm["category"]) <= {"online_retail", "entertainment"}
+    # the victims never paid at the merchant, before or after
+    paid = genuine.select("user_id", "merchant_id").unique().with_columns(paid=pl.lit(True))
+    assert rm.join(paid, on=["user_id", "merchant_id"], how="left")["paid"].is_null().all()
+    # each charge copies an earlier payment of the victim in the merchant's category: amount, hour, channel
+    history = _history(genuine, rm)
+    own = history.group_by("user_id", "category").agg(amounts=pl.col("amount"), hours=pl.col("hour"),
+                                                      channels=pl.col("channel"))
+    joined = rm.join(own, on=["user_id", "category"])
+    assert joined.height == rm.height
+    assert all(a in set(x) for a, x in zip(joined["amount"], joined["amounts"]))
+    assert all(h in set(x) for h, x in zip(joined["hour"], joined["hours"]))
+    assert all(c in set(x) for c, x in zip(joined["channel"], joined["channels"]))
+    pct = _own_percentiles(rm, history, ["user_id", "category"])
+    assert 0.25 < pct.mean() < 0.75
+    # counts: 1-3 charges a victim, within a few days per merchant
+    per_victim = rm.group_by("user_id").len()["len"]
+    assert per_victim.min() >= 1 and per_victim.max() <= 3
+    spans = rm.group_by("merchant_id").agg(span=pl.col("timestamp").max() - pl.col("timestamp").min())
+    assert (spans["span"] < timedelta(days=8)).all()
 
 
 def test_users_shop_at_their_favourite_local_merchants(sim, genuine):

@@ -16,6 +16,8 @@ from pantherseq.fraud.features import (
     context_one,
     customer_features,
     customer_one,
+    robust_features,
+    robust_one,
     terminal_features,
     window_sums,
 )
@@ -137,6 +139,42 @@ def test_one_event_forms_equal_the_batch_forms_bit_for_bit():
         one |= terms.features(ev["terminal_id"][i], int(secs[i]))
         row = base.row(i, named=True)
         assert {k: np.float32(v) for k, v in one.items()} == {k: np.float32(row[k]) for k in one}, i
+
+
+def test_robust_deviation_by_hand():
+    """Past median and IQR of the customer's own earlier events; no history -> NaN and a count of 0."""
+    ev = frame([("a", 0, 10, "t", 0), ("a", 1, 30, "t", 0), ("a", 2, 20, "t", 0), ("a", 3, 40, "t", 0),
+                ("a", 4, 1000, "t", 1), ("a", 5, 25, "t", 0), ("b", 5, 7, "t", 0), ("a", 40, 50, "t", 0)])
+    rz = robust_features(ev, "amount", days=30)
+    assert rz["rz_n"].to_list() == [0, 1, 2, 3, 4, 5, 0, 0]
+    assert np.isnan(rz["rz_z"][0]) and np.isnan(rz["rz_median"][6]) and np.isnan(rz["rz_ratio"][7])
+    # row 1: past {10}: median 10, IQR 0 -> scale = median / 10 = 1
+    assert rz.row(1) == (1.0, 10.0, 20.0, 3.0)
+    # row 4: past {10, 20, 30, 40}: median 25, q25 17.5, q75 32.5, IQR 15
+    assert rz.row(4) == (4.0, 25.0, np.float32((1000 - 25) / 15), 40.0)
+    # row 5: past {10, 20, 30, 40, 1000}: the fraud moves the median to 30 only (a mean would be 220)
+    assert rz["rz_median"][5] == 30.0 and rz["rz_z"][5] == np.float32((25 - 30) / 20)
+
+
+def test_robust_one_event_form_equals_the_batch_form_bit_for_bit():
+    """Random customers with ties in time: the one-event form on each event's earlier events gives the
+    batch form's float32 values exactly, whatever the row order of the frame."""
+    rng = np.random.default_rng(11)
+    n = 500
+    ev = frame([(f"u{rng.integers(0, 5)}", d, a, "t", 0) for d, a in
+                zip(np.sort(rng.uniform(0, 90, n)), np.round(rng.lognormal(3, 1.2, n), 2))])
+    perm = rng.permutation(n)  # distinct times: the features of an event do not depend on the row order
+    assert robust_features(ev[perm], "amount", days=30).equals(robust_features(ev, "amount", days=30)[perm])
+    ev = ev.with_columns(pl.col("timestamp").dt.truncate("1h"))  # ties: the earlier row is the past
+    rz = robust_features(ev, "amount", days=30, chunk=64)
+    secs = (ev["timestamp"].dt.epoch("us").to_numpy() // 1_000_000).astype(np.int64)
+    users, amounts = ev["user_id"].to_numpy(), ev["amount"].to_numpy()
+    for i in range(n):
+        earlier = np.flatnonzero((users == users[i]) & (np.arange(n) < i))
+        one = robust_one(secs[earlier], amounts[earlier], int(secs[i]), float(amounts[i]), days=30)
+        row = rz.row(i, named=True)
+        assert np.array_equal(np.float32(list(one.values())), np.float32([row[k] for k in one]),
+                              equal_nan=True), i
 
 
 def test_amount_units_are_exact_integers():

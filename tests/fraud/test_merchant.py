@@ -7,7 +7,7 @@ import math
 import polars as pl
 import pytest
 
-from pantherseq.fraud.merchant import merchant_auc, merchant_risk
+from pantherseq.fraud.merchant import flagged_precision, merchant_auc, merchant_risk
 
 
 def test_merchant_risk_by_hand():
@@ -34,3 +34,13 @@ def test_merchant_auc_ranks_the_compromised_first():
     assert merchant_auc(table, "merchant_id", {"c"}) == 0.0
     assert merchant_auc(table, "merchant_id", {"b", "d"}) == pytest.approx(0.5)  # d has no R_m: left out
     assert math.isnan(merchant_auc(table, "merchant_id", set()))
+
+
+def test_flagged_precision_against_the_base_rate():
+    table = pl.DataFrame({"merchant_id": ["a", "b", "c", "d", "e"], "risk": [9.0, 8.0, 1.0, 1.0, None],
+                          "high_risk": [True, True, False, False, False]})
+    assert flagged_precision(table, "merchant_id", {"a", "c"}) == {"flagged": 2, "flagged_precision": 0.5,
+                                                                   "base_rate": 0.5}
+    assert flagged_precision(table, "merchant_id", {"a", "b", "e"})["flagged_precision"] == 1.0
+    none = flagged_precision(table.with_columns(pl.lit(False).alias("high_risk")), "merchant_id", {"a"})
+    assert none["flagged"] == 0 and math.isnan(none["flagged_precision"]) and none["base_rate"] == 0.25

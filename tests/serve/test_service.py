@@ -27,7 +27,7 @@ from stolen_routine import PERIODS
 FIELDS = ("merchant_id", "amount", "category", "channel")
 
 
-def _service(served, tmp_path, refresh: bool = True, fraud_dir=None) -> Service:
+def _service(served, tmp_path, refresh: bool = True, fraud_dir=None, feature_set: str = "hybrid") -> Service:
     """A service over a private copy of the embedded store (tests must not see each other's events)."""
     src = served["url"].removeprefix("sqlite:///")
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def _service(served, tmp_path, refresh: bool = True, fraud_dir=None) -> Service:
         d.put_many({u: b for u, b in zip(users, s.get_many(users)) if b is not None})
         d.put_meta("embed", s.get_meta("embed"))
     assert src != str(dst)
-    om = Scorer(served["run"], "panther", fraud_dir or served["fraud_dir"])
+    om = Scorer(served["run"], "panther", fraud_dir or served["fraud_dir"], feature_set=feature_set)
     service = Service(om, open_store(f"sqlite:///{dst}"), refresh=refresh)
     service.start()
     return service
@@ -81,6 +81,25 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     # within ~1e-16 of a float32 rounding boundary (~1e-9 per value). 1e-6 only absorbs LightGBM's own
     # float64 sum of the trees' outputs.
     assert (diff < 1e-6).all(), np.sort(diff)[-10:]
+    service.stop()
+
+
+def test_online_robust_z_scores_equal_offline_scores(served, tmp_path):
+    """The `baseline+robust_z` risk model served: the robust amount deviation from the state's last 30 days
+    of amounts gives the offline scores (its features are exact, so the scores agree to LightGBM's own sum)."""
+    service = _service(served, tmp_path, refresh=False, feature_set="baseline+robust_z")
+    assert {"rz_z", "rz_ratio", "rz_median", "rz_n"} <= set(service.scorer.risk.features)
+    events = pl.read_parquet(served["run"] / "events.parquet")
+    start = datetime.fromisoformat(PERIODS["test_start"])
+    day = events.filter((pl.col("timestamp") >= start) & (pl.col("timestamp") < start + timedelta(days=1)))
+    offline = pl.read_parquet(served["fraud_dir"] / "scores.parquet").select("event_id", "score_baseline+robust_z")
+    got = []
+    for row in day.iter_rows(named=True):
+        got.append((row["event_id"], service.score(_tx(row))["score"]))
+        service.refresh_users([str(row["user_id"])])
+    both = pl.DataFrame(got, schema=["event_id", "online"], orient="row").join(offline, on="event_id")
+    assert both.height == day.height > 200
+    assert ((both["online"] - both["score_baseline+robust_z"]).abs() < 1e-6).all()
     service.stop()
 
 

@@ -47,7 +47,7 @@ from pantherseq.data.simulate_world import (
 logger = logging.getLogger(__name__)
 
 SCENARIOS = {0: "genuine", 1: "card_testing", 2: "amount_spike", 3: "compromised_merchant",
-             4: "account_takeover"}
+             4: "account_takeover", 5: "stealth_takeover", 6: "rogue_merchant"}
 
 # Per persona: P(commute on a workday), P(coffee), P(way back) on a commute day, P(weekly grocery),
 # P(dinner out on a Friday/Saturday), P(weekly fuel), P(has a subscription), background purchases per day.

@@ -1,4 +1,5 @@
-"""Fraud injected into the simulator's genuine events (SPEC §2): four scenarios with labels and scenario ids.
+"""Fraud injected into the simulator's genuine events (SPEC §2): six scenarios with labels and scenario ids
+(docs/FRAUD.md names each one's real-world counterpart).
 
 `inject_fraud` hits about `fraud_user_rate` of the users, each with one scenario (shares `SHARES`):
 
@@ -15,8 +16,22 @@
   in the window are dropped and an attacker pays at a few merchants of another region, in risky
   categories (electronics, online retail, cash, travel), mostly at night, at about 2.5× the usual amounts.
 
+Two behaviour-only scenarios: every amount is one of the victim's own earlier amounts and the counts are
+the victim's own, so nothing about amounts or counts gives them away; only *what*, *when* and *where* do.
+5 stealth_takeover: as 4, the victim's events of a 3–10 day window are replaced, but by as many attacker
+  payments (one per replaced event, on its day), each with the amount of a random earlier payment of the
+  victim, in a category the victim never used before (the one whose typical amount for this victim is
+  nearest that amount), at an hour of day the victim never used (the commonest such hour overall), by the
+  channel the victim used least among those the category allows, at a local merchant.
+6 rogue_merchant: card-not-present merchants (online retail, entertainment; one per about four victims) turn
+  rogue for 4–8 days and charge stolen cards of customers who never paid there (and do shop in the
+  merchant's category): 1–3 charges each, each a copy of a random earlier payment of the victim in that
+  category (amount, time of day, channel) on a day of the window. The merchant, new to every victim, is
+  the only sign.
+
 Scenario-3 victims are chosen first (they depend on who paid where); the other scenarios draw from the
-remaining users with at least 5 genuine events. With the default config, about 0.7% of events are fraud.
+remaining users with at least 5 genuine events (5 and 6 from those their typology fits). With the default
+config, about 0.4% of events are fraud.
 """
 
 from __future__ import annotations
@@ -28,15 +43,16 @@ import numpy as np
 import polars as pl
 
 from pantherseq.data.schema import DAY
-from pantherseq.data.simulate_world import World
+from pantherseq.data.simulate_world import CATEGORIES, CATEGORY_ID, CATEGORY_PARAMS, CHANNELS, World
 
 logger = logging.getLogger(__name__)
 
-SHARES = {1: 0.25, 2: 0.15, 3: 0.25, 4: 0.35}  # share of the fraud users per scenario
+SHARES = {1: 0.15, 2: 0.1, 3: 0.2, 4: 0.15, 5: 0.2, 6: 0.2}  # share of the fraud users per scenario
 _RISKY = ("electronics", "online_retail", "cash_withdrawal", "travel")
 _RISKY_P = (0.35, 0.3, 0.25, 0.1)
 _TESTED = ("online_retail", "electronics", "entertainment", "travel")  # where card testers try a card
 _PHYSICAL = ("grocery", "fuel", "restaurant", "coffee", "pharmacy")  # where a card can be skimmed
+_ROGUE = ("online_retail", "entertainment")  # card-not-present merchants most customers use the kind of
 
 
 @dataclass
@@ -198,10 +214,113 @@ def _takeover(rng, world: World, genuine: dict, users: np.ndarray) -> tuple[np.n
     return keep, world.events(users[v], t, merchant, amount, _fraud_channels(rng, world, cat, "chip"), 4)
 
 
+def _per_user_counts(genuine: dict, slot: np.ndarray, before: np.ndarray, key: np.ndarray, width: int
+                     ) -> np.ndarray:
+    """(len(before), width) counts of `key` over each slotted user's genuine events before `before[slot]`."""
+    s = slot[genuine["user"]]
+    hit = (s >= 0) & (genuine["t"] < before[np.maximum(s, 0)])
+    out = np.zeros((len(before), width), np.int64)
+    np.add.at(out, (s[hit], key[hit].astype(np.int64)), 1)
+    return out
+
+
+def _draw(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
+    """One column per row of (E, K) non-negative weights (each row with some weight), drawn by them."""
+    cum = np.cumsum(weights, axis=1)
+    return np.minimum((cum < rng.random(len(cum))[:, None] * cum[:, -1:]).sum(1), weights.shape[1] - 1)
+
+
+def _earlier_events(rng, genuine: dict, users: np.ndarray, before: np.ndarray, category: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """For each row (user, time[, category]) the index of a random genuine event of that user before that
+    time (of that category). The fraud users are a few dozen: a loop over them."""
+    cat = np.full(len(users), -1) if category is None else np.asarray(category, np.int64)
+    out = np.empty(len(users), np.int64)
+    for u, c in sorted({(int(u), int(c)) for u, c in zip(users, cat)}):
+        own = np.flatnonzero((genuine["user"] == u) & ((genuine["category"] == c) | (c < 0)))
+        rows = np.flatnonzero((users == u) & (cat == c))
+        limit = np.searchsorted(genuine["t"][own], before[rows])  # genuine is sorted by (user, time)
+        out[rows] = own[(rng.random(len(rows)) * np.maximum(limit, 1)).astype(np.int64)]
+    return out
+
+
+def _stealth_takeover(rng, world: World, genuine: dict, candidates: np.ndarray, quota: int
+                      ) -> tuple[np.ndarray, dict]:
+    """Scenario 5 (module doc): the genuine events kept and the attacker's events."""
+    days, n = world.days, len(candidates)
+    if quota == 0 or n == 0:
+        none = np.zeros(0, np.int64)
+        return np.ones(len(genuine["t"]), bool), world.events(none, none, none, np.zeros(0), 0, 5)
+    first = min(max(1, days // 3), days - 1)
+    start = rng.integers(first, max(first + 1, days - 2), n) * DAY
+    end = np.minimum(start + rng.integers(3, 11, n) * DAY, days * DAY)
+    slot = np.full(world.n_users, -1)
+    slot[candidates] = np.arange(n)
+    hours = (genuine["t"] % DAY) // 3600
+    cats = _per_user_counts(genuine, slot, start, genuine["category"], len(CATEGORIES))
+    new_cat = (cats == 0) & (np.arange(len(CATEGORIES)) != CATEGORY_ID["cash_withdrawal"])
+    s = slot[genuine["user"]]
+    inside = (s >= 0) & (genuine["t"] >= start[np.maximum(s, 0)]) & (genuine["t"] < end[np.maximum(s, 0)])
+    fits = (cats.sum(1) >= 10) & new_cat.any(1) & (np.bincount(s[inside], minlength=n) > 0)
+    chosen = np.flatnonzero(fits)[:quota]
+    picked = np.zeros(n, bool)
+    picked[chosen] = True
+    replaced = np.flatnonzero(inside & picked[np.maximum(s, 0)])
+    keep = np.ones(len(genuine["t"]), bool)
+    keep[replaced] = False
+    v = s[replaced]  # candidate slot of each attacker event
+    users = candidates[v]
+    amount = genuine["amount"][_earlier_events(rng, genuine, users, start[v])]
+    closeness = np.exp(-0.5 * (np.log(amount[:, None] / world.typical[users]) / 0.8) ** 2)
+    cat = _draw(rng, new_cat[v] * (closeness + 1e-9))
+    used_hours = _per_user_counts(genuine, slot, start, hours, 24)[v]
+    overall = np.bincount(hours, minlength=24) + 1.0
+    least = used_hours == used_hours.min(1, keepdims=True)  # never used, when the victim has such hours
+    hour = _draw(rng, least * overall)
+    day = genuine["t"][replaced] // DAY
+    t = day * DAY + hour * 3600 + rng.integers(0, 3600, len(v))
+    used_channels = _per_user_counts(genuine, slot, start, genuine["channel"], len(CHANNELS))[v]
+    allowed = CATEGORY_PARAMS[cat, 10:14] > 0
+    score = np.where(allowed, used_channels, np.iinfo(np.int64).max)
+    channel = _draw(rng, (score == score.min(1, keepdims=True)).astype(float))
+    merchant = world.merchants_in(rng, world.region[users], cat)
+    logger.debug("stealth takeover: %d of %d candidates fit, %d victims", int(fits.sum()), n, len(chosen))
+    return keep, world.events(users, t, merchant, amount, channel, 5)
+
+
+def _rogue_merchants(rng, world: World, genuine: dict, candidates: np.ndarray, quota: int) -> dict:
+    """Scenario 6 (module doc): charges at a few rogue merchants to customers who never paid there."""
+    pool = np.flatnonzero(np.isin(world.merchant_cat, world.cat_ids(*_ROGUE)))
+    k = min(max(1, round(quota / 4)), len(pool)) if quota > 0 else 0  # about 4 victims each
+    merchants = rng.choice(pool, size=k, replace=False)
+    first = min(max(1, world.days // 3), world.days - 1)
+    taken = np.zeros(world.n_users, bool)
+    users, start, length = [], [], []
+    for i, m in enumerate(merchants):
+        s0 = int(rng.integers(first, max(first + 1, world.days - 5))) * DAY
+        in_cat = (genuine["category"] == world.merchant_cat[m]) & (genuine["t"] < s0)
+        regular = np.bincount(genuine["user"][in_cat], minlength=world.n_users) >= 3
+        regular[genuine["user"][genuine["merchant"] == m]] = False  # never paid there, before or after
+        ok = candidates[regular[candidates] & ~taken[candidates]]
+        victims = ok[:(quota - int(taken.sum())) // (k - i)]  # the quota spread over the merchants left
+        taken[victims] = True
+        users.append(np.repeat(victims, rng.integers(1, 4, len(victims))))
+        start.append(np.full(len(users[-1]), s0))
+        length.append(np.full(len(users[-1]), min(int(rng.integers(4, 9)), world.days - s0 // DAY)))
+    u = np.concatenate([np.zeros(0, np.int64), *users]).astype(np.int64)
+    s0 = np.concatenate([np.zeros(0, np.int64), *start]).astype(np.int64)
+    span = np.concatenate([np.zeros(0, np.int64), *length]).astype(np.int64)
+    m = np.repeat(merchants, [len(x) for x in users]).astype(np.int64)
+    template = _earlier_events(rng, genuine, u, s0, world.merchant_cat[m])
+    t = s0 + (rng.random(len(u)) * span).astype(np.int64) * DAY + genuine["t"][template] % DAY
+    logger.debug("rogue merchants: %d merchants, %d victims", len(merchants), int(taken.sum()))
+    return world.events(u, t, m, genuine["amount"][template], genuine["channel"][template], 6)
+
+
 def inject_fraud(seed: np.random.SeedSequence, world: World, genuine: dict[str, np.ndarray],
                  fraud_user_rate: float, compromised_rate: float) -> Fraud:
     """Fraud for the genuine events `genuine` (sorted by user, then time)."""
-    rngs = [np.random.default_rng(s) for s in seed.spawn(6)]
+    rngs = [np.random.default_rng(s) for s in seed.spawn(8)]
     quota = _quotas(round(fraud_user_rate * world.n_users))
     comp = _compromise(rngs[0], world, genuine, compromised_rate)
     victims3, fraud_start = _compromised_victims(rngs[1], world, genuine, comp, quota[3])
@@ -210,7 +329,11 @@ def inject_fraud(seed: np.random.SeedSequence, world: World, genuine: dict[str, 
     cut = np.cumsum([quota[1], quota[2], quota[4]])
     victims1, victims2, victims4 = free[:cut[0]], free[cut[0]:cut[1]], free[cut[1]:cut[2]]
     keep, takeover = _takeover(rngs[3], world, genuine, victims4)
+    rest = free[cut[2]:]  # scenarios 5 and 6 take the users their typology fits, in this random order
+    keep5, stealth = _stealth_takeover(rngs[6], world, genuine, rest, quota[5])
+    rogue = _rogue_merchants(rngs[7], world, genuine, rest[~np.isin(rest, stealth["user"])], quota[6])
     parts = [*_card_testing(rngs[4], world, victims1), _amount_spike(rngs[5], world, genuine, victims2),
-             _compromised_fraud(rngs[1], world, victims3, fraud_start), takeover]
-    logger.debug("fraud users per scenario: %s", [len(v) for v in (victims1, victims2, victims3, victims4)])
-    return Fraud(keep, parts, comp)
+             _compromised_fraud(rngs[1], world, victims3, fraud_start), takeover, stealth, rogue]
+    logger.debug("fraud users per scenario: %s", [len(victims1), len(victims2), len(victims3), len(victims4),
+                                                  len(np.unique(stealth["user"])), len(np.unique(rogue["user"]))])
+    return Fraud(keep & keep5, parts, comp)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pantherseq.config import apply_overrides, build_config, load_toml
 from pantherseq.errors import ConfigError
 from pantherseq.fraud.dcn import DCNConfig
-from pantherseq.fraud.features import WINDOWS
+from pantherseq.fraud.features import ROBUST_DAYS, WINDOWS
 from pantherseq.fraud.hybrid import FEATURE_SETS, LGBMConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class FraudConfig:
     categorical: list[str] | None = None  # context fields; None = string fields with <= 50 values
     windows: list[int] = field(default_factory=lambda: list(WINDOWS))
     delay_days: int = 7
+    robust_days: int = ROBUST_DAYS  # the customer's past the robust amount deviation (rz_*) reads
     context: int = 100  # events of history every prediction sees at least (when the user has them)
     embedding_dims: int = 16  # PCA components kept of the pooled and of the recent state (0 = all D)
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
@@ -45,7 +46,7 @@ class FraudConfig:
     merchant_quantile: float = 0.9
     merchant_min_users: int = 3
     merchant_delta: str = "auto"  # auto = surprisal_<merchant field> (−log P_u(m), paper §4.1.3) if a token field
-    compromised_scenario: int | None = None  # None = 2 on handbook runs (compromised terminals)
+    compromised_scenario: int | None = None  # None = handbook 2 (compromised terminals), simulated 6 (rogue)
     allow_in_sample: bool = False
     threads: int | None = None  # torch threads for the behaviour pass
     batch_windows: int = 64
@@ -60,6 +61,8 @@ class FraudConfig:
         bad = [s for s in self.feature_sets if s not in FEATURE_SETS]
         if bad or not self.feature_sets:
             raise ConfigError(f"{where}.feature_sets: {bad or 'none'} invalid; valid: {', '.join(FEATURE_SETS)}")
+        if self.robust_days < 1:
+            raise ConfigError(f"{where}.robust_days must be >= 1, got {self.robust_days}")
         if not 0.0 < self.train_share < 1.0:
             raise ConfigError(f"{where}.train_share must be in (0, 1)")
         if not 0.0 <= self.merchant_quantile <= 1.0:

@@ -8,7 +8,9 @@ stack and a ReLU MLP run in parallel on the same input and their outputs are con
 logit. Inputs are standardised with the training rows' mean and std; NaN (LightGBM's "missing") becomes 0
 plus a missing-indicator column for every feature that has any NaN. Class imbalance: the positive term of
 the BCE is weighted by sqrt(negatives / positives), as for LightGBM. Early stopping on the average
-precision of the last `valid_share` of the training period by time, best weights kept. CPU, one thread.
+precision of the last `valid_share` of the training period by time of held-out customers
+(hybrid.early_stopping_split, the fit slice being the other customers' earlier rows), best weights kept. CPU,
+one thread.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from pantherseq.errors import ConfigError
 from pantherseq.eval.metrics import average_precision
+from pantherseq.fraud.hybrid import check_split, risk_split
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,12 @@ class DCNConfig:
     max_epochs: int = 30
     patience: int = 3
     valid_share: float = 0.2
+    valid_customers: float = 0.5  # as LGBMConfig: the early-stopping slice's customers are not fitted
     pos_weight: float | None = None  # None = sqrt(negatives / positives)
     seed: int = 0
+
+    def validate(self, where: str) -> None:
+        check_split(self, where)
 
 
 class CrossLayer(nn.Module):
@@ -147,7 +154,7 @@ class DCNRiskModel:
 
 
 def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
-            categorical: list[str] | None = None) -> DCNRiskModel:
+            categorical: list[str] | None = None, customer: np.ndarray | None = None) -> DCNRiskModel:
     """Train on rows X (features by name); categorical codes are used as numbers (few values)."""
     torch.manual_seed(cfg.seed)
     y = np.asarray(y).astype(np.float32)
@@ -156,9 +163,7 @@ def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
         raise ConfigError(f"the risk model's training period has {pos} frauds and {neg} genuine events")
     features = list(X.columns)
     M = X.cast(pl.Float64).to_numpy()
-    order = np.argsort(np.asarray(t), kind="stable")
-    cut = int(len(order) * (1.0 - cfg.valid_share))
-    fit_rows, valid_rows = order[:cut], order[cut:]
+    fit_rows, valid_rows, disjoint = risk_split(t, y, customer, cfg)
     scaler = Scaler(M[fit_rows])
     Zf, Zv = scaler(M[fit_rows]), scaler(M[valid_rows])
     yf, yv = torch.from_numpy(y[fit_rows]), y[valid_rows]
@@ -188,7 +193,8 @@ def fit_dcn(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: DCNConfig,
                 break
     net.load_state_dict(best_state)
     info = {"epochs": epoch, "valid_average_precision": best, "pos_weight": float(weight),
-            "train_rows": len(y), "train_frauds": pos}
+            "train_rows": len(y), "train_frauds": pos, "fit_rows": len(fit_rows), "valid_rows": len(valid_rows),
+            "customer_disjoint": disjoint}
     log.info("DCN risk model: %d inputs, %d epochs, early-stopping AP %.4f", Zf.shape[1], epoch, best)
     model = DCNRiskModel(net, scaler, features, info)
     model.cfg, model.n_in = cfg, int(Zf.shape[1])

@@ -7,6 +7,9 @@ form (the service's request path, serve/scorer.py) side by side:
         ψ: amount, hour, weekend, night (+ low-cardinality fields' codes)
     customer_features(events, amount, windows)          customer_one(times, amounts, t, amount, windows)
         per customer: count and mean amount over 1/7/30 days, the current event included
+    robust_features(events, amount, days)               robust_one(times, amounts, t, amount, days)
+        the amount against the customer's own past `days` days, strictly before the event: past median,
+        z = (amount − median) / IQR, ratio to the median, number of past events (contamination-robust)
     terminal_features(events, merchant, windows, delay) TerminalHistory.features(terminal, t)
         per terminal: transactions, frauds and fraud rate over 1/7/30 days *ending `delay` days ago*
         (labels are only known after the delay)
@@ -19,7 +22,9 @@ Exact arithmetic, so both forms agree bit for bit on any CPU. Window sums are in
 counts and amounts in units of 1/AMOUNT_SCALE (`amount_units`, rounded to the nearest unit, 1e-4 of the
 currency), summed in int64, which no summation order can change; a mean or a rate is then one float64
 division, rounded once to float32. Float sums would differ in their last bits between a cumulative-sum
-difference (batch) and a direct sum (one event), and a LightGBM split can fall between the two.
+difference (batch) and a direct sum (one event), and a LightGBM split can fall between the two. The robust
+deviation's quantiles are order statistics of the integer units (a sort, then an interpolation by k/4:
+exact in float64), computed by one function (`robust_from_sorted`) for both forms.
 
 Windows are computed with cumulative sums and binary search over a sorted (group, time, row) key rather
 than Polars `rolling`: a rolling window (t − w, t] also includes the rows that share the current
@@ -43,6 +48,9 @@ from pantherseq.data.schema import DAY, LABEL, TIME, USER
 
 WINDOWS = (1, 7, 30)
 AMOUNT_SCALE = 10_000  # amounts are summed in int64 units of 1e-4 (exact; overflows past ~9e14 in total)
+ROBUST_DAYS = 30  # the customer's past that the robust amount deviation compares an amount with
+ROBUST_FLOOR = 0.01 * AMOUNT_SCALE  # the smallest scale of the robust z (one cent)
+ROBUST_COLUMNS = ("rz_n", "rz_median", "rz_z", "rz_ratio")
 
 
 def amount_units(amounts: np.ndarray | float) -> np.ndarray:
@@ -68,27 +76,36 @@ def _codes(col: pl.Series) -> np.ndarray:
     return col.cast(pl.Utf8).fill_null("\0null").rank("dense").to_numpy().astype(np.int64)
 
 
+def window_bounds(group: np.ndarray, t: np.ndarray, width: int, lag: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows sorted by (group, time, row) -> (order, lo, hi): in that order, row order[i]'s window is the
+    slice [lo[i], hi[i]), the rows of its group with t_i − lag − width < t_j ≤ t_i − lag; with lag = 0 it ends
+    at row i itself (hi = i + 1), so a row never sees a later row with the same timestamp."""
+    n = len(t)
+    order = np.lexsort((np.arange(n), t, group))
+    if n == 0:
+        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    span = int(lag + width + 1)
+    trel = t - t.min() + span  # >= span, so key - offset stays inside the group
+    big = int(trel.max()) + span + 1
+    key = group[order].astype(np.int64) * big + trel[order]
+    hi = np.arange(1, n + 1) if lag == 0 else np.searchsorted(key, key - lag, side="right")
+    lo = np.searchsorted(key, key - lag - width, side="right")
+    return order, lo, hi
+
+
 def window_sums(group: np.ndarray, t: np.ndarray, values: np.ndarray, width: int, lag: int = 0
                 ) -> np.ndarray:
-    """For each row i: Σ values[j] over rows j of the same group with t_i − lag − width < t_j ≤ t_i − lag.
-
-    With lag = 0 only rows at or before row i in (time, row) order count, so a row never sees a later row
-    with the same timestamp. Vectorised: one sort, a cumulative sum and two binary searches.
+    """For each row i: Σ values[j] over rows j of the same group with t_i − lag − width < t_j ≤ t_i − lag
+    (`window_bounds`). Vectorised: one sort, a cumulative sum and two binary searches.
     values: (N,) or (N, C) int64 -> the same shape, int64 (integer sums: exact in any order).
     """
     n = len(t)
     vals = np.asarray(values, dtype=np.int64).reshape(n, -1)
     if n == 0:
         return vals.reshape(np.shape(values))
-    order = np.lexsort((np.arange(n), t, group))
-    span = int(lag + width + 1)
-    trel = t - t.min() + span  # >= span, so key - offset stays inside the group
-    big = int(trel.max()) + span + 1
-    key = group[order].astype(np.int64) * big + trel[order]
+    order, lo, hi = window_bounds(group, t, width, lag)
     cum = np.vstack([np.zeros((1, vals.shape[1]), np.int64), np.cumsum(vals[order], axis=0)])
-    pos = np.arange(n)
-    hi = pos + 1 if lag == 0 else np.searchsorted(key, key - lag, side="right")
-    lo = np.searchsorted(key, key - lag - width, side="right")
     out = np.empty_like(vals)
     out[order] = cum[hi] - cum[lo]
     return out.reshape(np.shape(values)) if np.ndim(values) == 1 else out
@@ -146,6 +163,66 @@ def customer_one(times: np.ndarray, amounts: np.ndarray, t: int, amount: float, 
         out[f"cust_n_{w}d"] = float(np.float32(n))
         out[f"cust_mean_amount_{w}d"] = float(np.float32(mean_amount(int(units[keep].sum()) + now, n)))
     return out
+
+
+def _quantile(xs: np.ndarray, n: np.ndarray, num: int, den: int) -> np.ndarray:
+    """The num/den quantile (linear interpolation, numpy's default) of each row's first n values of xs
+    (sorted ascending), NaN where n = 0. Integer units and fractions k/den: exact in float64."""
+    rows = np.arange(len(n))
+    m = np.maximum(n - 1, 0)
+    lo, frac = (m * num) // den, ((m * num) % den) / den
+    a = xs[rows, lo].astype(np.float64) if xs.shape[1] else np.zeros(len(n))
+    b = xs[rows, np.minimum(lo + 1, np.maximum(n - 1, 0))].astype(np.float64) if xs.shape[1] else a
+    return np.where(n > 0, a + frac * (b - a), np.nan)
+
+
+def robust_from_sorted(xs: np.ndarray, n: np.ndarray, now: np.ndarray) -> dict[str, np.ndarray]:
+    """The robust amount deviation of R events from their pasts: xs (R, K) int64 amount units sorted
+    ascending, the first n[r] of row r being its past (the rest padding), now (R,) the event's own units.
+    Both forms call this with the same values, so they agree bit for bit. Columns (float32):
+    rz_n (past events), rz_median (past median amount), rz_z = (amount − median) / scale with scale =
+    max(IQR, median / 10, 0.01) (a constant history has IQR 0), rz_ratio = amount / median; NaN without
+    history."""
+    n = np.asarray(n, np.int64)
+    med = _quantile(xs, n, 1, 2)
+    iqr = _quantile(xs, n, 3, 4) - _quantile(xs, n, 1, 4)
+    scale = np.maximum(np.maximum(iqr, np.abs(med) / 10.0), ROBUST_FLOOR)
+    now = np.asarray(now, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(med > 0, now / np.where(med > 0, med, 1.0), np.nan)
+        return {"rz_n": n.astype(np.float32), "rz_median": (med / AMOUNT_SCALE).astype(np.float32),
+                "rz_z": ((now - med) / scale).astype(np.float32), "rz_ratio": ratio.astype(np.float32)}
+
+
+def robust_features(events: pl.DataFrame, amount: str, days: int = ROBUST_DAYS, chunk: int = 4096
+                    ) -> pl.DataFrame:
+    """Per event, its amount against the customer's own past `days` days (the events strictly before it in
+    (time, row) order, time > t − days): `robust_from_sorted`. A median and an IQR are robust to the few
+    frauds a compromised history holds, where a mean is not."""
+    user, t = _codes(events[USER]), _seconds(events)
+    units = amount_units(events[amount].cast(pl.Float64).fill_null(0.0).to_numpy())
+    order, lo, hi = window_bounds(user, t, days * DAY)
+    su, lo, pos = units[order], lo.astype(np.int64), hi.astype(np.int64) - 1  # past = [lo, pos)
+    cols: dict[str, np.ndarray] = {}
+    for a in range(0, len(t), chunk):
+        b = min(a + chunk, len(t))
+        n = pos[a:b] - lo[a:b]
+        idx = lo[a:b, None] + np.arange(int(n.max(initial=0)))[None, :]
+        past = np.where(idx < pos[a:b, None], su[np.minimum(idx, max(len(su) - 1, 0))], np.iinfo(np.int64).max)
+        part = robust_from_sorted(np.sort(past, axis=1), n, su[a:b])
+        for k, v in part.items():
+            cols.setdefault(k, np.empty(len(t), np.float32))[order[a:b]] = v
+    if not cols:
+        cols = {k: np.zeros(0, np.float32) for k in ROBUST_COLUMNS}
+    return pl.DataFrame(cols)
+
+
+def robust_one(times: np.ndarray, amounts: np.ndarray, t: int, amount: float, days: int = ROBUST_DAYS
+               ) -> dict[str, float]:
+    """`robust_features` of ONE event at time t with this amount, given the customer's earlier events."""
+    past = np.sort(amount_units(amounts)[np.asarray(times, np.int64) > t - days * DAY])
+    out = robust_from_sorted(past[None, :], np.array([len(past)]), amount_units(np.array([amount])))
+    return {k: float(v[0]) for k, v in out.items()}
 
 
 def terminal_features(events: pl.DataFrame, merchant: str, windows: tuple[int, ...] = WINDOWS,

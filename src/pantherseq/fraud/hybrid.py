@@ -1,9 +1,10 @@
 """The hybrid risk model g (SPEC §7, paper §3.1 Stage 2): gradient-boosted trees on
 [context ψ, recent pattern, pooled history state, Δ], and the feature sets it is compared on.
 
-    FEATURE_SETS        baseline | baseline+embedding | baseline+deviation | hybrid (= all)
+    FEATURE_SETS        baseline | baseline+robust_z | baseline+embedding | baseline+deviation | hybrid
     LGBMConfig          the booster's knobs (defaults below)
-    fit_risk_model(X, y, t, cfg) -> RiskModel      time-ordered early stopping, then a refit on all rows
+    early_stopping_split(t, y, customer, ...)      fit rows, early-stopping rows: later, no shared customer
+    fit_risk_model(X, y, t, cfg, cats, customer) -> RiskModel   early stopping, then a refit on all rows
     RiskModel.predict(X) -> (N,) scores; .save(stem); RiskModel.load(stem); .importances()
     (registered as `lightgbm` in fraud/risk.py's RISK_MODELS)
 
@@ -12,8 +13,10 @@ Decisions (the paper uses a DCN; the downstream model is free):
 - Class imbalance: positives weighted by sqrt(negatives / positives) unless `pos_weight` is given;
   the full ratio over-weights a 0.1-1% class and hurts the precision at the top the metrics reward.
 - Early stopping on average precision over the *last* `valid_share` of the training period by time (never
-  a random slice: that would let the trees learn from days after the ones they are validated on), then
-  the model is refit on the whole training period for the best number of rounds (`refit`).
+  a random slice: that would let the trees learn from days after the ones they are validated on) of a
+  held-out half of the customers, none of whom is in the fit slice (`early_stopping_split`: trees that fit
+  individual customers are not rewarded), then the model is refit on the whole training period for the
+  best number of rounds (`refit`).
 - NaN is LightGBM's missing value: the Δ of UNK events and of a user's first event are missing.
 LightGBM is imported inside the functions (it is the `fraud` extra).
 """
@@ -32,12 +35,13 @@ from pantherseq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FEATURE_SETS = ("baseline", "baseline+embedding", "baseline+deviation", "hybrid")
+FEATURE_SETS = ("baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "hybrid")
 GROUPS = {  # feature groups each set uses
     "baseline": ("baseline",),
+    "baseline+robust_z": ("baseline", "robust"),
     "baseline+embedding": ("baseline", "embedding"),
     "baseline+deviation": ("baseline", "deviation"),
-    "hybrid": ("baseline", "embedding", "deviation"),
+    "hybrid": ("baseline", "embedding", "deviation"),  # the hand-made robust_z is the bar it must clear
 }
 
 
@@ -53,14 +57,62 @@ class LGBMConfig:
     max_rounds: int = 2000
     early_stopping: int = 100
     valid_share: float = 0.2  # the last share of the training rows (by time) used for early stopping
+    valid_customers: float = 0.5  # the share of customers held out of the fit slice (early_stopping_split)
     pos_weight: float | None = None  # None = sqrt(negatives / positives)
     refit: bool = True
     threads: int = 1
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        if not 0.0 < self.valid_share < 1.0:
-            raise ConfigError(f"{where}.valid_share must be in (0, 1), got {self.valid_share}")
+        check_split(self, where)
+
+
+def check_split(cfg, where: str) -> None:
+    for name in ("valid_share", "valid_customers"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{where}.{name} must be in (0, 1), got {getattr(cfg, name)}")
+
+
+def early_stopping_split(t: np.ndarray, y: np.ndarray, customer: np.ndarray | None, valid_share: float,
+                         valid_customers: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, early-stopping rows), both sorted. The early-stopping slice is the last `valid_share` of
+    the rows by time, restricted to a held-out `valid_customers` share of the customers; the fit slice is
+    the earlier rows of the other customers. So the slice is later than every fit row (the trees never
+    learn from days after those they are validated on) and shares no customer with it (a model that fits
+    individual customers is not rewarded). The held-out customers are drawn by `seed` separately among those
+    with a fraud in the late rows and the others, so both slices keep frauds. customer None: time only."""
+    n = len(t)
+    order = np.argsort(np.asarray(t), kind="stable")
+    late = np.zeros(n, bool)
+    late[order[int(n * (1.0 - valid_share)):]] = True
+    if customer is None:
+        return np.flatnonzero(~late), np.flatnonzero(late)
+    ids, cust = np.unique(np.asarray(customer), return_inverse=True)
+    hit = np.zeros(len(ids), bool)
+    hit[cust[late & (np.asarray(y) == 1)]] = True
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(ids), bool)
+    for stratum in (np.flatnonzero(hit), np.flatnonzero(~hit)):
+        k = int(np.ceil(valid_customers * len(stratum)))  # at least one late fraud customer when any
+        held[rng.permutation(stratum)[:k]] = True
+    out = held[cust]
+    return np.flatnonzero(~late & ~out), np.flatnonzero(late & out)
+
+
+def risk_split(t: np.ndarray, y: np.ndarray, customer: np.ndarray | None, cfg: LGBMConfig
+               ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`early_stopping_split` with cfg's shares; when too few fraud customers leave one slice without fraud,
+    the time-only split (logged; the third value says which). ConfigError when even that has none."""
+    fit, valid = early_stopping_split(t, y, customer, cfg.valid_share, cfg.valid_customers, cfg.seed)
+    disjoint = customer is not None
+    if disjoint and (y[valid].sum() == 0 or y[fit].sum() == 0):
+        log.warning("too few fraud customers for a customer-disjoint early-stopping slice (%d frauds in the fit "
+                    "slice, %d in the early-stopping one): split by time only", y[fit].sum(), y[valid].sum())
+        (fit, valid), disjoint = early_stopping_split(t, y, None, cfg.valid_share, cfg.valid_customers), False
+    if y[valid].sum() == 0 or y[fit].sum() == 0:
+        raise ConfigError("no fraud in one of the fit / early-stopping slices: lengthen the risk model's "
+                          "training period or change valid_share")
+    return fit, valid, disjoint
 
 
 def _lightgbm():
@@ -124,8 +176,9 @@ def _matrix(X: pl.DataFrame, features: list[str]) -> np.ndarray:
 
 
 def fit_risk_model(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: LGBMConfig,
-                   categorical: list[str] | None = None) -> RiskModel:
-    """Train on rows X (features by name), labels y (0/1) and times t (any sortable, for the split)."""
+                   categorical: list[str] | None = None, customer: np.ndarray | None = None) -> RiskModel:
+    """Train on rows X (features by name), labels y (0/1), times t (any sortable) and the rows' customers
+    (for the early-stopping split: `early_stopping_split`)."""
     lgb = _lightgbm()
     y = np.asarray(y).astype(np.int8)
     pos, neg = int(y.sum()), int((y == 0).sum())
@@ -137,12 +190,7 @@ def fit_risk_model(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: LGBMConfi
     weight = cfg.pos_weight if cfg.pos_weight is not None else float(np.sqrt(neg / pos))
     params = _params(cfg, weight)
     M = _matrix(X, features)
-    order = np.argsort(np.asarray(t), kind="stable")
-    cut = int(len(order) * (1.0 - cfg.valid_share))
-    fit_rows, valid_rows = np.sort(order[:cut]), np.sort(order[cut:])
-    if y[valid_rows].sum() == 0 or y[fit_rows].sum() == 0:
-        raise ConfigError("no fraud in one of the time-ordered fit / early-stopping slices: lengthen the "
-                          "risk model's training period or change lgbm.valid_share")
+    fit_rows, valid_rows, disjoint = risk_split(t, y, customer, cfg)
     train_set = lgb.Dataset(M[fit_rows], y[fit_rows], feature_name=features, categorical_feature=cats,
                             free_raw_data=False)
     valid_set = lgb.Dataset(M[valid_rows], y[valid_rows], reference=train_set)
@@ -154,6 +202,8 @@ def fit_risk_model(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: LGBMConfi
         full = lgb.Dataset(M, y, feature_name=features, categorical_feature=cats)
         booster = lgb.train(params, full, num_boost_round=best)
     info = {"best_iteration": best, "valid_average_precision": valid_ap, "pos_weight": weight,
-            "train_rows": len(y), "train_frauds": pos, "refit": cfg.refit, "threads": cfg.threads}
+            "train_rows": len(y), "train_frauds": pos, "fit_rows": len(fit_rows), "valid_rows": len(valid_rows),
+            "valid_frauds": int(y[valid_rows].sum()), "customer_disjoint": disjoint,
+            "refit": cfg.refit, "threads": cfg.threads}
     log.info("risk model: %d features, %d rounds, early-stopping AP %.4f", len(features), best, valid_ap)
     return RiskModel(booster, features, info)

@@ -35,9 +35,9 @@ from pantherseq.data.schema import EVENT_ID, LABEL, SCENARIO, TIME, USER
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.fraud.behaviour import BehaviourFeatures, behaviour_features
 from pantherseq.fraud.config import MERCHANT_FIELDS, FraudConfig, load_fraud_config, resolve_periods
-from pantherseq.fraud.features import auto_categorical, baseline_features
+from pantherseq.fraud.features import auto_categorical, baseline_features, robust_features
 from pantherseq.fraud.hybrid import GROUPS
-from pantherseq.fraud.merchant import merchant_auc, merchant_risk
+from pantherseq.fraud.merchant import flagged_precision, merchant_auc, merchant_risk
 from pantherseq.fraud.metrics import fraud_metrics
 from pantherseq.fraud.risk import risk_model_kind
 from pantherseq.model.base import NeuralModel
@@ -46,6 +46,9 @@ from pantherseq.train.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 EMBEDDINGS = ("pool", "rec")  # column prefixes: the pooled history state and the recent (causal) state
+# the scenario whose frauds happen AT the compromised merchant, per source (merchant-risk ground truth):
+# the handbook's compromised terminals, the simulator's rogue merchants
+COMPROMISED_SCENARIO = {"handbook": 2, "simulated": 6}
 
 
 def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +167,7 @@ def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.D
     periods = resolve_periods(cfg, data.cfg.split, events[TIME].min(), events[TIME].max())
     categorical = _categorical(data, cfg, merchant)
     base = baseline_features(events, cfg.amount_field, merchant, categorical, tuple(cfg.windows), cfg.delay_days)
+    robust = robust_features(events, cfg.amount_field, cfg.robust_days)
     timings["baseline_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -172,7 +176,7 @@ def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.D
     ts = events[TIME]
     masks = {name: ((ts >= a) & (ts < b)).to_numpy() for name, (a, b) in
              (("train", periods.train), ("test", periods.test))}
-    if any(g != "baseline" for s in cfg.feature_sets for g in GROUPS[s]):
+    if any(g in ("embedding", "deviation") for s in cfg.feature_sets for g in GROUPS[s]):
         bf = _merge(*[behaviour_features(model, data, m, cfg.context, cfg.batch_windows, cfg.pos_chunk)
                       for m in masks.values()])
     else:  # only the baseline was asked for: no model pass
@@ -187,9 +191,9 @@ def build_features(run: RunDir, model_name: str, cfg: FraudConfig) -> tuple[pl.D
     frame = pl.concat([
         events.select(keys)[rows].with_columns(
             pl.Series("period", np.where(masks["train"][rows], "train", "test"))),
-        base[rows], pl.DataFrame(delta), pl.DataFrame(emb),
+        base[rows], robust[rows], pl.DataFrame(delta), pl.DataFrame(emb),
     ], how="horizontal", strict=True)
-    groups = {"baseline": base.columns, "deviation": list(delta), "embedding": list(emb)}
+    groups = {"baseline": base.columns, "robust": robust.columns, "deviation": list(delta), "embedding": list(emb)}
     meta = {"periods": periods, "merchant": merchant, "categorical": [f"ctx_{c}" for c in categorical],
             "timings": timings, "pca": pca}
     return frame, groups, meta
@@ -215,15 +219,16 @@ def _merchant_section(test: pl.DataFrame, merchant: str | None, cfg: FraudConfig
         raise ConfigError(f"merchant_delta {cfg.merchant_delta!r} is not a feature or score column")
     table = merchant_risk(test, merchant, column, cfg.merchant_quantile, cfg.merchant_min_users)
     scenario = cfg.compromised_scenario
-    if scenario is None and dataset_source == "handbook":
-        scenario = 2
+    if scenario is None:
+        scenario = COMPROMISED_SCENARIO.get(dataset_source)
     truth = _compromised(test, merchant, scenario)
     info: dict[str, Any] = {"delta": column, "quantile": cfg.merchant_quantile,
                             "merchants_rated": int(table["risk"].drop_nulls().len())}
     if truth is not None:
         table = table.with_columns(pl.col(merchant).is_in(list(truth)).alias("compromised"))
         info.update(roc_auc=merchant_auc(table, merchant, truth), compromised=len(truth),
-                    ground_truth=f"any scenario-{scenario} fraud in the test period")
+                    ground_truth=f"any scenario-{scenario} fraud in the test period",
+                    **flagged_precision(table, merchant, truth))
     return table, info
 
 
@@ -249,7 +254,8 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
         cols = [c for g in GROUPS[name] for c in groups[g]]
         kind = risk_model_kind(cfg.risk_model)
         fit, knobs = kind.fit, getattr(cfg, kind.config_key)
-        model = fit(train.select(cols), train[LABEL].to_numpy(), train[TIME].to_numpy(), knobs, meta["categorical"])
+        model = fit(train.select(cols), train[LABEL].to_numpy(), train[TIME].to_numpy(), knobs, meta["categorical"],
+                    train[USER].to_numpy())
         s = model.predict(test.select(cols))
         scores[f"score_{name}"] = s
         results[name] = fraud_metrics(s, test[LABEL].to_numpy(), test[USER].to_numpy(), day,
@@ -332,8 +338,14 @@ def format_fraud_table(report: dict[str, Any]) -> str:
     m = report.get("merchant_risk", {})
     if m.get("roc_auc") is not None:
         lines.append(f"merchant risk ROC-AUC (compromised merchants): {m['roc_auc']:.4f} "
-                     f"({m['compromised']} compromised, {m['merchants_rated']} merchants rated)")
+                     f"({m['compromised']} compromised, {m['merchants_rated']} merchants rated); "
+                     f"{m.get('flagged', 0)} flagged, {_share(m.get('flagged_precision'))} of them compromised "
+                     f"(base rate {_share(m.get('base_rate'))})")
     return "\n".join(lines)
+
+
+def _share(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, float) and np.isfinite(value) else "-"
 
 
 def _cell(value: Any, width: int) -> str:

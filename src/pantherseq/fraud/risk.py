@@ -3,7 +3,7 @@
     RISK_MODELS["lightgbm"]   gradient-boosted trees (fraud/hybrid.py; the default)
     RISK_MODELS["dcn"]        DCN-v2 in torch (fraud/dcn.py; the paper's g)
 
-Every entry has `fit(X, y, t, cfg, categorical) -> model` and `load(stem) -> model`; every model has
+Every entry has `fit(X, y, t, cfg, categorical, customer) -> model` and `load(stem) -> model`; every model has
 `features`, `info`, `predict(frame)`, `predict_matrix(M)` (the service's one-row path), `save(stem)` and
 `importances()`. A saved model is `stem.json` (its `kind`, features and training info) beside the weights
 (`stem.txt` or `stem.pt`), so `load_risk_model(stem)` needs no other hint.

@@ -6,7 +6,8 @@ this model — the risk model of the chosen feature set (any of fraud/risk.py's 
 embedding PCA. `features` computes, for one event, the same features as `pantherseq fraud` with the same
 functions (their one-event forms):
 
-- ψ context, customer spending over 1/7/30 days, terminal risk      fraud/features.py (exact integer sums)
+- ψ context, customer spending over 1/7/30 days, the robust amount deviation against the customer's last
+  30 days, terminal risk                                             fraud/features.py (exact integer sums)
 - Δ against the cached prediction of the user's next event           fraud/behaviour.py DeviationVocab
 - the pooled and the recent state, projected by the same PCA         fraud/pipeline.py project
 
@@ -40,7 +41,14 @@ from pantherseq.errors import ConfigError
 from pantherseq.fraud.behaviour import DeviationVocab, final_states, float64_copy
 from pantherseq.fraud.config import MERCHANT_FIELDS
 from pantherseq.fraud.deviation import Prediction
-from pantherseq.fraud.features import WINDOWS, TerminalHistory, context_one, customer_one
+from pantherseq.fraud.features import (
+    ROBUST_DAYS,
+    WINDOWS,
+    TerminalHistory,
+    context_one,
+    customer_one,
+    robust_one,
+)
 from pantherseq.fraud.pipeline import EMBEDDINGS, project
 from pantherseq.fraud.risk import load_risk_model
 from pantherseq.model.base import Batch, NeuralModel
@@ -173,7 +181,8 @@ class Scorer:
                              None)
         self.amount_field = fc.get("amount_field", "amount")
         self.windows = tuple(int(w) for w in fc.get("windows", WINDOWS))
-        self.spend_days = max(self.windows)
+        self.robust_days = int(fc.get("robust_days", ROBUST_DAYS))
+        self.spend_days = max(*self.windows, self.robust_days)  # the state keeps what both read
         # the run's events before the embedding cut-off (the same in every process, read-only once loaded);
         # the served events and their labels are the store's (Service.terminal_counts)
         self.terminals = TerminalHistory(self.windows, int(fc.get("delay_days", 7)))
@@ -221,6 +230,7 @@ class Scorer:
         names = self.tok.field_names
         out = context_one(ev.dt, amount, {c: ev.codes[names.index(c)] for c in self.categorical})
         out |= customer_one(state.times, state.amounts, ev.time, amount, self.windows)
+        out |= robust_one(state.times, state.amounts, ev.time, amount, self.robust_days)
         if self.merchant is not None:
             m = ev.fields.get(self.merchant)
             out |= self.terminals.features(None if m is None else str(m), ev.time, served)
