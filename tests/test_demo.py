@@ -14,7 +14,7 @@ from pantherseq.cli import main
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     out = tmp_path / "demo"
     # 400 users at the default fraud rate leave the risk model's two weeks a fraud or two: raise the rate
-    code = main(["demo", "--out", str(out), "--budget", "2", "--set", "simulate.n_users=400",
+    code = main(["demo", "--out", str(out), "--epochs", "1", "--set", "simulate.n_users=400",
                  "--set", "simulate.fraud_user_rate=0.15"])
     assert code == 0
     text = capsys.readouterr().out

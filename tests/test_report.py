@@ -70,6 +70,7 @@ def test_every_section_is_drawn(report, full_run):
     assert "hybrid" in html and "stolen_routine" in html and "→" in html  # fraud table, header, 3-grams
     assert "REPEAT_HR@10" in html or "repeat_hr@10" in html  # the repeat / explore split is drawn
     assert "explore targets" in html
+    assert "operating points" in html and "recall@0.01%" in html  # the fraud section's tables
 
 
 def _chromium() -> str | None:

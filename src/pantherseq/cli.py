@@ -14,7 +14,7 @@
     pantherseq llm4es --run RUN_DIR --model-dir DIR [--format plain|json|markdown] [--steps N | --budget-s S]
     pantherseq probe --run RUN_DIR --embeddings aggregates,panther,aggregates+panther --target gender
     pantherseq report RUN_DIR
-    pantherseq demo [--out RUN_DIR] [--budget SECONDS]
+    pantherseq demo [--out RUN_DIR] [--epochs N]
 
 Every user error (bad input, bad config) ends with one line on stderr and exit code 2, never a traceback.
 This module is the parser and the dispatch; what each subcommand does is `commands.py`'s.
@@ -42,6 +42,7 @@ from pantherseq.commands import (
     cmd_serve,
 )
 from pantherseq.data.schema import DATASETS
+from pantherseq.demo import DEMO_EPOCHS
 from pantherseq.errors import PantherseqError
 from pantherseq.run import RunDir
 
@@ -257,11 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="run the whole system on the built-in simulator",
-                       description="Run the whole system on the built-in simulator: prepare, pretrain PANTHER, the "
-                                   "transformer and a Markov baseline under a time budget, evaluate them side by "
-                                   "side, train the fraud risk models, embed every user into SQLite, serve and "
+                       description="Run the whole system on the built-in simulator: prepare, pretrain PANTHER and the "
+                                   "transformer (at most --epochs epochs each, early stopping on validation) and "
+                                   "the personal-frequency and Markov baselines, evaluate them side by side, train the fraud risk models, embed every user into SQLite, serve and "
                                    "score live transactions over HTTP, and write RUN_DIR/report.html.")
-    d.add_argument("--budget", type=int, default=90, help="training seconds per neural model (default: 90)")
+    d.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
+                   help=f"maximum training epochs per neural model, early stopping on validation NDCG@10 with "
+                        f"patience 2 (default: {DEMO_EPOCHS})")
     d.add_argument("--out", default="runs/demo", help="the run directory (default: runs/demo)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a simulator config key, e.g. --set simulate.n_users=500")

@@ -302,4 +302,4 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pantherseq.demo import run_demo
 
-    return run_demo(args.out, args.budget, args.set, report=not args.no_report)
+    return run_demo(args.out, args.epochs, args.set, report=not args.no_report)

@@ -238,7 +238,26 @@ def fraud_curve_section(run: RunDir) -> Section:
     ax.legend(fontsize=8)
     text = (f"{len(labels):,} test-period transactions, {int(labels.sum()):,} frauds "
             f"({labels.mean():.2%}). One line per risk model's feature set; the dotted line is a random order.")
-    return Section(text, _png(fig))
+    return Section(text, _png(fig), _fraud_tables(read_json(run.fraud_dir().report) or {}))
+
+
+def _fraud_tables(report: dict[str, Any]) -> list[Table]:
+    """fraud.json as tables: the operating points per feature set, and recall@1% per fraud scenario."""
+    from pantherseq.fraud.metrics import TOP_PCTS
+
+    sets = report.get("feature_sets") or {}
+    if not sets:
+        return []
+    cols = [f"recall@{p:g}%" for p in TOP_PCTS] + ["average_precision", "roc_auc"]
+    tables = [Table(["feature set", *cols], [[name, *(cell(r.get(c)) for c in cols)] for name, r in sets.items()],
+                    "operating points: the share of frauds in the top K% of transactions by risk score")]
+    scen = sorted({s for r in sets.values() for s in r.get("recall@1%_by_scenario", {})}, key=int)
+    if scen:
+        tables.append(Table(["feature set", *(f"scenario {s}" for s in scen)],
+                            [[name, *(cell(r.get("recall@1%_by_scenario", {}).get(s)) for s in scen)]
+                             for name, r in sets.items()],
+                            "recall@1% per fraud scenario (docs/FRAUD.md lists them)"))
+    return tables
 
 
 # -- 5. tokenizer coverage ----------------------------------------------------------------------------
