@@ -61,6 +61,9 @@ def serve_demo(run: RunDir | Path, model: str, store_url: str, since: str, n: in
     from pantherseq.store import open_store
 
     run = RunDir.of(run)
+    # one line per request (the access log, httpx) would bury the demo's output: the summary says it all
+    for name in ("pantherseq.access", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     scorer = Scorer(run, model)
     store = open_store(store_url)
     service = Service(scorer, store)
