@@ -138,6 +138,30 @@ class SplitConfig:
 
 
 @dataclass
+class UsersConfig:
+    """Prepare a seeded part of the users (e.g. the 80 / 20 users of a transfer study; docs/DATA.md).
+
+    The users left after the bad-row and `split.min_events` drops are ordered by a seeded hash of their
+    user id; the first round(fraction x users) are kept, or with `complement` the others, so `fraction = 0.8`
+    and the same with `complement = true` part the users in two, whatever the order of the files.
+    """
+
+    fraction: float = 1.0
+    seed: int = 0
+    complement: bool = False
+
+    @property
+    def all(self) -> bool:
+        return self.fraction >= 1.0 and not self.complement
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"{where}.fraction must be within (0, 1], got {self.fraction}")
+        if self.complement and self.fraction >= 1.0:
+            raise ConfigError(f"{where}: complement = true with fraction = 1 keeps no user")
+
+
+@dataclass
 class SequenceConfig:
     """Training windows over long histories: `max_len` events, consecutive windows `stride` apart."""
 
@@ -191,6 +215,7 @@ class DatasetConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
     contrastive: dict[str, float] = field(default_factory=dict)  # profile field -> tolerance (0 = equal)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
