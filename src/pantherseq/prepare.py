@@ -16,6 +16,7 @@ directory that already holds trained models is refused unless `force` (they woul
     events.parquet     the kept canonical events, sorted, with user index, gap, split and token
     users.parquet      user index -> user_id, event counts
     profile.parquet    the profile of the kept users in user-index order (when the dataset has one)
+    items.parquet      the item side table joined to the events (when the dataset has one; data/items.py)
     sequences/         the memory-mappable arrays of `data/sequences.py` (`sequences.shards` shards)
 
 Two engines compute the same outputs: `polars` (this module, one process) and `spark`
@@ -38,6 +39,7 @@ import numpy as np
 import polars as pl
 
 from pantherseq.config import save_toml
+from pantherseq.data.items import source_names
 from pantherseq.data.schema import EVENT_ID, GAP, LABEL, SCENARIO, TIME, UNK, USER, DatasetConfig
 from pantherseq.data.sequences import Sequences
 from pantherseq.data.sources import FILE, ROW, Loaded, load_source
@@ -74,6 +76,7 @@ class Facts:
     unk_users: int  # users with at least one UNK event
     labels: dict[str, Any] = field(default_factory=dict)
     profile_fields: list[str] = field(default_factory=list)
+    items: dict[str, Any] = field(default_factory=dict)  # data/items.py join_items' stats
 
 
 def drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, int]) -> pl.DataFrame:
@@ -212,7 +215,8 @@ def clear_sequences(run: RunDir) -> None:
 
 
 def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.DataFrame, users: pl.DataFrame,
-           codes: np.ndarray, profile: pl.DataFrame | None, tok_file: Path | None = None) -> None:
+           codes: np.ndarray, profile: pl.DataFrame | None, tok_file: Path | None = None,
+           items: pl.DataFrame | None = None) -> None:
     log.info("writing %s", run)
     run.path.mkdir(parents=True, exist_ok=True)
     if tok_file is None:
@@ -226,6 +230,9 @@ def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.
     frame.drop(FILE, ROW).write_parquet(run.events)
     if profile is not None:
         profile.write_parquet(run.profile)
+    run.items.unlink(missing_ok=True)
+    if items is not None:
+        source_names(items, cfg).write_parquet(run.items)
 
 
 def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = False, engine: str = "polars",
@@ -240,9 +247,9 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     if engine == "spark":
         from pantherseq.spark.prepare import prepare_spark
 
-        if tokenizer_from is not None or not cfg.users.all:
-            raise ConfigError("--engine spark fits its own tokenizer on every user: --tokenizer-from and [users] "
-                              "need --engine polars")
+        if tokenizer_from is not None or not cfg.users.all or cfg.items.fields:
+            raise ConfigError("--engine spark fits its own tokenizer on every user's events: --tokenizer-from, "
+                              "[users] and [items] need --engine polars")
         tok, facts = prepare_spark(cfg, run, spark_master)
     else:
         reused = tokenizer_of(tokenizer_from, cfg) if tokenizer_from is not None else None
@@ -278,7 +285,7 @@ def _prepare_polars(cfg: DatasetConfig, run: RunDir, reused: tuple[StructuredTok
     user_idx = np.repeat(users[USER_IDX].to_numpy(), users["events"].to_numpy())  # frame is user-major
     frame = frame.with_columns(pl.Series(TOKEN, encoded.tokens), pl.Series(USER_IDX, user_idx))
     profile = _profile(loaded, users)
-    _write(run, cfg, tok, frame, users, encoded.codes, profile, reused[1] if reused else None)
+    _write(run, cfg, tok, frame, users, encoded.codes, profile, reused[1] if reused else None, loaded.items)
     known = frame.group_by(SPLIT).agg((pl.col(TOKEN) != UNK).sum().alias("n"))
     unk = frame.group_by(USER).agg((pl.col(TOKEN) == UNK).any().alias("u"))["u"]
     return tok, Facts(
@@ -286,7 +293,8 @@ def _prepare_polars(cfg: DatasetConfig, run: RunDir, reused: tuple[StructuredTok
         users=users.height, split_rows=split_counts(frame),
         known_by_split={int(k): int(n) for k, n in known.iter_rows()}, unk_users=int(unk.sum()),
         labels=_labels(frame),
-        profile_fields=[] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)])
+        profile_fields=[] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)],
+        items=loaded.item_stats)
 
 
 def _share(part: int, whole: int) -> float:
@@ -319,6 +327,7 @@ def build_report(cfg: DatasetConfig, tok: StructuredTokenizer, facts: Facts, wal
         "split": split,
         "labels": facts.labels,
         "profile_fields": facts.profile_fields,
+        **({"items": facts.items} if facts.items else {}),
         "shards": cfg.sequences.shards,
         "wall_s": round(wall_s, 3),
     }

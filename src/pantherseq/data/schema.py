@@ -103,6 +103,23 @@ class ProfileConfig:
 
 
 @dataclass
+class ItemsConfig:
+    """An item side table joined to the events by id; its columns become event fields (docs/DATA.md).
+
+    on: the event field holding the item id (a categorical field). key: the table's id column.
+    fields: names of `[[fields]]` read from the table (each from its `column`) instead of from the events.
+    path: the table (CSV / TSV / Parquet); the movielens100k source defaults to its own item file.
+    separator: the CSV separator (default: tab for .tsv, .item and u.item files, else a comma).
+    """
+
+    path: str | None = None
+    key: str = "item_id"
+    on: str | None = None
+    fields: list[str] = field(default_factory=list)
+    separator: str | None = None
+
+
+@dataclass
 class TokenizerConfig:
     """Paper §3.2: the token is the Cartesian product of `fields`; keep the `top_k` most frequent."""
 
@@ -213,6 +230,7 @@ class DatasetConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     fields: list[FieldConfig] = field(default_factory=list)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    items: ItemsConfig = field(default_factory=ItemsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
@@ -236,6 +254,25 @@ class DatasetConfig:
         """Fields read from a column (all but the time-derived ones)."""
         return [f for f in self.fields if f.kind != "time"]
 
+    @property
+    def event_column_fields(self) -> list[FieldConfig]:
+        """Fields read from the event files (the column fields but the item table's)."""
+        return [f for f in self.column_fields if f.name not in self.items.fields]
+
+    def _validate_items(self, where: str) -> None:
+        items, kinds = self.items, {f.name: f.kind for f in self.fields}
+        if not items.fields:
+            if items.on or items.path:
+                raise ConfigError(f"{where}.items: name the fields read from the item table (items.fields)")
+            return
+        if items.on is None or kinds.get(items.on) != "categorical" or items.on in items.fields:
+            raise ConfigError(f"{where}.items.on = {items.on!r}: it must name the categorical event field holding "
+                              f"the item id (one of {[n for n, k in kinds.items() if k == 'categorical']})")
+        bad = [n for n in items.fields if kinds.get(n) in (None, "time")]
+        if bad:
+            raise ConfigError(f"{where}.items.fields: {bad} are not categorical or numeric fields "
+                              f"({', '.join(kinds)})")
+
     def validate(self, where: str) -> None:
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
@@ -256,6 +293,7 @@ class DatasetConfig:
         if not 1 <= self.min_year <= self.max_year <= 9999:
             raise ConfigError(f"{where}: min_year ({self.min_year}) and max_year ({self.max_year}) must satisfy "
                               "1 <= min_year <= max_year <= 9999")
+        self._validate_items(where)
         profile_names = {f.name for f in self.profile.fields}
         bad = sorted(set(self.contrastive) - profile_names)
         if bad:
