@@ -1,7 +1,7 @@
 """The `pantherseq` command: one entry point, subcommands are verbs.
 
     pantherseq prepare --dataset NAME [--data PATH] [--config FILE] [--set key=value ...] --out RUN_DIR
-                       [--engine polars|spark] [--spark-master URL]
+                       [--engine polars|spark] [--spark-master URL] [--tokenizer-from RUN_DIR]
     pantherseq pretrain --run RUN_DIR --model NAME [--config FILE] [--set key=value ...] [--resume]
                         [--init-from RUN_DIR/models/NAME]
     pantherseq evaluate --run RUN_DIR [--models a,b] [--split test]
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--force", action="store_true",
                    help="prepare into a run directory that holds trained models (they will not fit it any more)")
+    p.add_argument("--tokenizer-from", metavar="RUN_DIR",
+                   help="re-use this prepared run's fitted tokenizer (bucket edges, vocabulary) instead of fitting "
+                        "one: its models then load into the new run as they are (same fields needed; docs/DATA.md)")
     p.add_argument("--engine", choices=("polars", "spark"), default="polars",
                    help="polars: one process (default); spark: PySpark, csv/handbook sources (docs/SPARK.md)")
     p.add_argument("--spark-master", help="with --engine spark: the master URL (default: [spark] master in the "

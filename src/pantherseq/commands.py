@@ -25,7 +25,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pantherseq.prepare import format_prepare_report, prepare
 
     cfg = load_dataset_config(args.dataset, args.config, args.set, data=args.data)
-    report = prepare(cfg, args.out, force=args.force, engine=args.engine, spark_master=args.spark_master)
+    report = prepare(cfg, args.out, force=args.force, engine=args.engine, spark_master=args.spark_master,
+                     tokenizer_from=args.tokenizer_from)
     print(f"prepared {args.out}\n{format_prepare_report(report)}")
     return 0
 

@@ -8,7 +8,8 @@ Reading. The file is read and checked as `prepare` reads its source, with the ru
 config names (the canonical names `user_id`, `timestamp` and the field names for the built-in simulator;
 `user_id, item_id, rating, timestamp` in epoch seconds for MovieLens; the TabFormer layout for TabFormer),
 the same bad-input rules (one error line naming file, row and column, or `bad_rows = "drop"`) and the same
-duplicate-id check, ordering and time gaps (data/sources.py, prepare.py). The label, scenario and event-id
+duplicate-id check, ordering and time gaps (data/sources.py, prepare.py); the item fields come from the run's
+copy of its item table (RUN/items.parquet), so the file needs only the item id. The label, scenario and event-id
 columns are optional: read and checked when the file has them. No split: every event is
 history; a user with one event is predicted too. Encoding uses the run's saved tokenizer: a value it never
 saw is its field's UNK, an unseen combination the token UNK (`unk_events` counts them).
@@ -88,6 +89,7 @@ def read_events(run: RunDir, events: str | Path) -> pl.DataFrame:
     cfg = dataclasses.replace(
         cfg, source="tabformer" if cfg.source == "tabformer" else "csv", data=str(events),
         columns=_present(cfg, events), profile=dataclasses.replace(cfg.profile, path=None),
+        items=dataclasses.replace(cfg.items, path=str(run.items), separator=None) if cfg.items.fields else cfg.items,
         split=dataclasses.replace(cfg.split, min_events=1))
     loaded = load_source(cfg)
     dropped = dict(loaded.dropped)

@@ -1,7 +1,12 @@
 """The `prepare` stage: raw events -> validated events, fitted tokenizer, token sequences, split, report.
 
     prepare(cfg, run_dir, force=False) -> dict   (the contents of prepare.json)
+    prepare(cfg, run_dir, tokenizer_from=RUN)    the same, re-using RUN's fitted tokenizer (a byte-for-byte
+                                                 copy of RUN/tokenizer.json: RUN's models load as they are)
     format_prepare_report(report) -> str         (its terminal summary)
+
+`cfg.users` keeps a seeded part of the users (data/split.py `chosen_users`); the others are counted in
+`rows_dropped` as `user_not_chosen`.
 
 Writes into the run directory (never modifying its inputs; the names are `RunDir`'s, run.py). A run
 directory that already holds trained models is refused unless `force` (they would no longer fit it).
@@ -11,6 +16,7 @@ directory that already holds trained models is refused unless `force` (they woul
     events.parquet     the kept canonical events, sorted, with user index, gap, split and token
     users.parquet      user index -> user_id, event counts
     profile.parquet    the profile of the kept users in user-index order (when the dataset has one)
+    items.parquet      the item side table joined to the events (when the dataset has one; data/items.py)
     sequences/         the memory-mappable arrays of `data/sequences.py` (`sequences.shards` shards)
 
 Two engines compute the same outputs: `polars` (this module, one process) and `spark`
@@ -20,6 +26,7 @@ tokenizer's fitting from statistics, the report from a `Facts` record, the one-l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -32,10 +39,19 @@ import numpy as np
 import polars as pl
 
 from pantherseq.config import save_toml
+from pantherseq.data.items import source_names
 from pantherseq.data.schema import EVENT_ID, GAP, LABEL, SCENARIO, TIME, UNK, USER, DatasetConfig
 from pantherseq.data.sequences import Sequences
 from pantherseq.data.sources import FILE, ROW, Loaded, load_source
-from pantherseq.data.split import SPLIT, SPLIT_NAMES, TRAIN, split_counts, split_expr, split_summary
+from pantherseq.data.split import (
+    SPLIT,
+    SPLIT_NAMES,
+    TRAIN,
+    chosen_users,
+    split_counts,
+    split_expr,
+    split_summary,
+)
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.run import RunDir
 from pantherseq.tokenizer import StructuredTokenizer
@@ -60,6 +76,7 @@ class Facts:
     unk_users: int  # users with at least one UNK event
     labels: dict[str, Any] = field(default_factory=dict)
     profile_fields: list[str] = field(default_factory=list)
+    items: dict[str, Any] = field(default_factory=dict)  # data/items.py join_items' stats
 
 
 def drop_duplicate_ids(frame: pl.DataFrame, bad_rows: str, dropped: dict[str, int]) -> pl.DataFrame:
@@ -89,6 +106,38 @@ def order_events(frame: pl.DataFrame, cfg: DatasetConfig, dropped: dict[str, int
             frame = frame.filter(~short)
     gap = (pl.col(TIME).diff().dt.total_microseconds() / 1e6).over(USER).alias(GAP)
     return frame.with_columns(gap)
+
+
+def select_users(frame: pl.DataFrame, cfg: DatasetConfig, dropped: dict[str, int]) -> pl.DataFrame:
+    """Keep the users of `cfg.users` (all by default); the rest are counted as `user_not_chosen`."""
+    if cfg.users.all:
+        return frame
+    keep = frame[USER].is_in(list(chosen_users(frame[USER].unique().to_list(), cfg.users)))
+    dropped["user_not_chosen"] = int((~keep).sum())
+    return frame.filter(keep)
+
+
+# tokenizer settings a run may not change when it re-uses another run's tokenizer (the reading ones may)
+READING_KEYS = ("column", "required", "min_value")
+
+
+def tokenizer_of(source: RunDir | str | Path, cfg: DatasetConfig) -> tuple[StructuredTokenizer, Path]:
+    """RUN's fitted tokenizer and its file, for a config whose fields and token fields are RUN's (the way
+    each field is read from the files may differ); one ConfigError line otherwise."""
+    run = RunDir.of(source).require()
+    tok = run.tokenizer()
+    theirs = {f.name: f for f in tok.fields}
+    names = [f.name for f in cfg.fields]
+    if names != tok.field_names or cfg.tokenizer.fields != tok.token_fields:
+        raise ConfigError(f"--tokenizer-from {run}: its fields {tok.field_names} (token {tok.token_fields}) differ "
+                          f"from this config's {names} (token {cfg.tokenizer.fields}): give the same fields")
+    for f in cfg.fields:
+        mine, other = (dataclasses.asdict(x) for x in (f, theirs[f.name]))
+        diff = [k for k in mine if k not in READING_KEYS and mine[k] != other[k]]
+        if diff:
+            raise ConfigError(f"--tokenizer-from {run}: field {f.name!r} has {diff[0]} = {mine[diff[0]]!r} here "
+                              f"but {other[diff[0]]!r} in its tokenizer")
+    return tok, run.tokenizer_file
 
 
 def _user_table(frame: pl.DataFrame) -> pl.DataFrame:
@@ -166,10 +215,14 @@ def clear_sequences(run: RunDir) -> None:
 
 
 def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.DataFrame, users: pl.DataFrame,
-           codes: np.ndarray, profile: pl.DataFrame | None) -> None:
+           codes: np.ndarray, profile: pl.DataFrame | None, tok_file: Path | None = None,
+           items: pl.DataFrame | None = None) -> None:
     log.info("writing %s", run)
     run.path.mkdir(parents=True, exist_ok=True)
-    tok.save(run.tokenizer_file)
+    if tok_file is None:
+        tok.save(run.tokenizer_file)
+    elif tok_file.resolve() != run.tokenizer_file.resolve():
+        shutil.copyfile(tok_file, run.tokenizer_file)  # byte for byte: the same SHA-256 (train/warmstart.py)
     save_toml(cfg, run.config_file)
     clear_sequences(run)
     _sequences(frame, users, codes, tok).save_shards(run.sequences, cfg.sequences.shards)
@@ -177,11 +230,15 @@ def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.
     frame.drop(FILE, ROW).write_parquet(run.events)
     if profile is not None:
         profile.write_parquet(run.profile)
+    run.items.unlink(missing_ok=True)
+    if items is not None:
+        source_names(items, cfg).write_parquet(run.items)
 
 
 def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = False, engine: str = "polars",
-            spark_master: str | None = None) -> dict[str, Any]:
-    """Prepare a run directory with `engine` (polars | spark; `spark_master` overrides `spark.master`)."""
+            spark_master: str | None = None, tokenizer_from: RunDir | str | Path | None = None) -> dict[str, Any]:
+    """Prepare a run directory with `engine` (polars | spark; `spark_master` overrides `spark.master`), fitting
+    a tokenizer on its training period or re-using `tokenizer_from`'s (a prepared run)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     started = time.perf_counter()
@@ -190,32 +247,45 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     if engine == "spark":
         from pantherseq.spark.prepare import prepare_spark
 
+        if tokenizer_from is not None or not cfg.users.all or cfg.items.fields:
+            raise ConfigError("--engine spark fits its own tokenizer on every user's events: --tokenizer-from, "
+                              "[users] and [items] need --engine polars")
         tok, facts = prepare_spark(cfg, run, spark_master)
     else:
-        tok, facts = _prepare_polars(cfg, run)
+        reused = tokenizer_of(tokenizer_from, cfg) if tokenizer_from is not None else None
+        if reused is not None:
+            cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, top_k=reused[0].top_k))
+        tok, facts = _prepare_polars(cfg, run, reused)
     report = build_report(cfg, tok, facts, time.perf_counter() - started)
+    if tokenizer_from is not None:
+        report["tokenizer_from"] = str(RunDir.of(tokenizer_from))
     run.prepare_report.write_text(json.dumps(report, indent=1, default=str))
     return report
 
 
-def _prepare_polars(cfg: DatasetConfig, run: RunDir) -> tuple[StructuredTokenizer, Facts]:
+def _prepare_polars(cfg: DatasetConfig, run: RunDir, reused: tuple[StructuredTokenizer, Path] | None = None
+                    ) -> tuple[StructuredTokenizer, Facts]:
     log.info("reading %s", cfg.source)
     loaded = load_source(cfg)
     dropped = dict(loaded.dropped)
     frame = drop_duplicate_ids(loaded.events, cfg.bad_rows, dropped)
-    frame = order_events(frame, cfg, dropped)
+    frame = select_users(order_events(frame, cfg, dropped), cfg, dropped)
     if frame.height == 0:
         raise DataError(f"no events left after dropping {dropped}")
     frame = frame.with_columns(split_expr(cfg.split))
     check_split(set(frame[SPLIT].unique().to_list()), cfg)
-    log.info("fitting the tokenizer on %d training events", int((frame[SPLIT] == TRAIN).sum()))
-    tok = StructuredTokenizer.from_config(cfg).fit(frame.filter(pl.col(SPLIT) == TRAIN))
+    if reused is not None:
+        tok = reused[0]
+        log.info("re-using the tokenizer %s", reused[1])
+    else:
+        log.info("fitting the tokenizer on %d training events", int((frame[SPLIT] == TRAIN).sum()))
+        tok = StructuredTokenizer.from_config(cfg).fit(frame.filter(pl.col(SPLIT) == TRAIN))
     encoded = tok.transform(frame)
     users = _user_table(frame)
     user_idx = np.repeat(users[USER_IDX].to_numpy(), users["events"].to_numpy())  # frame is user-major
     frame = frame.with_columns(pl.Series(TOKEN, encoded.tokens), pl.Series(USER_IDX, user_idx))
     profile = _profile(loaded, users)
-    _write(run, cfg, tok, frame, users, encoded.codes, profile)
+    _write(run, cfg, tok, frame, users, encoded.codes, profile, reused[1] if reused else None, loaded.items)
     known = frame.group_by(SPLIT).agg((pl.col(TOKEN) != UNK).sum().alias("n"))
     unk = frame.group_by(USER).agg((pl.col(TOKEN) == UNK).any().alias("u"))["u"]
     return tok, Facts(
@@ -223,7 +293,8 @@ def _prepare_polars(cfg: DatasetConfig, run: RunDir) -> tuple[StructuredTokenize
         users=users.height, split_rows=split_counts(frame),
         known_by_split={int(k): int(n) for k, n in known.iter_rows()}, unk_users=int(unk.sum()),
         labels=_labels(frame),
-        profile_fields=[] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)])
+        profile_fields=[] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)],
+        items=loaded.item_stats)
 
 
 def _share(part: int, whole: int) -> float:
@@ -256,6 +327,7 @@ def build_report(cfg: DatasetConfig, tok: StructuredTokenizer, facts: Facts, wal
         "split": split,
         "labels": facts.labels,
         "profile_fields": facts.profile_fields,
+        **({"items": facts.items} if facts.items else {}),
         "shards": cfg.sequences.shards,
         "wall_s": round(wall_s, 3),
     }

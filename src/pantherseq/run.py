@@ -9,6 +9,7 @@
 Layout (docs/DATA.md, docs/MODELS.md, docs/FRAUD.md):
 
     prepare.json  config.toml  tokenizer.json  sequences/  events.parquet  users.parquet  [profile.parquet]
+    [items.parquet]
     models/NAME/  checkpoint.pt  last.pt  train_log.jsonl  metrics.json  pretrain.toml
     eval.json     fraud/ (FraudDir)  prototypes.json  serve_demo.json  report.html  report.md  report/
     probe.json    states.db          llm4es/ (EmbeddingsDir)   predictions.parquet
@@ -148,6 +149,11 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.path / "profile.parquet"
+
+    @property
+    def items(self) -> Path:
+        """The item side table the run joined (`[items]`), with the file's column names."""
+        return self.path / "items.parquet"
 
     # -- files written by later stages ------------------------------------------------------------
     @property

@@ -58,3 +58,20 @@ def test_prepare_writes_shards_that_load_as_one(tmp_path, handbook_csv, shards):
     a, b = Sequences.load(tmp_path / "one" / "sequences"), Sequences.load(tmp_path / "many" / "sequences")
     assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.tokens, b.tokens)
     assert len(load_shards(tmp_path / "many" / "sequences")) == shards
+
+
+def test_train_fraction_takes_a_fixed_seeded_share_of_the_windows(run_dir, tmp_path):
+    from pantherseq.data.dataset import RunData
+    from pantherseq.errors import ConfigError
+    from pantherseq.train.loop import TrainConfig, load_pretrain_config
+
+    full = RunData(run_dir).train_windows(17)
+    part = RunData(run_dir, train_fraction=0.25).train_windows(17)
+    assert len(part) == round(0.25 * len(full)) and np.array_equal(part, RunData(run_dir, 0.25).train_windows(17))
+    assert {tuple(w) for w in part} <= {tuple(w) for w in full}
+    data = RunData(run_dir, train_fraction=0.25)
+    assert data.train_steps(16, 4) == -(-len(part) // 4)
+    assert sum(len(b.tokens) for b in data.train_batches(16, 4, seed=1)) == len(part)
+    assert TrainConfig().data_fraction == 1.0
+    with pytest.raises(ConfigError, match="data_fraction"):
+        load_pretrain_config(overrides=["train.data_fraction=0"])

@@ -31,7 +31,7 @@ from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
 from pantherseq.data.sequences import Sequences, sequence_users, shard_count
 from pantherseq.data.shards import ShardStream
 from pantherseq.data.split import SPLIT_NAMES
-from pantherseq.errors import DataError
+from pantherseq.errors import ConfigError, DataError
 from pantherseq.run import RunDir
 
 
@@ -108,13 +108,21 @@ class Profile:
         return torch.from_numpy(ok)
 
 
+FRACTION_SEED = 20_240_601  # the windows of `train_fraction`: fixed, so every model of a study gets the same
+
+
 class RunData:
     """A prepared run opened for training / evaluation."""
 
-    def __init__(self, run_dir: RunDir | str | Path):
+    def __init__(self, run_dir: RunDir | str | Path, train_fraction: float = 1.0):
+        """`train_fraction` < 1: training uses that seeded share of the training windows (one-shard runs)."""
         self.run = RunDir.of(run_dir)
         self.cfg = self.run.config()
         self.shards = shard_count(self.run.sequences)
+        if train_fraction < 1.0 and self.shards > 1:
+            raise ConfigError(f"train.data_fraction = {train_fraction} needs a one-shard run; {self.run} has "
+                              f"{self.shards} shards")
+        self.train_fraction = train_fraction
         self._seq: Sequences | None = None
         self._gap_bucket: np.ndarray | None = None
         self._user_of: np.ndarray | None = None
@@ -172,6 +180,15 @@ class RunData:
             self._seen_before = seen_before(np.asarray(self.seq.tokens), np.asarray(self.seq.offsets))
         return self._seen_before
 
+    def train_windows(self, max_len: int) -> np.ndarray:
+        """(W, 2) training windows of up to `max_len` events: every one, or the seeded `train_fraction` of
+        them (at least one; the same ones every epoch, in their order)."""
+        win = self.seq.windows(max_len, split="train")
+        if self.train_fraction >= 1.0 or not len(win):
+            return win
+        n = max(1, round(self.train_fraction * len(win)))
+        return win[np.sort(np.random.default_rng(FRACTION_SEED).choice(len(win), n, replace=False))]
+
     def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                       history: int = 0, stream: bool | None = None) -> Iterator[Batch]:
         """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th.
@@ -183,7 +200,7 @@ class RunData:
             yield from self.stream.batches(max_len + 1, batch_size, seed, rank, world, history)
             return
         require_train_targets(self.seq, max_len, self.run)
-        win = self.seq.windows(max_len + 1, split="train")
+        win = self.train_windows(max_len + 1)
         order = np.random.default_rng(seed).permutation(len(win))
         n_batches = math.ceil(len(order) / batch_size)
         if world > 1:  # every rank must take the same number of steps: drop the remainder
@@ -196,14 +213,14 @@ class RunData:
     def n_train_targets(self, max_len: int) -> int:
         if self.stream is not None:
             return int(sum((w[:, 1] - w[:, 0] - 1).sum() for w in self.stream.windows(max_len + 1)))
-        win = self.seq.windows(max_len + 1, split="train")
+        win = self.train_windows(max_len + 1)
         return int((win[:, 1] - win[:, 0] - 1).sum())
 
     def train_steps(self, max_len: int, batch_size: int, world: int = 1) -> int:
         """Batches `train_batches` gives each rank per epoch (without merging a sharded run)."""
         if self.stream is not None:
             return self.stream.steps(max_len + 1, batch_size, world)
-        n = math.ceil(len(self.seq.windows(max_len + 1, split="train")) / batch_size)
+        n = math.ceil(len(self.train_windows(max_len + 1)) / batch_size)
         return n // world if world > 1 else n
 
     def eval_windows(self, split: str, max_len: int, chunk: int | None = None,

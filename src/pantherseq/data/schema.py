@@ -103,6 +103,23 @@ class ProfileConfig:
 
 
 @dataclass
+class ItemsConfig:
+    """An item side table joined to the events by id; its columns become event fields (docs/DATA.md).
+
+    on: the event field holding the item id (a categorical field). key: the table's id column.
+    fields: names of `[[fields]]` read from the table (each from its `column`) instead of from the events.
+    path: the table (CSV / TSV / Parquet); the movielens100k source defaults to its own item file.
+    separator: the CSV separator (default: tab for .tsv, .item and u.item files, else a comma).
+    """
+
+    path: str | None = None
+    key: str = "item_id"
+    on: str | None = None
+    fields: list[str] = field(default_factory=list)
+    separator: str | None = None
+
+
+@dataclass
 class TokenizerConfig:
     """Paper §3.2: the token is the Cartesian product of `fields`; keep the `top_k` most frequent."""
 
@@ -135,6 +152,30 @@ class SplitConfig:
                 raise ConfigError(f"{where}: {exc}") from None
             if t2 < t1:
                 raise ConfigError(f"{where}: t2 ({self.t2}) is before t1 ({self.t1})")
+
+
+@dataclass
+class UsersConfig:
+    """Prepare a seeded part of the users (e.g. the 80 / 20 users of a transfer study; docs/DATA.md).
+
+    The users left after the bad-row and `split.min_events` drops are ordered by a seeded hash of their
+    user id; the first round(fraction x users) are kept, or with `complement` the others, so `fraction = 0.8`
+    and the same with `complement = true` part the users in two, whatever the order of the files.
+    """
+
+    fraction: float = 1.0
+    seed: int = 0
+    complement: bool = False
+
+    @property
+    def all(self) -> bool:
+        return self.fraction >= 1.0 and not self.complement
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"{where}.fraction must be within (0, 1], got {self.fraction}")
+        if self.complement and self.fraction >= 1.0:
+            raise ConfigError(f"{where}: complement = true with fraction = 1 keeps no user")
 
 
 @dataclass
@@ -189,8 +230,10 @@ class DatasetConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     fields: list[FieldConfig] = field(default_factory=list)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    items: ItemsConfig = field(default_factory=ItemsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
     contrastive: dict[str, float] = field(default_factory=dict)  # profile field -> tolerance (0 = equal)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
@@ -210,6 +253,25 @@ class DatasetConfig:
     def column_fields(self) -> list[FieldConfig]:
         """Fields read from a column (all but the time-derived ones)."""
         return [f for f in self.fields if f.kind != "time"]
+
+    @property
+    def event_column_fields(self) -> list[FieldConfig]:
+        """Fields read from the event files (the column fields but the item table's)."""
+        return [f for f in self.column_fields if f.name not in self.items.fields]
+
+    def _validate_items(self, where: str) -> None:
+        items, kinds = self.items, {f.name: f.kind for f in self.fields}
+        if not items.fields:
+            if items.on or items.path:
+                raise ConfigError(f"{where}.items: name the fields read from the item table (items.fields)")
+            return
+        if items.on is None or kinds.get(items.on) != "categorical" or items.on in items.fields:
+            raise ConfigError(f"{where}.items.on = {items.on!r}: it must name the categorical event field holding "
+                              f"the item id (one of {[n for n, k in kinds.items() if k == 'categorical']})")
+        bad = [n for n in items.fields if kinds.get(n) in (None, "time")]
+        if bad:
+            raise ConfigError(f"{where}.items.fields: {bad} are not categorical or numeric fields "
+                              f"({', '.join(kinds)})")
 
     def validate(self, where: str) -> None:
         names = [f.name for f in self.fields]
@@ -231,6 +293,7 @@ class DatasetConfig:
         if not 1 <= self.min_year <= self.max_year <= 9999:
             raise ConfigError(f"{where}: min_year ({self.min_year}) and max_year ({self.max_year}) must satisfy "
                               "1 <= min_year <= max_year <= 9999")
+        self._validate_items(where)
         profile_names = {f.name for f in self.profile.fields}
         bad = sorted(set(self.contrastive) - profile_names)
         if bad:

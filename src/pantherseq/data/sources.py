@@ -7,6 +7,9 @@
 - `movielens100k` the copy inside the installed `recbole` wheel, or a folder with `u.data` / `u.user`;
 - `simulated` the built-in simulator.
 
+Any source may join an item side table (`[items]`, items.py): `load_source` reads it after the events and
+adds its fields to them; MovieLens defaults to its own item file (genre, genres, release_year).
+
 Reading and checking the tables (files, text -> typed columns, bad rows) is `tables.py`'s: a value that does
 not parse or is out of bounds raises a `DataError` naming file, row and column, or with `bad_rows = "drop"`
 drops the row and counts it by reason, e.g. `not_a_number:TX_AMOUNT`.
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pantherseq.data.items import empty_items, join_items, read_items, scan_items
 from pantherseq.data.schema import EVENT_ID, LABEL, SCENARIO, TIME, USER, DatasetConfig, FieldConfig
 from pantherseq.data.tables import (
     FILE,
@@ -39,7 +43,7 @@ from pantherseq.data.tables import (
     scan_files,
     scan_text,
 )
-from pantherseq.errors import DataError
+from pantherseq.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class Loaded:
     rows_read: int
     dropped: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    items: pl.DataFrame | None = None  # the joined item table (items.py), when the config has one
+    item_stats: dict = field(default_factory=dict)
 
 
 def _finish(frame: pl.DataFrame) -> pl.DataFrame:
@@ -221,14 +227,48 @@ def _movielens_frames(root: Path) -> tuple[pl.LazyFrame, Path, pl.LazyFrame | No
     return lf, inter, ulf, (user if ulf is not None else None)
 
 
-def read_movielens(cfg: DatasetConfig) -> Loaded:
+ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+             "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
+             "Western"]  # u.item's genre flags, in its order
+
+
+def _genre_columns(genres: pl.Expr, year: pl.Expr) -> list[pl.Expr]:
+    """`genres` (the space-separated set in u.item's order), `genre` (its first) and `release_year` (a
+    4-digit year, else missing: item 267 is "unknown")."""
+    return [genres.alias("genres"), genres.str.split(" ").list.first().alias("genre"),
+            pl.when(year.str.contains(r"^\d{4}$")).then(year).otherwise(None).alias("release_year")]
+
+
+def movielens_items(root: Path) -> tuple[pl.LazyFrame, Path] | None:
+    """The item table of a MovieLens folder (`ml-100k.item` or `u.item`) with the columns item_id, genre,
+    genres, release_year; None when the folder has none."""
+    if (root / "ml-100k.item").is_file():
+        path = root / "ml-100k.item"
+        lf = scan_text(path, separator="\t")
+        lf = lf.rename({c: c.split(":")[0] for c in lf.collect_schema().names() if ":" in c})
+        return lf.with_columns(_genre_columns(pl.col("class"), pl.col("release_year"))), path
+    if (root / "u.item").is_file():
+        path = root / "u.item"
+        names = ["item_id", "title", "release_date", "video_release_date", "url", *ML_GENRES]
+        lf = scan_text(path, separator="|", has_header=False, names=names)
+        flags = [pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in ML_GENRES]
+        genres = pl.concat_str(flags, separator=" ", ignore_nulls=True)
+        return lf.with_columns(_genre_columns(genres, pl.col("release_date").str.slice(-4))), path
+    return None
+
+
+def _movielens_root(cfg: DatasetConfig) -> Path:
     root = Path(cfg.data) if cfg.data else recbole_ml100k()
     if root is None:
         raise DataError("MovieLens-100k not found: install it with `pip install --no-deps recbole==1.2.1` "
                         "or pass --data with a folder holding u.data / u.user")
     if not root.is_dir():
         raise DataError(f"MovieLens path {root} is not a folder")
-    lf, inter, ulf, user = _movielens_frames(root)
+    return root
+
+
+def read_movielens(cfg: DatasetConfig) -> Loaded:
+    lf, inter, ulf, user = _movielens_frames(_movielens_root(cfg))
     cols = event_columns(cfg)
     require_columns(lf, inter, [c.source for c in cols])
     frame, rows_read, dropped = canonicalize(lf.select(FILE, ROW, *[c.source for c in cols]), cols,
@@ -248,7 +288,7 @@ def read_simulated(cfg: DatasetConfig) -> Loaded:
     sim = simulate(cfg.simulate)
     events = sim.events.with_columns(pl.lit("simulator").alias(FILE),
                                      pl.int_range(1, sim.events.height + 1, dtype=pl.UInt32).alias(ROW))
-    wanted = [USER, TIME, *[f.name for f in cfg.column_fields], LABEL, SCENARIO, EVENT_ID]
+    wanted = [USER, TIME, *[f.name for f in cfg.event_column_fields], LABEL, SCENARIO, EVENT_ID]
     missing = [c for c in wanted if c not in events.columns]
     if missing:
         raise DataError(f"the simulator has no column(s) {missing}; it has {events.columns}")
@@ -268,9 +308,28 @@ SOURCES: dict[str, Callable[[DatasetConfig], Loaded]] = {
 }
 
 
+def item_table(cfg: DatasetConfig) -> pl.DataFrame:
+    """The checked item table of `[items]`: `items.path`, else MovieLens's own item file."""
+    if cfg.items.path:
+        path = Path(cfg.items.path)
+        return read_items(scan_items(path, cfg.items.separator), path, cfg)
+    if cfg.source != "movielens100k":
+        raise ConfigError("items.fields are read from an item table: give items.path")
+    found = movielens_items(_movielens_root(cfg))
+    if found is None:
+        log.warning("no ml-100k.item or u.item beside the ratings: the item fields %s are UNK", cfg.items.fields)
+        return empty_items(cfg)
+    return read_items(found[0], found[1], cfg)
+
+
 def load_source(cfg: DatasetConfig) -> Loaded:
+    """The source's events (+ profile), joined with the item table when the config has one."""
     try:
         reader = SOURCES[cfg.source]
     except KeyError:
         raise DataError(f"unknown source {cfg.source!r}; choose one of {', '.join(SOURCES)}") from None
-    return reader(cfg)
+    loaded = reader(cfg)
+    if cfg.items.fields:
+        loaded.items = item_table(cfg)
+        loaded.events, loaded.item_stats = join_items(loaded.events, loaded.items, cfg)
+    return loaded

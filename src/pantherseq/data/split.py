@@ -4,13 +4,17 @@
   test event is later predicted from all of its user's earlier events, train ones included.
 - `leave_last_out`: per user, the last event is test, the second-last valid, the rest train. The frame
   must already be in each user's chronological order (ties keep file order: the sort is stable).
+
+`chosen_users` is the seeded user subset of `[users]` (a part of the users, before any split of events).
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import polars as pl
 
-from pantherseq.data.schema import TIME, USER, SplitConfig
+from pantherseq.data.schema import TIME, USER, SplitConfig, UsersConfig
 
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "valid", "test")
@@ -44,3 +48,15 @@ def split_summary(counts: list[dict], cfg: SplitConfig) -> dict:
     if cfg.kind == "time":
         rule.update(t1=cfg.t1, t2=cfg.t2)
     return {**rule, "events": events, "users": users}
+
+
+def _user_hash(seed: int, user: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=8).digest()
+
+
+def chosen_users(users: list[str], cfg: UsersConfig) -> set[str]:
+    """The users `cfg` keeps: ordered by a seeded hash of the id (ties by id), the first round(fraction x n),
+    or the rest with `complement`. Depends on the set of users only, never on their order."""
+    ranked = sorted(set(users), key=lambda u: (_user_hash(cfg.seed, u), u))
+    head = round(cfg.fraction * len(ranked))
+    return set(ranked[head:] if cfg.complement else ranked[:head])

@@ -275,7 +275,7 @@ def event_columns(cfg: DatasetConfig, timestamp: str | None = None, time_format:
     cols = [Column(USER, c.user_id, "str", max_chars=cfg.max_value_chars),
             Column(TIME, timestamp or c.timestamp, "time", time_format=time_format or c.time_format,
                    years=(cfg.min_year, cfg.max_year))]
-    for f in cfg.column_fields:
+    for f in cfg.event_column_fields:
         cols.append(field_column(f, cfg.max_value_chars))
     if c.label:
         cols.append(Column(LABEL, c.label, "label", required=False))

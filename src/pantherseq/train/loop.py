@@ -63,6 +63,13 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop after the step that exceeds this training wall time
     threads: int | None = None  # torch threads (None = torch's default)
     log_every: int = 50
+    # train on this seeded share of the training windows (data-efficiency studies: benchmarks/transfer.py);
+    # validation and test are unchanged, and every window keeps its whole context
+    data_fraction: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise ConfigError(f"{where}.data_fraction must be within (0, 1], got {self.data_fraction}")
 
 
 @dataclass
@@ -244,7 +251,7 @@ def train(run_dir: RunDir | str | Path, model: str, cfg: PretrainConfig, resume:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    data = RunData(run.path)
+    data = RunData(run.path, train_fraction=cfg.train.data_fraction)
     info = data.info
     core = build_model(model, cfg.model, info)
     init = None
