@@ -65,7 +65,8 @@ def train_models(name: str, run: Path, budget: int, reuse: bool) -> dict:
     for model in MODELS:
         metrics = run / "models" / model / "metrics.json"
         sets = [*NEXTEVENT[name]["sets"], *(DATASETS[name]["panther_sets"] if model == "panther" else [])]
-        m = json.loads(metrics.read_text()) if reuse and metrics.is_file() else pretrain(run, model, sets, budget)
+        m = json.loads(metrics.read_text()) if reuse and metrics.is_file() else pretrain(
+            run, model, [*sets, f"train.time_budget_s={budget}"], model)
         out[model] = {"epochs": m["epochs"], "train_s": m["train_s"], "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4),
                       "overrides": sets}
     return out
