@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# As the CLI does (MEASURED.md): OpenMP busy-waiting makes 2-thread torch collapse when the other core is busy
+# (a server or a training subprocess the test started, another job on the machine): a 60-step tiny-model test
+# took 60 s with it and 2 s without. Must precede torch's first import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import polars as pl
 import pytest
 
