@@ -40,7 +40,9 @@ class FraudConfig:
     delay_days: int = 7
     robust_days: int = ROBUST_DAYS  # the customer's past the robust amount deviation (rz_*) reads
     context: int = 100  # events of history every prediction sees at least (when the user has them)
-    embedding_dims: int = 16  # PCA components kept of the pooled and of the recent state (0 = all D)
+    # PCA components kept of the pooled and of the recent state: 0 = dropped (the embedding ablation:
+    # baseline+embedding is then the baseline and hybrid baseline+deviation), -1 = all D dimensions
+    embedding_dims: int = 16
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
     card_k: int = 100
     merchant_quantile: float = 0.9
