@@ -181,6 +181,23 @@ def test_background_refresh_folds_the_event_in(service):
     assert service.stats()["refreshed"] >= 1
 
 
+def test_the_state_keeps_each_scored_events_window_deltas(service):
+    """The event log carries each event's short-window Δ as scored; folding it puts them in recent_delta,
+    which the next event's window means read."""
+    user = next(iter(service.scorer.user_index))
+    before, _, _ = service.current_state(user)
+    assert before.recent_delta.shape == (19, len(service.scorer.vocab.window_base))  # embed filled them
+    t = datetime.fromtimestamp(before.last_time) + timedelta(hours=1)
+    out = service.score({"user_id": user, "timestamp": t.isoformat(), "merchant_id": "m1", "amount": 12.5,
+                         "category": "grocery", "channel": "pos"})
+    assert service.refresher.wait_idle(30)
+    after = UserState.decode(service.store.get_many([user])[0])
+    base = service.scorer.vocab.window_base
+    want = [out["deviation"][n] for n in base]
+    assert [None if np.isnan(x) else float(x) for x in after.recent_delta[-1]] == want
+    assert np.array_equal(after.recent_delta[:-1], before.recent_delta[1:], equal_nan=True)
+
+
 def test_unknown_user_is_a_cold_start_then_gets_state(service):
     tx = {"user_id": "never-seen", "timestamp": "2024-03-01T10:00:00", "merchant_id": "nope", "amount": 3.0,
           "category": "unheard-of", "channel": "pos"}

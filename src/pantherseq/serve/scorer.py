@@ -265,13 +265,17 @@ class Scorer:
         """The short-window Δ of the state's last max(WINDOW_SIZES) − 1 events {base: (1, M)}, oldest first,
         NaN-padded (a state without `recent_delta`, or of another model's columns: all NaN)."""
         m, base = max(WINDOW_SIZES) - 1, self.vocab.window_base
-        rows = state.recent_delta if state.recent_delta.ndim == 2 and state.recent_delta.shape[1] == len(base) \
-            else np.zeros((0, len(base)), np.float32)
         past = np.full((m, len(base)), np.nan, np.float32)
         if m:
-            rows = rows[-m:]
+            rows = self._recent_rows(state)[-m:]
             past[m - len(rows):] = rows
         return {n: past[None, :, i] for i, n in enumerate(base)}
+
+    def _recent_rows(self, state: UserState) -> np.ndarray:
+        """state.recent_delta (M, S), or (0, S) when it has none or another model's columns."""
+        s = len(self.vocab.window_base)
+        r = state.recent_delta
+        return r if r.ndim == 2 and r.shape[1] == s else np.zeros((0, s), np.float32)
 
     def record(self, ev: Event, feats: dict[str, float]) -> dict[str, Any]:
         """What the event log keeps of a scored event: `ev.record()` and `window`, its short-window Δ as
@@ -337,8 +341,6 @@ class Scorer:
         base = len(self.vocab.window_base)
         window = np.array([r["window"] if len(r.get("window") or ()) == base else [np.nan] * base for r in recs],
                           np.float32).reshape(len(recs), base)
-        old = state.recent_delta if state.recent_delta.ndim == 2 and state.recent_delta.shape[1] == base \
-            else np.zeros((0, base), np.float32)
         amounts = np.array([float(r["fields"].get(self.amount_field) or 0.0) for r in recs], np.float64)
         times = np.concatenate([state.times, t])
         keep = times > times[-1] - self.spend_days * DAY
@@ -350,7 +352,7 @@ class Scorer:
                                         np.array([r["codes"] for r in recs], np.int32)])[-L:],
                "gap": np.concatenate([state.gap, [r["gap"] for r in recs]]).astype(np.int8)[-L:],
                "times": times[keep], "amounts": np.concatenate([state.amounts, amounts])[keep],
-               "recent_delta": np.concatenate([old, window])[-(max(WINDOW_SIZES) - 1):],
+               "recent_delta": np.concatenate([self._recent_rows(state), window])[-(max(WINDOW_SIZES) - 1):],
                "n_events": state.n_events + len(recs), "log_seq": max(state.log_seq, records[-1][0]),
                "last_time": int(t[-1])})
 
