@@ -37,3 +37,4 @@ def test_the_fraud_table_reports_the_embeddings():
               "embedding": {"embedding_dims": 0, "state_dims": 32, "dims_per_state": 0, "columns": 0,
                             "reduction": "dropped"}}
     assert "user-state embeddings (pooled, recent): dropped" in format_fraud_table(report)
+

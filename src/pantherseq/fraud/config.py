@@ -47,7 +47,9 @@ class FraudConfig:
     card_k: int = 100
     merchant_quantile: float = 0.9
     merchant_min_users: int = 3
-    merchant_delta: str = "auto"  # auto = surprisal_<merchant field> (−log P_u(m), paper §4.1.3) if a token field
+    # auto = −log P_u(m) (paper §4.1.3): surprisal_<merchant> if the merchant is a token field, else the merchant
+    # field head's head_surprisal_<merchant>, else the token surprisal
+    merchant_delta: str = "auto"
     compromised_scenario: int | None = None  # None = handbook 2 (compromised terminals), simulated 6 (rogue)
     allow_in_sample: bool = False
     threads: int | None = None  # torch threads for the behaviour pass

@@ -212,8 +212,9 @@ def _merchant_section(test: pl.DataFrame, merchant: str | None, cfg: FraudConfig
     if merchant is None:
         return None, {"note": "no merchant field"}
     name = cfg.merchant_delta
-    if name == "auto":
-        name = f"surprisal_{merchant}" if f"d_surprisal_{merchant}" in test.columns else "surprisal"
+    if name == "auto":  # −log P_u(m): the token's marginal if the merchant is a token field, else its head's
+        name = next((n for n in (f"surprisal_{merchant}", f"head_surprisal_{merchant}") if f"d_{n}" in test.columns),
+                    "surprisal")
     column = name if name in test.columns else f"d_{name}"
     if column not in test.columns:
         if not any(c.startswith("d_") for c in test.columns):
