@@ -61,6 +61,7 @@ from pantherseq.model.base import Batch, NeuralModel
 from pantherseq.tokenizer import StructuredTokenizer
 
 log = logging.getLogger(__name__)
+WINDOW_ROWS = 65_536  # events per step of the short-window means (bounds the (rows, k) matrices)
 MAX_ORDERED_CODES = 256  # numeric token fields with at most this many buckets get the upper-tail surprisal
 
 
@@ -282,10 +283,16 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
         row += k
     order = np.argsort(index, kind="stable")
     index, delta = index[order], {k: v[order] for k, v in delta.items()}
-    if delta:  # the window means, from each event's own Δ and its predecessors'
-        kmax = max(WINDOW_SIZES)
-        mats = {name: window_matrix(index, delta[name], starts[index], kmax) for name in vocab.window_base}
-        delta |= vocab.windows({k: v[:, :-1] for k, v in mats.items()}, {k: v[:, -1] for k, v in mats.items()})
+    if delta:  # the window means, from each event's own Δ and its predecessors', WINDOW_ROWS events at a time
+        kmax, first = max(WINDOW_SIZES), starts[index]
+        for name in vocab.window_names:
+            delta[name] = np.empty(n, dtype=np.float32)
+        for a in range(0, n, WINDOW_ROWS):
+            rows = slice(a, a + WINDOW_ROWS)
+            mats = {name: window_matrix(index, delta[name], first, kmax, rows) for name in vocab.window_base}
+            means = vocab.windows({k: v[:, :-1] for k, v in mats.items()}, {k: v[:, -1] for k, v in mats.items()})
+            for name, val in means.items():
+                delta[name][rows] = val
     keep = wanted[index]
     return BehaviourFeatures(index[keep], {k: v[keep] for k, v in delta.items()}, pooled[order][keep],
                              recent[order][keep])

@@ -149,13 +149,15 @@ def copy_features(a: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, token: t
             "copy_surprisal": torch.where(known, _neg_log(mix, 1e-38), nan).to(torch.float32)}
 
 
-def window_matrix(index: np.ndarray, values: np.ndarray, starts: np.ndarray, k: int) -> np.ndarray:
+def window_matrix(index: np.ndarray, values: np.ndarray, starts: np.ndarray, k: int, rows: slice = slice(None)
+                  ) -> np.ndarray:
     """Offline: events `index` (ascending flat ids) with a value each (n,), their users' first rows
-    starts (n,) -> (n, k) float32, row i = the values of events index[i] − k + 1 .. index[i] (oldest first),
-    NaN where the event is another user's or has no value."""
-    want = index[:, None] - (k - 1) + np.arange(k)[None, :]  # (n, k)
+    starts (n,) -> (m, k) float32 for the m events index[rows]: row i = the values of the events
+    index[i] − k + 1 .. index[i] (oldest first), NaN where the event is another user's or has no value."""
+    at = index[rows]
+    want = at[:, None] - (k - 1) + np.arange(k)[None, :]  # (m, k)
     pos = np.searchsorted(index, want).clip(0, max(len(index) - 1, 0))
-    ok = (want >= starts[:, None]) & (index[pos] == want) if len(index) else np.zeros(want.shape, bool)
+    ok = (want >= starts[rows][:, None]) & (index[pos] == want) if len(index) else np.zeros(want.shape, bool)
     return np.where(ok, values[pos], np.float32(np.nan)).astype(np.float32)
 
 
