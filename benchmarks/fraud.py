@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--prepare-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra prepare overrides (e.g. simulate.n_users=300 for a dry run)")
     ap.add_argument("--out", help="default: benchmarks/results/fraud.json (handbook), fraud-simulated.json")
+    ap.add_argument("--embedding-dims", type=int, default=FRAUD["embedding_dims"],
+                    help="PCA components kept of each user state (0 = dropped: the embedding ablation, -1 = all)")
     args = ap.parse_args()
     started = time.perf_counter()
     setup = SETUPS[args.dataset]
@@ -121,7 +123,8 @@ def main() -> None:
         f"{periods['test_end']} (exclusive)"), "backbones": {}, "merchant_risk_auc": {}, "details": {}}
     for b in backbones:
         fraud_toml = work / f"fraud-{b}.toml"
-        fraud_toml.write_text(tomli_w.dumps({**FRAUD, **periods, "out_dir": str(run / f"fraud-{b}")}))
+        fraud_toml.write_text(tomli_w.dumps({**FRAUD, **periods, "embedding_dims": args.embedding_dims,
+                                             "out_dir": str(run / f"fraud-{b}")}))
     procs = {b: chain(run, b, args.pretrain_budget_s, work / f"fraud-{b}.toml", work / f"{b}.log")
              for b in backbones}
     results["command"] = " ".join([".venv/bin/python", "benchmarks/fraud.py", *sys.argv[1:]])
@@ -134,6 +137,7 @@ def main() -> None:
         results["merchant_risk_auc"][b] = rep["merchant_risk"].get("roc_auc")
         pre = json.loads((run / "models" / b / "metrics.json").read_text())
         results["details"][b] = {"rows": rep["rows"], "timings_s": rep["timings_s"], "risk_models": rep["risk_models"],
+                                 "embedding": rep.get("embedding"),
                                  "pretrain": {k: pre[k] for k in ("epochs", "train_s", "steps", "n_params")}
                                  | {"valid_ndcg@10": pre["valid"]["ndcg@10"], "valid_hr@10": pre["valid"]["hr@10"]}}
         results["wall_s"] = round(time.perf_counter() - started, 1)
@@ -143,6 +147,7 @@ def main() -> None:
 
     for b in backbones:
         print(f"\n{b}:\n" + format_fraud_table({"feature_sets": results["backbones"][b],
+                                               "embedding": results["details"][b]["embedding"],
                                                "merchant_risk": {"roc_auc": None}}))
         print(f"merchant risk ROC-AUC: {results['merchant_risk_auc'][b]}")
     print(f"\n-> {out} ({results['wall_s']:.0f} s)")

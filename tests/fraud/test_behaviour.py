@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from pantherseq.data.dataset import RunData
-from pantherseq.fraud.behaviour import behaviour_features, scoring_windows
+from pantherseq.fraud.behaviour import (
+    DeviationVocab,
+    behaviour_features,
+    delta_from_hidden,
+    extend_back,
+    scoring_windows,
+)
+from pantherseq.fraud.personal import WINDOW_SIZES, state_keys
 from pantherseq.model.base import ModelConfig
 from pantherseq.model.registry import build_model
 
@@ -88,6 +95,54 @@ def test_user_state_is_embed_of_the_history_window(fraud_run, random_model):
 
 
 def _window_start(offsets, want, u, j, max_len, context):
-    win, _ = scoring_windows(offsets, want, max_len, context)
+    """The window the pass used: its wanted events extended back by the short windows' look-back."""
+    win, _ = scoring_windows(offsets, extend_back(np.asarray(offsets), want, max(WINDOW_SIZES) - 1), max_len, context)
     row = win[(win[:, 1] <= j) & (j < win[:, 2])][0]
     return int(row[0])
+
+
+def test_one_event_equals_the_batch_bit_for_bit_with_copy_and_field_heads(fraud_run, random_model):
+    """The service's path for one event (its state's window -> `state_keys`, one-row prediction) gives every
+    per-event feature of the offline path (`delta_from_hidden` over chunks of events, `key_window`) as the
+    same float32: field heads, copy head and seen counts included."""
+    data = RunData(fraud_run)
+    vocab = DeviationVocab(data.tokenizer, random_model)
+    assert vocab.copy is not None and vocab.heads[2] and "copy_mass" in vocab.delta_names
+    seq = data.seq
+    offsets = np.asarray(seq.offsets).astype(np.int64)
+    starts = np.repeat(offsets[:-1], np.diff(offsets))
+    tokens, codes = np.asarray(seq.tokens), np.asarray(seq.codes)
+    rng = np.random.default_rng(0)
+    j = np.sort(rng.choice(np.flatnonzero(np.arange(len(tokens)) > starts), 40, replace=False))
+    h = torch.from_numpy(rng.normal(size=(len(j), random_model.cfg.d_model)).astype(np.float32))
+    batched = delta_from_hidden(vocab, h, j, (tokens, codes, starts), pos_chunk=16)
+    assert list(batched) == vocab.delta_names
+    for i, e in enumerate(j):
+        w0 = max(int(starts[e]), int(e) - vocab.reach)
+        keys, key_codes = state_keys(tokens[w0:e], codes[w0:e], vocab.reach)
+        one = vocab.deviation(vocab.predict(h[i:i + 1]), torch.tensor([int(tokens[e])]),
+                              torch.from_numpy(codes[e:e + 1].astype(np.int64)), keys, key_codes)
+        for k, val in one.items():
+            assert torch.equal(val, batched[k][i:i + 1]) or (val.isnan().all() and batched[k][i].isnan()), k
+
+
+def test_window_means_are_the_mean_of_the_events_own_deltas(fraud_run, random_model):
+    """mean<k>_<name> of an event = the mean of <name> over it and its k − 1 predecessors, each as computed
+    for itself (the pass computes the predecessors before the wanted period too, then leaves them out)."""
+    data = RunData(fraud_run)
+    t = np.asarray(data.seq.time)
+    user = np.asarray(data.user_of)
+    want = (t >= np.quantile(t, 0.9)) & (user < 40)
+    ctx = random_model.cfg.max_len - 1  # one window per event: every event's Δ is the same in both passes
+    a = behaviour_features(random_model, data, want, context=ctx)
+    every = behaviour_features(random_model, data, extend_back(np.asarray(data.seq.offsets), want, 19),
+                               context=ctx, lookback=0)
+    assert a.delta["mean20_surprisal"].shape == a.index.shape and len(a.index) > 100
+    starts = np.asarray(data.seq.offsets)[user]
+    for name in ("surprisal", "copy_surprisal", "head_surprisal_merchant_id"):
+        ref = dict(zip(every.index.tolist(), every.delta[name].tolist()))
+        for k in (5, 20):
+            for i, j in enumerate(a.index):
+                vals = [ref[e] for e in range(max(j - k + 1, starts[j]), j + 1) if e in ref and not np.isnan(ref[e])]
+                got = a.delta[f"mean{k}_{name}"][i]
+                assert (np.isnan(got) and not vals) or got == pytest.approx(np.mean(vals), rel=1e-6), (name, k, j)

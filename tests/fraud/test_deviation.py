@@ -19,8 +19,12 @@ from pantherseq.fraud.deviation import (
     field_members,
     field_onehot,
     field_surprisal,
+    head_features,
+    head_rank,
+    head_surprisal,
     predict,
     rank_of,
+    stack_heads,
     standardised_deviation,
     surprisal,
     upper_tail_surprisal,
@@ -150,3 +154,28 @@ def test_upper_tail_surprisal_is_one_sided():
     # P(>= 1) = 1, P(>= 2) = 0.5, P(>= 3) = 0.25: the highest bucket is the most surprising
     assert t[:3].tolist() == pytest.approx([0.0, math.log(2), math.log(4)], abs=1e-6)
     assert math.isnan(t[3])
+
+
+def test_field_head_surprisal_and_rank_by_hand():
+    logp = torch.log(torch.tensor([[0.01, 0.5, 0.29, 0.2]] * 4, dtype=torch.float64))  # code 0 = the field's UNK
+    s = head_surprisal(logp, torch.tensor([1, 2, 3, 0]))
+    assert s[:3].tolist() == pytest.approx([math.log(2), -math.log(0.29), -math.log(0.2)], rel=1e-6)
+    assert math.isnan(s[3])
+    r = head_rank(logp, torch.tensor([1, 2, 3, 0]))
+    assert r[:3].tolist() == [1.0, 2.0, 3.0] and math.isnan(r[3])  # code 0 is never a candidate
+
+
+def test_field_heads_ride_on_the_prediction():
+    rng = np.random.default_rng(1)
+    d = 5
+    heads = [(torch.tensor(rng.normal(size=(c, d))), torch.tensor(rng.normal(size=c))) for c in (4, 7)]
+    h = torch.tensor(rng.normal(size=(3, d)), dtype=torch.float32)
+    w = torch.tensor(rng.normal(size=(6, d)), dtype=torch.float64)
+    pred = predict(h, w.t().contiguous(), torch.zeros(6, dtype=torch.float64), None, stack_heads(heads))
+    ref = torch.log_softmax(h.double() @ heads[1][0].t() + heads[1][1], 1)
+    assert torch.allclose(pred.field_logp[1], ref)
+    f = head_features(pred, torch.tensor([[1, 6], [2, 0], [3, 3]]), ["merchant", "hour"])
+    assert list(f) == ["head_surprisal_merchant", "head_rank_merchant", "head_surprisal_hour", "head_rank_hour"]
+    assert f["head_surprisal_hour"][0].item() == pytest.approx(-ref[0, 6].item(), rel=1e-6)
+    assert math.isnan(f["head_rank_hour"][1])
+    assert pred.row(2).field_logp[0].shape == (1, 4)

@@ -7,7 +7,9 @@ import math
 import polars as pl
 import pytest
 
+from pantherseq.fraud.config import FraudConfig
 from pantherseq.fraud.merchant import flagged_precision, merchant_auc, merchant_risk
+from pantherseq.fraud.pipeline import _merchant_section
 
 
 def test_merchant_risk_by_hand():
@@ -44,3 +46,13 @@ def test_flagged_precision_against_the_base_rate():
     assert flagged_precision(table, "merchant_id", {"a", "b", "e"})["flagged_precision"] == 1.0
     none = flagged_precision(table.with_columns(pl.lit(False).alias("high_risk")), "merchant_id", {"a"})
     assert none["flagged"] == 0 and math.isnan(none["flagged_precision"]) and none["base_rate"] == 0.25
+
+
+def test_merchant_risk_reads_the_merchant_heads_surprisal_when_the_merchant_is_no_token_field():
+    rows = [(f"u{u}", m, 5.0 if m == "rogue" else 0.5, 0.1) for u in range(4) for m in ("rogue", "shop")]
+    test = pl.DataFrame(rows, schema=["user_id", "merchant_id", "d_head_surprisal_merchant_id", "d_surprisal"],
+                        orient="row")
+    table, info = _merchant_section(test, "merchant_id", FraudConfig(), "simulated")
+    assert info["delta"] == "d_head_surprisal_merchant_id"
+    risk = dict(table.select("merchant_id", "risk").iter_rows())
+    assert risk["rogue"] > risk["shop"]

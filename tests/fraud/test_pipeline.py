@@ -77,6 +77,8 @@ def test_outputs(trained_run, report):
     assert set(imp["feature_set"].unique()) == set(saved["feature_sets"])
     risk = pl.read_parquet(out / "merchant_risk.parquet")
     assert {"merchant_id", "users", "risk", "median", "mad", "risk_z", "high_risk"} <= set(risk.columns)
+    assert saved["embedding"] == {"embedding_dims": 16, "state_dims": 32, "dims_per_state": 16, "columns": 32,
+                                  "reduction": "PCA"}
 
 
 def test_a_risk_period_the_generative_model_trained_on_is_refused(trained_run):

@@ -23,7 +23,7 @@ def served(trained_run: Path, tmp_path_factory) -> dict:
     fraud_dir = root / "fraud"
     periods = {**PERIODS, "test_end": "2024-02-27"}  # three test days: the offline pass at chunk 1 is slow
     cfg = FraudConfig(**periods, context=47, embedding_dims=4, feature_sets=["baseline", "baseline+robust_z", "hybrid"],
-                      lgbm=LGBM,
+                      lgbm=LGBM, save_features=True,  # the parity test compares every feature too
                       out_dir=str(fraud_dir))
     report = run_fraud(trained_run, "panther", cfg)
     om = Scorer(trained_run, "panther", fraud_dir)

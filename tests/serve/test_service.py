@@ -64,11 +64,12 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     start = datetime.fromisoformat(PERIODS["test_start"])
     day2 = events.filter((pl.col("timestamp") >= start) & (pl.col("timestamp") < start + timedelta(days=2)))
     offline = pl.read_parquet(served["fraud_dir"] / "scores.parquet").select("event_id", "score_hybrid")
-    got = []
+    got, deviation = [], {}
     for row in day2.iter_rows(named=True):
         out = service.score(_tx(row))
         service.refresh_users([str(row["user_id"])])
         got.append((row["event_id"], out["score"], out["cold_start"], out["stale"]))
+        deviation[row["event_id"]] = out["deviation"]
     online = pl.DataFrame(got, schema=["event_id", "online", "cold", "stale"], orient="row")
     both = online.join(offline, on="event_id")
     assert both.height == day2.height > 500
@@ -81,6 +82,16 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     # within ~1e-16 of a float32 rounding boundary (~1e-9 per value). 1e-6 only absorbs LightGBM's own
     # float64 sum of the trees' outputs.
     assert (diff < 1e-6).all(), np.sort(diff)[-10:]
+    # and every deviation feature is the same float32 (None = NaN): the field heads', the copy head's, the
+    # seen counts and the short-window means over the events scored before (kept in the state)
+    feats = pl.read_parquet(served["fraud_dir"] / "features.parquet").filter(pl.col("event_id").is_in(list(deviation)))
+    names = [c for c in feats.columns if c.startswith("d_")]
+    assert {"d_mean20_surprisal", "d_copy_mass", "d_seen_merchant_id", "d_head_rank_amount"} <= set(names)
+    for row in feats.select("event_id", *names).iter_rows(named=True):
+        online = deviation[row["event_id"]]
+        for n in names:
+            want, have = row[n], online[n.removeprefix("d_")]
+            assert (want is None or np.isnan(want)) == (have is None) and (have is None or have == want), n
     service.stop()
 
 
@@ -168,6 +179,23 @@ def test_background_refresh_folds_the_event_in(service):
     assert after.last_time == int(t.timestamp())
     assert not np.allclose(after.h, before.h)
     assert service.stats()["refreshed"] >= 1
+
+
+def test_the_state_keeps_each_scored_events_window_deltas(service):
+    """The event log carries each event's short-window Δ as scored; folding it puts them in recent_delta,
+    which the next event's window means read."""
+    user = next(iter(service.scorer.user_index))
+    before, _, _ = service.current_state(user)
+    assert before.recent_delta.shape == (19, len(service.scorer.vocab.window_base))  # embed filled them
+    t = datetime.fromtimestamp(before.last_time) + timedelta(hours=1)
+    out = service.score({"user_id": user, "timestamp": t.isoformat(), "merchant_id": "m1", "amount": 12.5,
+                         "category": "grocery", "channel": "pos"})
+    assert service.refresher.wait_idle(30)
+    after = UserState.decode(service.store.get_many([user])[0])
+    base = service.scorer.vocab.window_base
+    want = [out["deviation"][n] for n in base]
+    assert [None if np.isnan(x) else float(x) for x in after.recent_delta[-1]] == want
+    assert np.array_equal(after.recent_delta[:-1], before.recent_delta[1:], equal_nan=True)
 
 
 def test_unknown_user_is_a_cold_start_then_gets_state(service):

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from pantherseq.serve.state import MAGIC, SCHEMA, StateFormatError, UserState
+from pantherseq.serve.state import MAGIC, SCHEMA, StateFormatError, UserState, decode_event, encode_event
 
 
 def full_state() -> UserState:
@@ -19,7 +19,8 @@ def full_state() -> UserState:
         codes=rng.integers(0, 9, (5, 3)).astype(np.int32), gap=np.array([0, 3, 4, 15, 1], np.int8),
         times=np.array([1, 2, 3], np.int64), amounts=np.array([0.1, 12.34, 1e6]),
         h=rng.normal(size=8).astype(np.float32), pooled=rng.normal(size=8).astype(np.float32),
-        top_ids=np.array([9, 4], np.int32), top_p=np.array([0.5, 0.25], np.float32))
+        top_ids=np.array([9, 4], np.int32), top_p=np.array([0.5, 0.25], np.float32),
+        recent_delta=np.array([[1.5, np.nan], [0.25, 3.0]], np.float32))
 
 
 def test_round_trip_keeps_every_field_and_dtype():
@@ -28,7 +29,7 @@ def test_round_trip_keeps_every_field_and_dtype():
     for name, value in s.__dict__.items():
         got = getattr(back, name)
         if isinstance(value, np.ndarray):
-            assert got.dtype == value.dtype and np.array_equal(got, value), name
+            assert got.dtype == value.dtype and np.array_equal(got, value, equal_nan=True), name
         else:
             assert got == value, name
 
@@ -64,3 +65,24 @@ def test_states_written_with_the_first_versions_name_e_u_still_decode():
     blob = MAGIC + bytes([SCHEMA]) + struct.pack("<I", len(raw)) + raw + s.h.tobytes() + s.pooled.tobytes()
     back = UserState.decode(blob)
     assert np.array_equal(back.pooled, s.pooled) and np.array_equal(back.h, s.h)
+
+
+def test_schema_1_states_still_decode_without_recent_delta():
+    """Schema 2 added `recent_delta`; a schema-1 state (none) decodes with it empty."""
+    s = full_state()
+    head = {"scalars": {k: v for k, v in s.__dict__.items() if not isinstance(v, np.ndarray)},
+            "arrays": [["h", "<f4", [8]]]}
+    raw = json.dumps(head).encode()
+    back = UserState.decode(MAGIC + bytes([1]) + struct.pack("<I", len(raw)) + raw + s.h.tobytes())
+    assert back.recent_delta.shape == (0, 0) and np.array_equal(back.h, s.h)
+    assert SCHEMA == 2
+
+
+def test_logged_events_carry_their_window_deltas():
+    rec = {"time": 5, "fields": {"amount": 1.0}, "token": 9, "codes": [1, 2], "gap": 0, "window": [1.5, float("nan")]}
+    back = decode_event(encode_event(rec))
+    assert back["window"][0] == 1.5 and np.isnan(back["window"][1])
+    old = {k: v for k, v in rec.items() if k != "window"}  # logged before schema 2
+    assert "window" not in decode_event(encode_event(old))
+    with pytest.raises(StateFormatError):
+        decode_event(encode_event({**rec, "window": ["x"]}))

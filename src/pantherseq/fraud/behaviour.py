@@ -39,15 +39,29 @@ from pantherseq.data.schema import N_SPECIAL
 from pantherseq.fraud.deviation import (
     DELTA_NAMES,
     Prediction,
+    _gather,
     deviation_features,
     field_members,
     field_onehot,
+    head_features,
     predict,
+    stack_heads,
+)
+from pantherseq.fraud.personal import (
+    WINDOW_SIZES,
+    CopyWeights,
+    copy_features,
+    copy_pointer,
+    key_window,
+    seen_counts,
+    window_features,
+    window_matrix,
 )
 from pantherseq.model.base import Batch, NeuralModel
 from pantherseq.tokenizer import StructuredTokenizer
 
 log = logging.getLogger(__name__)
+WINDOW_ROWS = 65_536  # events per step of the short-window means (bounds the (rows, k) matrices)
 MAX_ORDERED_CODES = 256  # numeric token fields with at most this many buckets get the upper-tail surprisal
 
 
@@ -94,13 +108,18 @@ class BehaviourFeatures:
 
 
 class DeviationVocab:
-    """What the Δ need from the tokenizer and the model's output layer, float64: per-field token members, the
-    ordered fields' one-hot tables and the head over the regular tokens (shared by the offline pass and the
-    service: serve/scorer.py)."""
+    """What the Δ need from the tokenizer and the model's output layers, float64: per-field token members, the
+    ordered fields' one-hot tables, the head over the regular tokens, the field heads and the copy head
+    (shared by the offline pass and the service: serve/scorer.py).
+
+    `delta_names` lists every per-event feature `deviation` returns; `window_base` the ones whose short-window
+    means are features too (`window_names`, fraud/personal.py): the token surprisal, the copy mixture's, and
+    per field the field head's surprisal (the marginalised one without field heads)."""
 
     def __init__(self, tok: StructuredTokenizer, model: NeuralModel):
         v = tok.vocab_size - N_SPECIAL
         names = tok.field_names
+        self.field_names = list(names)
         self.token_fields = list(tok.token_fields)
         self.code_cols = [names.index(n) for n in self.token_fields]
         token_codes = np.array([tok.token_codes(t) for t in range(N_SPECIAL, tok.vocab_size)],
@@ -115,17 +134,42 @@ class DeviationVocab:
             self.weight = model.output_weight[N_SPECIAL:].detach().to(torch.float64).contiguous()  # (V, D)
             self.weight_t = self.weight.t().contiguous()  # (D, V)
             self.bias = model.out_bias[N_SPECIAL:].detach().to(torch.float64).contiguous()  # (V,)
+            heads = model.field_heads.heads if model.field_heads is not None else []
+            self.heads = stack_heads([(hd.weight.detach(), hd.bias.detach()) for hd in heads])
+        self.copy = CopyWeights.of(model)
+        self.reach = int(model.cfg.max_len)  # the serving state's window (fraud/personal.py)
+        head_names = [f"head_{k}_{n}" for n in self.field_names[:len(self.heads[2])] for k in ("surprisal", "rank")]
         self.delta_names = [*DELTA_NAMES, *(f"surprisal_{n}" for n in self.token_fields),
-                            *(f"tail_{self.token_fields[f]}" for f in self.ordered)]
+                            *(f"tail_{self.token_fields[f]}" for f in self.ordered), *head_names,
+                            *(["copy_gate", "copy_mass", "copy_surprisal"] if self.copy else []),
+                            "seen_token", *(f"seen_{n}" for n in self.field_names)]
+        per_field = ([f"head_surprisal_{n}" for n in self.field_names[:len(self.heads[2])]] if self.heads[2]
+                     else [f"surprisal_{n}" for n in self.token_fields])
+        self.window_base = ["surprisal", *(["copy_surprisal"] if self.copy else []), *per_field]
+        self.window_names = [f"mean{k}_{n}" for k in WINDOW_SIZES for n in self.window_base]
 
     def predict(self, h: torch.Tensor) -> Prediction:
         """h (N, D) float32 -> the Prediction at those positions."""
-        return predict(h, self.weight_t, self.bias, self.ordered)
+        return predict(h, self.weight_t, self.bias, self.ordered, self.heads)
 
-    def deviation(self, pred: Prediction, tokens: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Δ of the observed events (tokens (N,), token-field codes (N, Ft)) against `pred` -> {name: (N,)}."""
+    def deviation(self, pred: Prediction, tokens: torch.Tensor, codes: torch.Tensor, keys: torch.Tensor,
+                  key_codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-event features (`delta_names`) of the observed events against `pred`: tokens (N,), the codes
+        of ALL fields (N, F), the events in reach before each (`key_window` / `state_keys`: keys (N, R),
+        key_codes (N, R, F)) -> {name: (N,) float32}."""
         obs = torch.where(tokens >= N_SPECIAL, tokens - N_SPECIAL, torch.full_like(tokens, -1))
-        return deviation_features(pred, self.weight, obs, codes, self.members, self.token_fields)
+        out = deviation_features(pred, self.weight, obs, codes[:, self.code_cols], self.members, self.token_fields)
+        out |= head_features(pred, codes, self.field_names)
+        if self.copy is not None:
+            a, g = copy_pointer(self.copy, pred.h, keys)
+            out |= copy_features(a, g, keys, tokens, _gather(pred.p, obs))
+        return out | seen_counts(keys, key_codes, tokens, codes, self.field_names)
+
+    def windows(self, past: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The short-window means (`window_names`) of N events: past {base: (N, max(WINDOW_SIZES) − 1)} the
+        values of the events before each (oldest first, NaN = none), now {base: (N,)} their own."""
+        return window_features({n: np.concatenate([past[n], np.asarray(now[n], np.float32)[:, None]], 1)
+                                for n in self.window_base})
 
 
 def float64_copy(model: NeuralModel) -> NeuralModel:
@@ -155,30 +199,60 @@ def final_states(model64: NeuralModel, batch: Batch, lens: np.ndarray) -> tuple[
     return hid[rows, last].to(torch.float32), running_mean(hid)[rows, last].to(torch.float32)
 
 
-def delta_from_hidden(vocab: DeviationVocab, h: torch.Tensor, tokens: torch.Tensor, codes: torch.Tensor,
-                      pos_chunk: int = 128) -> dict[str, torch.Tensor]:
-    """h (N, D) float32 states that predict the observed events, their tokens (N,) and token-field codes
-    (N, Ft) -> Δ by name (N,), `pos_chunk` rows at a time (the (n, V) passes stay small)."""
+def delta_from_hidden(vocab: DeviationVocab, h: torch.Tensor, j: np.ndarray, seq_arrays: tuple, pos_chunk: int = 128
+                      ) -> dict[str, torch.Tensor]:
+    """h (N, D) float32 states that predict the events j (N,) (flat ids), seq_arrays (tokens (E,), codes
+    (E, F), each event's user's first row (E,)) -> the per-event features by name (N,), `pos_chunk` rows at
+    a time (the (n, V) and (n, reach, D) passes stay small)."""
+    tokens, codes, starts = seq_arrays
     parts: dict[str, list[torch.Tensor]] = {}
     for i in range(0, h.shape[0], pos_chunk):
+        jc = j[i:i + pos_chunk]
+        keys, key_codes = key_window(tokens, codes, starts[jc], jc, vocab.reach)
         pred = vocab.predict(h[i:i + pos_chunk])
-        for k, val in vocab.deviation(pred, tokens[i:i + pos_chunk], codes[i:i + pos_chunk]).items():
+        feats = vocab.deviation(pred, torch.from_numpy(tokens[jc].astype(np.int64)),
+                                torch.from_numpy(codes[jc].astype(np.int64)), keys, key_codes)
+        for k, val in feats.items():
             parts.setdefault(k, []).append(val)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def extend_back(offsets: np.ndarray, want: np.ndarray, n: int) -> np.ndarray:
+    """`want` with each user's `n` events before their first wanted one set too (within the user)."""
+    want = np.asarray(want, dtype=bool)
+    out = want.copy()
+    if n <= 0 or not want.any():
+        return out
+    starts, ends = offsets[:-1].astype(np.int64), offsets[1:].astype(np.int64)
+    cum = np.concatenate([[0], np.cumsum(want)])
+    has = cum[ends] > cum[starts]
+    first = np.flatnonzero(want)[cum[starts[has]]]
+    lo = np.maximum(starts[has], first - n)
+    mark = np.zeros(len(want) + 1, np.int64)
+    np.add.at(mark, lo, 1)
+    np.add.at(mark, first, -1)
+    return out | (np.cumsum(mark)[:-1] > 0)
+
+
 @torch.no_grad()
 def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, context: int = 100,
-                       batch_windows: int = 64, pos_chunk: int = 128) -> BehaviourFeatures:
-    """Δ, the pooled and the recent state for every wanted event that has history (see the module doc)."""
+                       batch_windows: int = 64, pos_chunk: int = 128, lookback: int | None = None
+                       ) -> BehaviourFeatures:
+    """Δ, the pooled and the recent state for every wanted event that has history (see the module doc).
+
+    The short-window means need the Δ of each user's `lookback` (max(WINDOW_SIZES) − 1) events before the
+    first wanted one: they are computed too (in the same windows), then left out of the result."""
     model.eval()
     model64 = float64_copy(model)
     max_len = model.cfg.max_len
     seq = data.seq
-    windows, _ = scoring_windows(np.asarray(seq.offsets), want, max_len, context)
+    offsets = np.asarray(seq.offsets).astype(np.int64)
+    lookback = max(WINDOW_SIZES) - 1 if lookback is None else int(lookback)
+    wanted = np.asarray(want, dtype=bool)
+    windows, _ = scoring_windows(offsets, extend_back(offsets, wanted, lookback), max_len, context)
     vocab = DeviationVocab(data.tokenizer, model)
-    tokens_all = np.asarray(seq.tokens)
-    codes_all = np.asarray(seq.codes)[:, vocab.code_cols]
+    starts = np.repeat(offsets[:-1], np.diff(offsets))  # each event's user's first row
+    arrays = (np.asarray(seq.tokens), np.asarray(seq.codes), starts)
     n = int((windows[:, 2] - windows[:, 1]).sum())
     index = np.empty(n, dtype=np.int64)
     d = model.cfg.d_model
@@ -199,8 +273,7 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
         p = j - 1 - w[r, 0]  # input position that predicts event j
         rt, pt = torch.from_numpy(r), torch.from_numpy(p)
         hs = h[rt, pt].to(torch.float32)  # (n, D): rounded once
-        feats = delta_from_hidden(vocab, hs, torch.from_numpy(tokens_all[j].astype(np.int64)),
-                                  torch.from_numpy(codes_all[j].astype(np.int64)), pos_chunk)
+        feats = delta_from_hidden(vocab, hs, j, arrays, pos_chunk)
         k = len(j)
         index[row:row + k] = j
         pooled[row:row + k] = running_mean(h)[rt, pt].to(torch.float32).numpy()
@@ -209,8 +282,21 @@ def behaviour_features(model: NeuralModel, data: RunData, want: np.ndarray, cont
             delta.setdefault(name, np.empty(n, dtype=np.float32))[row:row + k] = val.numpy()
         row += k
     order = np.argsort(index, kind="stable")
-    return BehaviourFeatures(index[order], {k: v[order] for k, v in delta.items()}, pooled[order], recent[order])
+    index, delta = index[order], {k: v[order] for k, v in delta.items()}
+    if delta:  # the window means, from each event's own Δ and its predecessors', WINDOW_ROWS events at a time
+        kmax, first = max(WINDOW_SIZES), starts[index]
+        for name in vocab.window_names:
+            delta[name] = np.empty(n, dtype=np.float32)
+        for a in range(0, n, WINDOW_ROWS):
+            rows = slice(a, a + WINDOW_ROWS)
+            mats = {name: window_matrix(index, delta[name], first, kmax, rows) for name in vocab.window_base}
+            means = vocab.windows({k: v[:, :-1] for k, v in mats.items()}, {k: v[:, -1] for k, v in mats.items()})
+            for name, val in means.items():
+                delta[name][rows] = val
+    keep = wanted[index]
+    return BehaviourFeatures(index[keep], {k: v[keep] for k, v in delta.items()}, pooled[order][keep],
+                             recent[order][keep])
 
 
 __all__ = ["DELTA_NAMES", "BehaviourFeatures", "DeviationVocab", "behaviour_features", "delta_from_hidden",
-           "exact_hidden", "final_states", "float64_copy", "running_mean", "scoring_windows"]
+           "exact_hidden", "extend_back", "final_states", "float64_copy", "running_mean", "scoring_windows"]

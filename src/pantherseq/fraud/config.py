@@ -40,12 +40,16 @@ class FraudConfig:
     delay_days: int = 7
     robust_days: int = ROBUST_DAYS  # the customer's past the robust amount deviation (rz_*) reads
     context: int = 100  # events of history every prediction sees at least (when the user has them)
-    embedding_dims: int = 16  # PCA components kept of the pooled and of the recent state (0 = all D)
+    # PCA components kept of the pooled and of the recent state: 0 = dropped (the embedding ablation:
+    # baseline+embedding is then the baseline and hybrid baseline+deviation), -1 = all D dimensions
+    embedding_dims: int = 16
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
     card_k: int = 100
     merchant_quantile: float = 0.9
     merchant_min_users: int = 3
-    merchant_delta: str = "auto"  # auto = surprisal_<merchant field> (−log P_u(m), paper §4.1.3) if a token field
+    # auto = −log P_u(m) (paper §4.1.3): surprisal_<merchant> if the merchant is a token field, else the merchant
+    # field head's head_surprisal_<merchant>, else the token surprisal
+    merchant_delta: str = "auto"
     compromised_scenario: int | None = None  # None = handbook 2 (compromised terminals), simulated 6 (rogue)
     allow_in_sample: bool = False
     threads: int | None = None  # torch threads for the behaviour pass

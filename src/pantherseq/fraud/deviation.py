@@ -17,8 +17,12 @@ UNK (outside the vocabulary). Each returns (N,) float32, NaN where it is undefin
     upper_tail_surprisal(marginal, obs_code)   −log P(field >= observed bucket) for numeric fields: the
                                                one-sided surprise of an amount this high
     embedding_distance(pred, weight, obs)      1 − cos(predicted vector, observed token's output embedding)
+    head_log_probs(h, stack_heads(heads))      the per-field heads' log P(next field f = c), float64
+    head_surprisal(logp, obs_code)             −log P_head(field = observed code), from the field's own head
+    head_rank(logp, obs_code)                  1 + the number of codes the head scored strictly higher
     predict(h, weight, bias) -> Prediction     the prediction at N positions: h, P over V and the per-
-                                               prediction sums (Σp², ordered fields' marginals), float64
+                                               prediction sums (Σp², ordered fields' marginals, the field
+                                               heads' log-probabilities), float64
     deviation_features(pred, obs, ...)         all of them at once, (N,) float32 each
 
 One implementation for the batch and for one event. `pantherseq fraud` calls `deviation_features` on chunks
@@ -29,12 +33,17 @@ whose kernels may sum in other orders; in float64 those differences are ~1e-16 r
 final rounding (two results can round apart only when one lies within ~1e-16 of a float32 rounding
 boundary: ~1e-9 per value), so the risk model sees the same features online as offline, on any CPU.
 
-Per-field surprisal. Our models have no per-field output heads: the only prediction is over tokens, each
-token a combination of field values (`tokenizer.token_codes`). The probability of a field value is the sum
+Per-field surprisal, marginalised. Every model predicts tokens, each token a combination of the token
+fields' values (`tokenizer.token_codes`). The probability of a field value is the sum
 of the probabilities of the tokens carrying it (`field_members` lists them per value); an event's own field code is
 known even when its token is UNK (`sequences/codes.npy`), so per-field surprisal is defined for UNK events
 too. A value no vocabulary token carries (or the field's own UNK code 0) has no predicted mass: the
 surprisal is then NaN rather than a made-up floor; masses are clamped at 1e-12 before the log otherwise.
+
+Per-field surprisal and rank from the field heads. A model with `field_heads` (model/heads.py) also predicts
+the next event's code of EVERY field (token fields and the others: merchant, hour, weekday...) with a head
+of its own, trained on UNK events too; `head_surprisal` / `head_rank` read those heads from the same h, in
+float64. Code 0 (the field's UNK) is never a target and never a candidate: its surprisal and rank are NaN.
 
 UNK observed events. Their token-level features (surprisal, rank, Δ, distance) are NaN, the flag `is_unk`
 is 1, and the per-field surprisals still say whether the amount and the merchant were expected. LightGBM
@@ -44,7 +53,7 @@ model's hidden state h_t (logit_v = h_t · w_v + b_v, so h_t is the direction th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -178,6 +187,44 @@ def expected_embedding(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return p @ weight
 
 
+def stack_heads(heads: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """[(W (C_f, D), b (C_f,))] -> (W^T (D, ΣC) float64, b (ΣC,) float64, [C_f]): one product for every head."""
+    if not heads:
+        return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), []
+    w = torch.cat([w for w, _ in heads]).to(torch.float64)
+    return w.t().contiguous(), torch.cat([b for _, b in heads]).to(torch.float64), [len(b) for _, b in heads]
+
+
+def head_log_probs(h: torch.Tensor, heads: tuple[torch.Tensor, torch.Tensor, list[int]] | None
+                   ) -> list[torch.Tensor]:
+    """h (N, D) float64, heads from `stack_heads` -> [(N, C_f) log-softmax of h W_f^T + b_f] per field."""
+    if not heads or not heads[2]:
+        return []
+    logits = torch.addmm(heads[1], h, heads[0])  # (N, ΣC)
+    return [torch.log_softmax(x, dim=1) for x in logits.split(heads[2], dim=1)]
+
+
+def _code_ok(logp: torch.Tensor, obs_code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ok = (obs_code > 0) & (obs_code < logp.shape[1])
+    return ok, obs_code.clamp(0, logp.shape[1] - 1)
+
+
+def head_surprisal(logp: torch.Tensor, obs_code: torch.Tensor) -> torch.Tensor:
+    """logp (N, C) a field head's log-probabilities, obs_code (N,) -> (N,) −log P(field = obs_code), the mass
+    rounded to float32 before the log as every surprisal here; NaN for code 0 (the field's UNK)."""
+    ok, c = _code_ok(logp, obs_code)
+    mass = logp.gather(1, c.unsqueeze(1)).squeeze(1).exp()
+    return torch.where(ok, _neg_log(mass, 1e-38), _nan(len(c), logp))
+
+
+def head_rank(logp: torch.Tensor, obs_code: torch.Tensor) -> torch.Tensor:
+    """(N,) 1 + the number of codes >= 1 the head scored strictly higher than obs_code; NaN for code 0."""
+    ok, c = _code_ok(logp, obs_code)
+    t = logp.gather(1, c.unsqueeze(1))
+    r = 1.0 + torch.gt(logp[:, 1:], t).sum(1, dtype=torch.int64).to(logp.dtype)
+    return torch.where(ok, r, _nan(len(c), logp))
+
+
 DELTA_NAMES = ("surprisal", "rank", "log_rank", "delta_std", "entropy2", "emb_distance", "is_unk")
 
 
@@ -188,13 +235,15 @@ class Prediction:
     8 V bytes, so a request pays no pass over V for these):
 
         h (N, D) states, p (N, V) P over the regular tokens, sum_sq (N,) Σp²,
-        marginals {ordered field f: (N, C) P(field = c)}
+        marginals {ordered field f: (N, C) P(field = c)}, field_logp [(N, C_f)] the field heads' log P of
+        every field (empty without field heads)
     """
 
     h: torch.Tensor
     p: torch.Tensor
     sum_sq: torch.Tensor
     marginals: dict[int, torch.Tensor]
+    field_logp: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def of(cls, h: torch.Tensor, p: torch.Tensor, ordered: dict[int, torch.Tensor] | None = None) -> Prediction:
@@ -204,21 +253,25 @@ class Prediction:
     def row(self, i: int) -> Prediction:
         """Row i alone (copies: a cached row must not keep its whole batch alive)."""
         return Prediction(self.h[i:i + 1].clone(), self.p[i:i + 1].clone(), self.sum_sq[i:i + 1].clone(),
-                          {f: m[i:i + 1].clone() for f, m in self.marginals.items()})
+                          {f: m[i:i + 1].clone() for f, m in self.marginals.items()},
+                          [lp[i:i + 1].clone() for lp in self.field_logp])
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.h, self.p, self.sum_sq, *self.marginals.values()]
+        tensors = [self.h, self.p, self.sum_sq, *self.marginals.values(), *self.field_logp]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def predict(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor,
-            ordered: dict[int, torch.Tensor] | None = None) -> Prediction:
+            ordered: dict[int, torch.Tensor] | None = None,
+            heads: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None) -> Prediction:
     """h (N, D) float32 states, weight_t (D, V) and bias (V,) of the output layer over the regular tokens
-    (float64: `DeviationVocab.weight_t`, `.bias`), the ordered fields' one-hot tables -> Prediction. The
-    logits are computed in float64 from the float32 h."""
+    (float64: `DeviationVocab.weight_t`, `.bias`), the ordered fields' one-hot tables, the field heads
+    (`stack_heads`) -> Prediction. Everything is computed in float64 from the float32 h."""
     h64 = h.detach().to(torch.float64)
-    return Prediction.of(h64, torch.softmax(torch.addmm(bias, h64, weight_t), dim=1), ordered)
+    pred = Prediction.of(h64, torch.softmax(torch.addmm(bias, h64, weight_t), dim=1), ordered)
+    pred.field_logp = head_log_probs(h64, heads)
+    return pred
 
 
 def deviation_features(pred: Prediction, weight: torch.Tensor, obs: torch.Tensor, obs_codes: torch.Tensor,
@@ -248,3 +301,14 @@ def deviation_features(pred: Prediction, weight: torch.Tensor, obs: torch.Tensor
     for f, marginal in pred.marginals.items():
         out[f"tail_{field_names[f]}"] = upper_tail_surprisal(marginal, obs_codes[:, f])
     return {k: v.to(torch.float32) for k, v in out.items()}
+
+
+def head_features(pred: Prediction, all_codes: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """`head_surprisal_<field>` and `head_rank_<field>` of every field with a head at N positions:
+    all_codes (N, F) the observed event's codes of all fields, names the F field names -> {name: (N,)
+    float32} (empty without field heads). One implementation for the batch and the one event."""
+    out = {}
+    for f, logp in enumerate(pred.field_logp):
+        out[f"head_surprisal_{names[f]}"] = head_surprisal(logp, all_codes[:, f]).to(torch.float32)
+        out[f"head_rank_{names[f]}"] = head_rank(logp, all_codes[:, f]).to(torch.float32)
+    return out

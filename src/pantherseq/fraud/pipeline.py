@@ -63,8 +63,8 @@ def _fit_pca(X: np.ndarray, k: int, max_rows: int = 200_000, seed: int = 0) -> t
 
 def _embedding_columns(bf: BehaviourFeatures, rows: np.ndarray, train_rows: np.ndarray, k: int
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The pooled and the recent state of the events `rows` (NaN without history), PCA-projected (fit on
-    train_rows), and the projections {`<name>_mean`, `<name>_comps`} (the service applies the same ones)."""
+    """The pooled and the recent state of the events `rows` (NaN without history), projected on their first k
+    principal components (fit on train_rows; k = 0: dropped, k < 0: all D kept), and the projections {`<name>_mean`, `<name>_comps`} (the service applies the same ones)."""
     pos = np.searchsorted(bf.index, rows).clip(0, max(len(bf.index) - 1, 0))
     has = (bf.index[pos] == rows) if len(bf.index) else np.zeros(len(rows), bool)
     out: dict[str, np.ndarray] = {}
@@ -72,9 +72,11 @@ def _embedding_columns(bf: BehaviourFeatures, rows: np.ndarray, train_rows: np.n
     for name, mat in zip(EMBEDDINGS, (bf.pooled, bf.recent)):
         X = np.full((len(rows), mat.shape[1]), np.nan, dtype=np.float32)
         X[has] = mat[pos[has]]
-        if 0 < k < mat.shape[1]:
+        if k == 0:  # dropped: no column (the service projects onto no component either)
+            mean, comps = np.zeros(mat.shape[1]), np.zeros((0, mat.shape[1]))
+        elif 0 < k < mat.shape[1]:
             mean, comps = _fit_pca(X[np.isin(rows, train_rows)], k)
-        else:  # identity: every dimension kept
+        else:  # identity (k < 0 or k >= D): every dimension kept
             mean, comps = np.zeros(mat.shape[1]), np.eye(mat.shape[1])
         X = project(X, mean, comps)
         pca[f"{name}_mean"], pca[f"{name}_comps"] = mean.astype(np.float32), comps.astype(np.float32)
@@ -210,8 +212,9 @@ def _merchant_section(test: pl.DataFrame, merchant: str | None, cfg: FraudConfig
     if merchant is None:
         return None, {"note": "no merchant field"}
     name = cfg.merchant_delta
-    if name == "auto":
-        name = f"surprisal_{merchant}" if f"d_surprisal_{merchant}" in test.columns else "surprisal"
+    if name == "auto":  # −log P_u(m): the token's marginal if the merchant is a token field, else its head's
+        name = next((n for n in (f"surprisal_{merchant}", f"head_surprisal_{merchant}") if f"d_{n}" in test.columns),
+                    "surprisal")
     column = name if name in test.columns else f"d_{name}"
     if column not in test.columns:
         if not any(c.startswith("d_") for c in test.columns):
@@ -283,6 +286,7 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
                  "test_frauds": int(test[LABEL].sum())},
         "feature_sets": results, "risk_models": models_info,
         "features": {g: len(c) for g, c in groups.items()}, "feature_groups": groups,
+        "embedding": embedding_summary(cfg.embedding_dims, meta["pca"]),
         "categorical": meta["categorical"], "merchant_risk": merchant_info,
         "config": _plain(cfg), "timings_s": {k: round(v, 1) for k, v in meta["timings"].items()},
         "wall_s": round(time.perf_counter() - started, 1),
@@ -290,6 +294,17 @@ def run_fraud(run_dir: str | Path, model_name: str, cfg: FraudConfig | None = No
     report = _finite(report)
     fdir.report.write_text(json.dumps(report, indent=1, default=_json_default))
     return report
+
+
+def embedding_summary(k: int, pca: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What the user-state embeddings were reduced to (the embedding ablation): the configured
+    `embedding_dims`, the state size D, the columns kept per state and in all, and how."""
+    comps = [pca[f"{n}_comps"] for n in EMBEDDINGS if f"{n}_comps" in pca]
+    d = int(comps[0].shape[1]) if comps else 0
+    kept = int(comps[0].shape[0]) if comps else 0
+    how = "dropped" if kept == 0 else ("all dimensions" if k < 0 or kept == d else "PCA")
+    return {"embedding_dims": int(k), "state_dims": d, "dims_per_state": kept,
+            "columns": kept * len(comps), "reduction": how}
 
 
 def _dataset_source(run: RunDir) -> str:
@@ -335,6 +350,12 @@ def format_fraud_table(report: dict[str, Any]) -> str:
         by = r.get("recall@1%_by_scenario", {})
         lines.append(f"{name:<20}" + "".join(_cell(r.get(c), w) for c, w in zip(cols, widths))
                      + "".join(_cell(by.get(s), 9) for s in scen))
+    e = report.get("embedding")
+    if e:
+        kept = "dropped" if e["reduction"] == "dropped" else f"{e['dims_per_state']} of {e['state_dims']} dims each " \
+            f"({e['reduction']})"
+        lines.append(f"user-state embeddings (pooled, recent): {kept}, {e['columns']} columns in "
+                     f"baseline+embedding and hybrid (embedding_dims = {e['embedding_dims']})")
     m = report.get("merchant_risk", {})
     if m.get("roc_auc") is not None:
         lines.append(f"merchant risk ROC-AUC (compromised merchants): {m['roc_auc']:.4f} "
@@ -352,5 +373,5 @@ def _cell(value: Any, width: int) -> str:
     return f"{value:>{width}.4f}" if isinstance(value, float) else f"{'-':>{width}}"
 
 
-__all__ = ["EMBEDDINGS", "FraudConfig", "build_features", "format_fraud_table", "load_fraud_config", "project",
-           "run_fraud"]
+__all__ = ["EMBEDDINGS", "FraudConfig", "build_features", "embedding_summary", "format_fraud_table",
+           "load_fraud_config", "project", "run_fraud"]

@@ -3,7 +3,9 @@
 For each user with events before `until` (default: after the last event): the last max_len events (the
 model's window), the events of the last `spend_days` days (customer spending), and the model's prediction
 after the last event (h, the pooled state, top-k, μ, σ) from one batched forward pass per `batch_size` users, with a
-progress bar. The store's meta `embed` records the run, model version, cut-off and count; the service
+progress bar; and the short-window Δ of each user's last max(WINDOW_SIZES) − 1 events (`recent_delta`), each
+from its own history in the fraud pass's windows (`recent_deltas`: the same `behaviour_features` as
+`pantherseq fraud`, so the served window means equal the offline ones). The store's meta `embed` records the run, model version, cut-off and count; the service
 reads it at start-up to rebuild the terminal history up to the same cut-off. A store that belongs to
 another run is refused, one of another model version of this run unless `migrate` (identity.py); the
 store's `owner` record then names this run and model.
@@ -20,9 +22,11 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from pantherseq.data.dataset import gap_buckets
+from pantherseq.data.dataset import RunData, gap_buckets
 from pantherseq.data.schema import DAY
 from pantherseq.data.sequences import Sequences
+from pantherseq.fraud.behaviour import behaviour_features
+from pantherseq.fraud.personal import WINDOW_SIZES
 from pantherseq.serve.identity import check_owner, write_owner
 from pantherseq.serve.scorer import Scorer, parse_time
 from pantherseq.serve.state import UserState
@@ -49,11 +53,31 @@ def event_amounts(scorer: Scorer, frame: pl.DataFrame | None, n: int) -> np.ndar
     return frame[scorer.amount_field].cast(pl.Float64).fill_null(0.0).to_numpy()
 
 
+def recent_deltas(scorer: Scorer, cut_s: int | None) -> np.ndarray:
+    """(E, S) float32 over the run's events: the short-window Δ (`DeviationVocab.window_base`) of each user's
+    last max(WINDOW_SIZES) − 1 events before `cut_s`, NaN elsewhere; from `behaviour_features` with the fraud
+    config's `context`, so each equals the offline value of that event."""
+    data = RunData(scorer.run)
+    starts, ends = window_ends(data.seq, cut_s)
+    m = max(WINDOW_SIZES) - 1
+    want = np.zeros(data.seq.n_events + 1, np.int64)
+    np.add.at(want, np.maximum(starts, ends - m), 1)
+    np.add.at(want, ends, -1)
+    bf = behaviour_features(scorer.model, data, np.cumsum(want)[:-1] > 0, scorer.context, lookback=0)
+    base = scorer.vocab.window_base
+    out = np.full((data.seq.n_events, len(base)), np.nan, np.float32)
+    if len(bf.index):
+        out[bf.index] = np.stack([bf.delta[n] for n in base], 1)
+    return out
+
+
 def user_states(scorer: Scorer, seq: Sequences, amounts: np.ndarray, user_ids: list[str], cut_s: int | None,
-                batch_size: int = 256, progress: bool = False, now: float | None = None) -> Iterator[list[UserState]]:
+                batch_size: int = 256, progress: bool = False, now: float | None = None,
+                recent: np.ndarray | None = None) -> Iterator[list[UserState]]:
     """Batches of refreshed states of `seq`'s users with events before `cut_s`. `seq` may be a shard: its
-    `users` (global indices) become the states' user_idx; `amounts` and `user_ids` are aligned with its rows
-    and users. One batched float64 forward pass (`Scorer.refresh`) per `batch_size` users."""
+    `users` (global indices) become the states' user_idx; `amounts`, `recent` (`recent_deltas`; None = not
+    computed: the states get none) and `user_ids` are aligned with its rows and users. One batched float64
+    forward pass (`Scorer.refresh`) per `batch_size` users."""
     starts, ends = window_ends(seq, cut_s)
     times = np.asarray(seq.time)
     glob = np.arange(seq.n_users) if seq.users is None else np.asarray(seq.users)
@@ -72,7 +96,9 @@ def user_states(scorer: Scorer, seq: Sequences, amounts: np.ndarray, user_ids: l
                 user_id=user_ids[u], user_idx=int(glob[u]), model_version=scorer.model_version, n_events=e - s,
                 last_time=t_last, tokens=tokens[w0:e].astype(np.int32), codes=codes[w0:e].astype(np.int32),
                 gap=gap_b[w0:e].astype(np.int8), times=times[m0:e].astype(np.int64),
-                amounts=amounts[m0:e].astype(np.float64)))
+                amounts=amounts[m0:e].astype(np.float64),
+                recent_delta=(recent[max(s, e - max(WINDOW_SIZES) + 1):e] if recent is not None
+                              else np.zeros((0, len(scorer.vocab.window_base)), np.float32))))
         yield scorer.refresh(states, time.time() if now is None else now, cache=False)
 
 
@@ -102,7 +128,8 @@ def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_si
     amounts = event_amounts(scorer, frame, seq.n_events)
     users = scorer.run.read_users()["user_id"].cast(pl.Utf8).to_list()
     n_written = 0
-    for states in user_states(scorer, seq, amounts, users, cut_s, batch_size, progress):
+    recent = recent_deltas(scorer, cut_s)
+    for states in user_states(scorer, seq, amounts, users, cut_s, batch_size, progress, recent=recent):
         store.put_many({s.user_id: s.encode() for s in states})
         n_written += len(states)
     meta = embed_meta(scorer, until, n_written, time.perf_counter() - started)
@@ -111,4 +138,5 @@ def embed_users(scorer: Scorer, store: Store, until: str | None = None, batch_si
     return meta
 
 
-__all__ = ["embed_meta", "embed_users", "event_amounts", "finish_embed", "user_states", "window_ends"]
+__all__ = ["embed_meta", "embed_users", "event_amounts", "finish_embed", "recent_deltas", "user_states",
+           "window_ends"]

@@ -9,6 +9,8 @@ functions (their one-event forms):
 - ψ context, customer spending over 1/7/30 days, the robust amount deviation against the customer's last
   30 days, terminal risk                                             fraud/features.py (exact integer sums)
 - Δ against the cached prediction of the user's next event           fraud/behaviour.py DeviationVocab
+  (field heads, copy head and new-vs-known counts from the state's window; the short-window means
+  from the state's `recent_delta`, the Δ of its last events as they were scored)   fraud/personal.py
 - the pooled and the recent state, projected by the same PCA         fraud/pipeline.py project
 
 and `score` runs the risk model on them. A run without a risk model (MovieLens, or `fraud` not run) is
@@ -49,6 +51,7 @@ from pantherseq.fraud.features import (
     customer_one,
     robust_one,
 )
+from pantherseq.fraud.personal import WINDOW_SIZES, state_keys
 from pantherseq.fraud.pipeline import EMBEDDINGS, project
 from pantherseq.fraud.risk import load_risk_model
 from pantherseq.model.base import Batch, NeuralModel
@@ -151,7 +154,8 @@ class Scorer:
         self.run_id = hashlib.sha256(self.run.tokenizer_file.read_bytes()).hexdigest()[:12]
         self.max_len = int(model.cfg.max_len)
         self.vocab = DeviationVocab(self.tok, model)
-        self.delta_names = [f"d_{k}" for k in self.vocab.delta_names]  # a cold start gets them all NaN
+        # a cold start gets them all NaN
+        self.delta_names = [f"d_{k}" for k in (*self.vocab.delta_names, *self.vocab.window_names)]
         self.cache = PredictionCache(cache_mb << 20)
         self.kinds = {f.name: f.kind for f in self.cfg.fields}
         self.labels: list[str] | None = None  # readable token labels, made on first use
@@ -180,6 +184,7 @@ class Scorer:
         self.merchant = next((f for f in [fc.get("merchant_field"), *MERCHANT_FIELDS] if f and f in self.kinds),
                              None)
         self.amount_field = fc.get("amount_field", "amount")
+        self.context = int(fc.get("context", 100))  # the offline pass's windows (`embed` computes recent_delta so)
         self.windows = tuple(int(w) for w in fc.get("windows", WINDOWS))
         self.robust_days = int(fc.get("robust_days", ROBUST_DAYS))
         self.spend_days = max(*self.windows, self.robust_days)  # the state keeps what both read
@@ -249,9 +254,33 @@ class Scorer:
         if not state.has_prediction:
             return dict.fromkeys(self.delta_names, float("nan"))
         pred = self.prediction(state)
-        codes = torch.tensor([[ev.codes[c] for c in self.vocab.code_cols]], dtype=torch.int64)
-        feats = self.vocab.deviation(pred, torch.tensor([ev.token], dtype=torch.int64), codes)
+        keys, key_codes = state_keys(state.tokens, state.codes, self.vocab.reach)
+        feats = {k: v.numpy() for k, v in self.vocab.deviation(
+            pred, torch.tensor([ev.token], dtype=torch.int64), torch.tensor([ev.codes], dtype=torch.int64), keys,
+            key_codes).items()}
+        feats |= self.vocab.windows(self.recent_past(state), feats)
         return {f"d_{k}": float(v[0]) for k, v in feats.items()}
+
+    def recent_past(self, state: UserState) -> dict[str, np.ndarray]:
+        """The short-window Δ of the state's last max(WINDOW_SIZES) − 1 events {base: (1, M)}, oldest first,
+        NaN-padded (a state without `recent_delta`, or of another model's columns: all NaN)."""
+        m, base = max(WINDOW_SIZES) - 1, self.vocab.window_base
+        past = np.full((m, len(base)), np.nan, np.float32)
+        if m:
+            rows = self._recent_rows(state)[-m:]
+            past[m - len(rows):] = rows
+        return {n: past[None, :, i] for i, n in enumerate(base)}
+
+    def _recent_rows(self, state: UserState) -> np.ndarray:
+        """state.recent_delta (M, S), or (0, S) when it has none or another model's columns."""
+        s = len(self.vocab.window_base)
+        r = state.recent_delta
+        return r if r.ndim == 2 and r.shape[1] == s else np.zeros((0, s), np.float32)
+
+    def record(self, ev: Event, feats: dict[str, float]) -> dict[str, Any]:
+        """What the event log keeps of a scored event: `ev.record()` and `window`, its short-window Δ as
+        scored (folded into the state's `recent_delta`)."""
+        return {**ev.record(), "window": [feats.get(f"d_{n}", float("nan")) for n in self.vocab.window_base]}
 
     def prediction(self, state: UserState) -> Prediction:
         """The cached prediction of the state's next event; on a miss one V × D product (then cached)."""
@@ -309,6 +338,9 @@ class Scorer:
             return state
         recs = [r for _, r in records]
         t = np.array([r["time"] for r in recs], np.int64)
+        base = len(self.vocab.window_base)
+        window = np.array([r["window"] if len(r.get("window") or ()) == base else [np.nan] * base for r in recs],
+                          np.float32).reshape(len(recs), base)
         amounts = np.array([float(r["fields"].get(self.amount_field) or 0.0) for r in recs], np.float64)
         times = np.concatenate([state.times, t])
         keep = times > times[-1] - self.spend_days * DAY
@@ -320,6 +352,7 @@ class Scorer:
                                         np.array([r["codes"] for r in recs], np.int32)])[-L:],
                "gap": np.concatenate([state.gap, [r["gap"] for r in recs]]).astype(np.int8)[-L:],
                "times": times[keep], "amounts": np.concatenate([state.amounts, amounts])[keep],
+               "recent_delta": np.concatenate([self._recent_rows(state), window])[-(max(WINDOW_SIZES) - 1):],
                "n_events": state.n_events + len(recs), "log_seq": max(state.log_seq, records[-1][0]),
                "last_time": int(t[-1])})
 

@@ -330,7 +330,7 @@ class Service:
                 feats = self.scorer.features(ev, state, self.terminal_counts(term, ev.time))
                 score = self.scorer.score(feats)
                 seq = self.store.append_event(  # durable before we answer; None: another process came first
-                    user, encode_event(ev.record()), expect_seq=last_seq,
+                    user, encode_event(self.scorer.record(ev, feats)), expect_seq=last_seq,
                     index=None if term is None else (term, ev.time), queue=self.external_refresh)
                 if seq is not None:
                     break

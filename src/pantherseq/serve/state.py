@@ -14,15 +14,23 @@ accepted event:
                         as "e_u" by the first versions, which `decode` still reads)
     top_ids (k,) int32, top_p (k,) float32, mu, sigma       the predicted next-behaviour distribution
                                                            (top-k; μ = 1/V, σ = its std over V)
+    recent_delta (M, S) float32  the short-window Δ of the last M = max(WINDOW_SIZES) − 1 events as each was
+                        scored (columns: the scorer's `DeviationVocab.window_base`; NaN = none), what the
+                        `mean<k>_*` features of the next event read (fraud/personal.py)
 
-Byte format (schema 1), what the store keeps as an opaque value:
+Byte format (schema 2), what the store keeps as an opaque value:
 
     b"PSU" + u8 schema version | u32 little-endian n = header length | n bytes of UTF-8 JSON header
     {"scalars": {...}, "arrays": [[name, dtype, shape], ...]} | the arrays' bytes back to back, C order,
     little-endian (dtypes "<i4", "<i8", "<f4", "<f8", "|i1").
 
+Schema 2 added `recent_delta`. Schema-1 states still decode (without it: the window means of their next
+events then see only the events scored since; `pantherseq embed` again restores exact parity); a reader
+of schema 1 refuses a schema-2 state with "re-run embed" rather than misreading it.
+
 Accepted events go to the store's per-user log as JSON (`encode_event`): the raw request fields, time,
-token, codes and gap bucket, so a restart can fold them into the state without the request.
+token, codes and gap bucket, and `window`, the event's short-window Δ as it was scored (absent in logs
+written before schema 2: folded as NaN), so a restart can fold them into the state without the request.
 """
 
 from __future__ import annotations
@@ -34,16 +42,17 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 MAGIC = b"PSU"
-SCHEMA = 1
+SCHEMA = 2
+READS = (1, 2)  # schema 1 lacks recent_delta (decoded empty)
 _ARRAYS = {"tokens": "<i4", "codes": "<i4", "gap": "|i1", "times": "<i8", "amounts": "<f8", "h": "<f4",
-           "pooled": "<f4", "top_ids": "<i4", "top_p": "<f4"}
+           "pooled": "<f4", "top_ids": "<i4", "top_p": "<f4", "recent_delta": "<f4"}
 
 
 _RENAMED = {"e_u": "pooled"}  # names of schema-1 arrays written by earlier versions
 
 
 class StateFormatError(ValueError):
-    """A stored value that is not a schema-1 user state."""
+    """A stored value that is not a user state this version reads."""
 
 
 def _empty(dtype: str, *shape: int) -> np.ndarray:
@@ -70,6 +79,7 @@ class UserState:
     pooled: np.ndarray = field(default_factory=lambda: _empty("<f4"))
     top_ids: np.ndarray = field(default_factory=lambda: _empty("<i4"))
     top_p: np.ndarray = field(default_factory=lambda: _empty("<f4"))
+    recent_delta: np.ndarray = field(default_factory=lambda: _empty("<f4", 0, 0))
 
     @property
     def has_prediction(self) -> bool:
@@ -88,8 +98,8 @@ class UserState:
     def decode(cls, blob: bytes) -> UserState:
         if len(blob) < 8 or blob[:3] != MAGIC:
             raise StateFormatError("not a pantherseq user state (bad magic)")
-        if blob[3] != SCHEMA:
-            raise StateFormatError(f"user state schema {blob[3]}, this version reads {SCHEMA}: re-run embed")
+        if blob[3] not in READS:
+            raise StateFormatError(f"user state schema {blob[3]}, this version reads {READS}: re-run embed")
         try:
             (n,) = struct.unpack("<I", blob[4:8])
             head = json.loads(blob[8:8 + n])
@@ -119,7 +129,8 @@ def decode_event(blob: bytes) -> dict:
         rec = json.loads(blob)
         ok = (isinstance(rec, dict) and isinstance(rec.get("fields"), dict) and isinstance(rec.get("codes"), list)
               and all(type(rec.get(k)) is int for k in ("time", "token", "gap"))
-              and all(type(c) is int for c in rec["codes"]))
+              and all(type(c) is int for c in rec["codes"])
+              and all(type(x) in (int, float) for x in rec.get("window") or ()))
     except (ValueError, TypeError):
         ok = False
     if not ok:

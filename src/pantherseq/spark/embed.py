@@ -12,6 +12,7 @@ The single-process `embed` (serve/embed.py `embed_users`) as one Spark job:
              the store's byte format, serve/state.py), then into the store: SQLite from the driver (one
              writer), Redis from the executors (`foreachPartition`); the `embed` meta and the owner record
              from the driver last.
+Not computed here: the states' `recent_delta` (left empty; docs/SPARK.md "Not done").
 """
 
 from __future__ import annotations
