@@ -68,9 +68,8 @@ def test_every_section_is_drawn(report, full_run):
         assert f"](report/{key}.png)" in md_path.read_text()
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<script" not in html  # self-contained
     assert "hybrid" in html and "stolen_routine" in html and "→" in html  # fraud table, header, 3-grams
-    assert "REPEAT_HR@10" in html or "repeat_hr@10" in html  # the repeat / explore split is drawn
-    assert "explore targets" in html
-    assert "operating points" in html and "recall@0.01%" in html  # the fraud section's tables
+    assert "explore targets (new to the user)" in html  # the repeat / explore panel's caption (drawn with it)
+    assert "operating points" in html and "recall@1% per fraud scenario" in html  # the fraud section's tables
 
 
 def _chromium() -> str | None:

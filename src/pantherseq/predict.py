@@ -110,12 +110,6 @@ def encode_events(frame: pl.DataFrame, tok: StructuredTokenizer) -> FileEvents:
                       enc.codes.astype(np.int64), gap_buckets(gap), users["t"].to_list())
 
 
-def run_profile(run: RunDir, n_users: int) -> Profile:
-    """The run's encoded profile in user-index order (as training and serving encode it)."""
-    cfg, frame = run.config(), run.read_profile()
-    return Profile.from_frame(frame, cfg) if frame is not None and cfg.profile.fields else Profile.empty(n_users)
-
-
 def window_batch(ev: FileEvents, rows: np.ndarray, max_len: int, history: int, profile: Profile,
                  user_idx: np.ndarray) -> tuple[Batch, np.ndarray]:
     """The Batch of the users `rows`' last max_len events (+ `history` before them) and their lengths; the
@@ -166,10 +160,9 @@ def predict(run: RunDir | str | Path, model: str, events: str | Path, top_k: int
     net, _ = load_model(run, model)
     tok = run.tokenizer()
     ev = encode_events(read_events(run, events), tok)
-    users = run.read_users()
-    index = dict(zip(users[USER].cast(pl.Utf8).to_list(), users["user_idx"].to_list()))
+    index = run.user_index()
     user_idx = np.array([index.get(u, -1) for u in ev.user_ids], dtype=np.int64)
-    profile = run_profile(run, users.height)
+    profile = Profile.of_run(run, len(index))
     neural = isinstance(net, NeuralModel)
     model64 = float64_copy(net) if neural else None
     k = min(top_k, tok.vocab_size - N_SPECIAL)

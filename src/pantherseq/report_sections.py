@@ -243,15 +243,15 @@ def fraud_curve_section(run: RunDir) -> Section:
 
 def _fraud_tables(report: dict[str, Any]) -> list[Table]:
     """fraud.json as tables: the operating points per feature set, and recall@1% per fraud scenario."""
-    from pantherseq.fraud.metrics import TOP_PCTS
+    from pantherseq.fraud.metrics import TABLE_COLUMNS, scenario_ids
 
     sets = report.get("feature_sets") or {}
     if not sets:
         return []
-    cols = [f"recall@{p:g}%" for p in TOP_PCTS] + ["average_precision", "roc_auc"]
+    cols = list(TABLE_COLUMNS)
     tables = [Table(["feature set", *cols], [[name, *(cell(r.get(c)) for c in cols)] for name, r in sets.items()],
                     "operating points: the share of frauds in the top K% of transactions by risk score")]
-    scen = sorted({s for r in sets.values() for s in r.get("recall@1%_by_scenario", {})}, key=int)
+    scen = scenario_ids(sets)
     if scen:
         tables.append(Table(["feature set", *(f"scenario {s}" for s in scen)],
                             [[name, *(cell(r.get("recall@1%_by_scenario", {}).get(s)) for s in scen)]

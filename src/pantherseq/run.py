@@ -288,6 +288,15 @@ class RunDir:
 
         return pl.read_parquet(self.users).sort("user_idx")
 
+    def user_index(self) -> dict[str, int]:
+        """user id (as text) -> user_idx, for the users the run was prepared with."""
+        import polars as pl
+
+        from pantherseq.data.schema import USER
+
+        users = self.read_users()
+        return dict(zip(users[USER].cast(pl.Utf8).to_list(), users["user_idx"].to_list()))
+
     def read_profile(self) -> pl.DataFrame | None:
         """profile.parquet sorted by user_idx, or None when the run has no profile."""
         import polars as pl

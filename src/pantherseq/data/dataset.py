@@ -67,6 +67,13 @@ class Profile:
         return cls(torch.zeros(n_users, 0, dtype=torch.long), torch.zeros(n_users, 0), [], [], [])
 
     @classmethod
+    def of_run(cls, run: RunDir, n_users: int) -> Profile:
+        """The run's encoded profile in user-index order (empty without profile fields), as training encodes it;
+        serving and `predict` load it so."""
+        cfg, frame = run.config(), run.read_profile()
+        return cls.from_frame(frame, cfg) if frame is not None and cfg.profile.fields else cls.empty(n_users)
+
+    @classmethod
     def from_frame(cls, frame: pl.DataFrame, cfg: DatasetConfig) -> Profile:
         cats, nums, sizes, raw = [], [], [], {}
         for f in cfg.profile.fields:

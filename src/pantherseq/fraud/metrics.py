@@ -20,6 +20,13 @@ import numpy as np
 from pantherseq.eval.metrics import average_precision, check_scores, roc_auc
 
 TOP_PCTS = (0.01, 0.1, 1.0, 5.0)
+# the columns every fraud table shows (terminal, report): the operating points, AP, ROC-AUC
+TABLE_COLUMNS = (*(f"recall@{p:g}%" for p in TOP_PCTS), "average_precision", "roc_auc")
+
+
+def scenario_ids(sets: dict[str, dict]) -> list[str]:
+    """The fraud scenario ids (string keys) any feature set of fraud.json has a recall@1% for, in order."""
+    return sorted({s for r in sets.values() for s in r.get("recall@1%_by_scenario", {})}, key=int)
 
 
 def top_k_count(n: int, pct: float) -> int:

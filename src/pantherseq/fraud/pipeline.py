@@ -38,7 +38,7 @@ from pantherseq.fraud.config import MERCHANT_FIELDS, FraudConfig, load_fraud_con
 from pantherseq.fraud.features import auto_categorical, baseline_features, robust_features
 from pantherseq.fraud.hybrid import GROUPS
 from pantherseq.fraud.merchant import flagged_precision, merchant_auc, merchant_risk
-from pantherseq.fraud.metrics import fraud_metrics
+from pantherseq.fraud.metrics import TABLE_COLUMNS, fraud_metrics, scenario_ids
 from pantherseq.fraud.risk import risk_model_kind
 from pantherseq.model.base import NeuralModel
 from pantherseq.run import RunDir
@@ -332,14 +332,13 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-TABLE_COLUMNS = ("recall@0.01%", "recall@0.1%", "recall@1%", "recall@5%", "average_precision", "roc_auc")
 
 
 def format_fraud_table(report: dict[str, Any]) -> str:
     """The terminal table of fraud.json: one row per feature set, recall@1% per scenario at the end."""
     sets = report["feature_sets"]
     card = next((k for k in next(iter(sets.values())) if k.startswith("card_precision@")), "card_precision@100")
-    scen = sorted({s for r in sets.values() for s in r.get("recall@1%_by_scenario", {})}, key=int)
+    scen = scenario_ids(sets)
     cols = (*TABLE_COLUMNS, card)
     names = [c.replace("average_precision", "AP") for c in cols]
     widths = [max(13, len(n) + 2) for n in names]

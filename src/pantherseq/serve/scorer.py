@@ -38,7 +38,7 @@ import polars as pl
 import torch
 
 from pantherseq.data.dataset import Profile, gap_bucket_one
-from pantherseq.data.schema import DAY, GAP, LABEL, N_SPECIAL, PAD, TIME, USER
+from pantherseq.data.schema import DAY, GAP, LABEL, N_SPECIAL, PAD, TIME
 from pantherseq.errors import ConfigError
 from pantherseq.fraud.behaviour import DeviationVocab, final_states, float64_copy
 from pantherseq.fraud.config import MERCHANT_FIELDS
@@ -159,11 +159,8 @@ class Scorer:
         self.cache = PredictionCache(cache_mb << 20)
         self.kinds = {f.name: f.kind for f in self.cfg.fields}
         self.labels: list[str] | None = None  # readable token labels, made on first use
-        users = self.run.read_users()
-        self.user_index = dict(zip(users[USER].cast(pl.Utf8).to_list(), users["user_idx"].to_list()))
-        profile = self.run.read_profile()
-        self.profile = (Profile.from_frame(profile, self.cfg) if profile is not None and self.cfg.profile.fields
-                        else Profile.empty(len(users)))
+        self.user_index = self.run.user_index()
+        self.profile = Profile.of_run(self.run, len(self.user_index))
         self._load_risk(fraud_dir, feature_set)
 
     # -- set-up ---------------------------------------------------------------------------------------
