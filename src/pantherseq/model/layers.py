@@ -1,6 +1,7 @@
 """Transformer parts shared by the neural models (SPEC §4, paper §3.3), leaf-first.
 
     CausalSelfAttention   multi-head attention where position t sees positions <= t
+                          (`extend`: new positions attending to cached keys and values, model/incremental.py)
     MLP                   the position-wise feed-forward layer
     Block                 pre-norm block: x + attn(ln(x)) [+ parallel(ln(x))], then x + mlp(ln(x))
     InputEmbedding        token + learned position [+ per-field] [+ time-gap] [+ profile] embeddings
@@ -61,6 +62,19 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.resid_drop(self.proj(y))
 
+    def extend(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for T new positions after P cached ones: x (B, T, D), past keys and values (B, nh, P, hs)
+        -> the output (B, T, D) and the keys and values of all P + T positions (B, nh, P + T, hs)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (split_heads(z, self.n_heads) for z in (q, k, v))  # (B, nh, T, hs)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        P = k.shape[2] - T
+        causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # new t sees <= P + t
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, D))), k, v
+
 
 class MLP(nn.Module):
     """Linear -> activation -> Linear -> dropout; hidden width `hidden` (default 4·D)."""
@@ -120,13 +134,14 @@ class InputEmbedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, batch: Batch, token_emb: nn.Embedding,
-                profile: torch.Tensor | None = None) -> torch.Tensor:
-        """-> (B, T, D); `profile` (B, D), if given, is added at every position (positional mode)."""
+                profile: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """-> (B, T, D); `profile` (B, D), if given, is added at every position (positional mode); `start`:
+        the position of the first input (the events appended to a cached window, model/incremental.py)."""
         tokens = batch.tokens  # (B, T)
         T = tokens.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")
-        x = token_emb(tokens) * self.scale + self.pos_emb(torch.arange(T, device=tokens.device))
+        if start + T > self.max_len:
+            raise ValueError(f"sequence length {start + T} exceeds max_len={self.max_len}")
+        x = token_emb(tokens) * self.scale + self.pos_emb(torch.arange(start, start + T, device=tokens.device))
         if self.field_embs is not None:
             for f, emb in enumerate(self.field_embs):
                 x = x + emb(batch.codes[:, :, f])
