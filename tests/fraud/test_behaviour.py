@@ -13,6 +13,7 @@ from pantherseq.fraud.behaviour import (
     delta_from_hidden,
     extend_back,
     scoring_windows,
+    window_start,
 )
 from pantherseq.fraud.personal import WINDOW_SIZES, state_keys
 from pantherseq.model.base import ModelConfig
@@ -40,6 +41,31 @@ def test_windows_cover_every_wanted_event_once_with_context(seed):
     assert np.all(win[:, 0] >= offsets[user]) and np.all(win[:, 2] <= offsets[user + 1])
     assert np.all(win[:, 2] - 1 - win[:, 0] <= max_len)  # inputs [w0, c1 - 1)
     assert np.all((win[:, 1] - 1 - win[:, 0] >= context) | (win[:, 0] == offsets[user]))
+
+
+@pytest.mark.parametrize(("max_len", "context"), [(16, 10), (16, 15), (16, 3), (8, 100)])
+def test_an_events_window_depends_on_the_users_history_alone(max_len, context):
+    """Whichever events are wanted, event j of a user is predicted from the window [start + window_start(p), j),
+    p = j − start; windows grow to max_len, then restart at context + 1 events (the refresh's re-base)."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 80, 20)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    starts = np.repeat(offsets[:-1], counts)
+    for _ in range(5):
+        want = np.zeros(offsets[-1], bool)
+        for u in range(20):
+            a = offsets[u] + rng.integers(0, counts[u])
+            want[a:min(offsets[u + 1], a + rng.integers(0, counts[u] + 1))] = True
+        win, _ = scoring_windows(offsets, want, max_len, context)
+        for w0, c0, c1 in win:
+            for j in range(c0, c1):
+                p = j - starts[j]
+                assert w0 == starts[j] + window_start(p, max_len, context)
+    ctx = min(max(context, 1), max_len - 1)
+    p = np.arange(1, 200)
+    n = p - window_start(p, max_len, context)  # window lengths
+    assert n.max() <= max_len and np.all((n >= ctx + 1) | (n == p))
+    assert np.all((np.diff(n) == 1) | (n[1:] == ctx + 1))  # grows one event at a time, or re-bases
 
 
 @pytest.fixture(scope="module")

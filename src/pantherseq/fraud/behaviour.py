@@ -2,12 +2,17 @@
 transaction, from one causal forward pass per window of a user's history (never one pass per transaction).
 
 Windows. A user's chosen transactions (events with `want` set, the user's first event excluded: it has no
-history) are cut into chunks of `chunk` consecutive events, counted from the first chosen one. The chunk
-[c0, c1) is predicted from one window of inputs [w0, c1 − 1) with w0 = max(user start, c0 − 1 − context):
-the state at input position j − 1 predicts event j, so every prediction sees only strictly earlier events
-and at least `context` of them (when the user has that many), and the window has at most
-chunk + context = max_len inputs. w0 depends only on c0, so adding or changing later events never
-changes an earlier transaction's features (tested).
+history) are cut into chunks of `chunk` = max_len − context consecutive events on a grid counted from the
+user's first event: chunk k holds the events with k·chunk < p <= (k + 1)·chunk, p = the events before it
+in the user's history. The events of chunk k are predicted from one window of inputs starting at the
+user's event w0(p) = max(0, k·chunk − context) (`window_start`): the state at input position j − 1
+predicts event j, so every prediction sees only strictly earlier events and at least `context` of them
+(when the user has that many), and the window has at most chunk + context = max_len inputs. w0 depends
+only on p, so adding or changing later events never changes an earlier transaction's features (tested),
+and neither does the choice of events: an event's window is a function of the user's history alone, the
+same in the train and the test pass, and the same the service's refresh keeps (serve/windows.py): a
+user's window grows one event at a time and is re-based every `chunk` events, which is what lets the
+refresh extend it incrementally instead of recomputing it.
 
 User state, as of each transaction j (strictly before it):
 - `pooled`: the mean of the causal states over the window's inputs up to j − 1, i.e. `model.embed()` of
@@ -65,12 +70,29 @@ WINDOW_ROWS = 65_536  # events per step of the short-window means (bounds the (r
 MAX_ORDERED_CODES = 256  # numeric token fields with at most this many buckets get the upper-tail surprisal
 
 
+def window_context(max_len: int, context: int) -> int:
+    """The context the windows honour: `context` clipped to 1 .. max_len − 1 (chunks of at least one event)."""
+    return int(min(max(context, 1), max_len - 1))
+
+
+def window_start(p: np.ndarray | int, max_len: int, context: int) -> np.ndarray | int:
+    """The first input (counted from the user's first event) of the window that predicts the user's event
+    with `p` >= 1 events before it (the state after p events): max(0, ((p − 1) // chunk)·chunk − context),
+    chunk = max_len − context (see the module doc). p - window_start(p) is between min(p, context + 1)
+    and max_len."""
+    context = window_context(max_len, context)
+    chunk = max_len - context
+    w0 = np.maximum(0, (np.asarray(p, dtype=np.int64) - 1) // chunk * chunk - context)
+    return int(w0) if np.ndim(p) == 0 else w0
+
+
 def scoring_windows(offsets: np.ndarray, want: np.ndarray, max_len: int, context: int
                     ) -> tuple[np.ndarray, int]:
     """(W, 3) int64 rows [w0, c0, c1] covering every wanted event that has history, and the chunk size.
 
-    Each user's wanted events must be contiguous (a time range is). Chunks of max_len − context targets."""
-    context = int(min(max(context, 1), max_len - 1))
+    Each user's wanted events must be contiguous (a time range is). The rows are the user's grid chunks of
+    max_len − context events (module doc) cut to the wanted range; w0 = the user's start + `window_start`."""
+    context = window_context(max_len, context)
     chunk = max_len - context
     want = np.asarray(want, dtype=bool)
     starts = offsets[:-1].astype(np.int64)
@@ -88,12 +110,14 @@ def scoring_windows(offsets: np.ndarray, want: np.ndarray, max_len: int, context
     first = np.maximum(first, starts + 1)  # the first event of a user has no history
     ok = has & (first <= last)
     users = np.flatnonzero(ok)
-    n_chunks = (last[users] - first[users]) // chunk + 1
+    k0 = (first[users] - starts[users] - 1) // chunk  # the grid chunks of the first and last wanted events
+    n_chunks = (last[users] - starts[users] - 1) // chunk - k0 + 1
     u = np.repeat(users, n_chunks)
-    k = np.arange(int(n_chunks.sum())) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-    c0 = first[u] + k * chunk
-    c1 = np.minimum(c0 + chunk, last[u] + 1)
-    w0 = np.maximum(starts[u], c0 - 1 - context)
+    k = np.repeat(k0, n_chunks) + np.arange(int(n_chunks.sum())) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    grid = starts[u] + 1 + k * chunk  # the chunk's first event on the user's grid
+    c0 = np.maximum(grid, first[u])
+    c1 = np.minimum(grid + chunk, last[u] + 1)
+    w0 = starts[u] + window_start(grid - starts[u], max_len, context)
     return np.stack([w0, c0, c1], 1).astype(np.int64).reshape(-1, 3), chunk
 
 
