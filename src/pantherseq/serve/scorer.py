@@ -16,19 +16,18 @@ functions (their one-event forms):
 and `score` runs the risk model on them. A run without a risk model (MovieLens, or `fraud` not run) is
 scored by the deviation itself: the score is the surprisal −log P(x_new).
 
-Offline/online parity: offline, the features of event j come from the window [w0, j) of `scoring_windows`,
-which holds between `context` + 1 and max_len events; online, h is computed on the last max_len events.
-With `context = max_len − 1` in the fraud config the windows are the same and, the states being computed
-in float64 and rounded once on both paths, every served score equals the offline one
-(tests/serve/test_service.py).
+Offline/online parity: offline, the features of event j come from the window [w0, j) of `scoring_windows`;
+online, h is computed on the same window of the user's last events (`window_start` of the fraud config's
+`context`: serve/windows.py, which also keeps the windows between refreshes to extend them by the new
+events). The states being computed in float64 and rounded once on both paths, every served score equals
+the offline one (tests/serve/test_service.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -55,10 +54,14 @@ from pantherseq.fraud.personal import WINDOW_SIZES, state_keys
 from pantherseq.fraud.pipeline import EMBEDDINGS, project
 from pantherseq.fraud.risk import load_risk_model
 from pantherseq.model.base import Batch, NeuralModel
+from pantherseq.model.incremental import supports
 from pantherseq.run import RunDir
+from pantherseq.serve.cache import LruCache
 from pantherseq.serve.state import UserState
+from pantherseq.serve.windows import Windows, window_len
 from pantherseq.train.checkpoint import load_model
 
+log = logging.getLogger(__name__)
 EPOCH_MIN, EPOCH_MAX = 0, 4_102_444_800  # 1970-01-01 .. 2100-01-01: outside is an absurd timestamp
 TOP_K = 10
 
@@ -99,37 +102,6 @@ def parse_time(value: Any) -> tuple[int, datetime]:
     return t, datetime.fromtimestamp(secs, UTC).replace(tzinfo=None)
 
 
-class PredictionCache:
-    """Per user, the `Prediction` of the next event (LRU, bounded in bytes), keyed by the state's version."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = int(max_bytes), 0
-        self._items: OrderedDict[str, tuple[tuple, Prediction]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, user: str, key: tuple) -> Prediction | None:
-        with self._lock:
-            hit = self._items.get(user)
-            if hit is None or hit[0] != key:
-                return None
-            self._items.move_to_end(user)
-            return hit[1]
-
-    def put(self, user: str, key: tuple, pred: Prediction) -> None:
-        with self._lock:
-            old = self._items.pop(user, None)
-            if old is not None:
-                self.bytes -= old[1].nbytes
-            self._items[user] = (key, pred)
-            self.bytes += pred.nbytes
-            while self.bytes > self.max_bytes and self._items:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self.bytes -= dropped.nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def _version_key(state: UserState) -> tuple:
     return (state.refreshed_at, state.n_events, state.log_seq)
 
@@ -138,7 +110,7 @@ class Scorer:
     """A run's model, tokenizer and (optional) risk model, ready to score single events (see module doc)."""
 
     def __init__(self, run: RunDir | str, model_name: str, fraud_dir: str | None = None,
-                 feature_set: str = "hybrid", threads: int = 1, cache_mb: int = 512):
+                 feature_set: str = "hybrid", threads: int = 1, cache_mb: int = 512, window_cache_mb: int = 512):
         self.run = RunDir.of(run).require()
         torch.set_num_threads(threads)
         self.cfg = self.run.config()
@@ -156,12 +128,13 @@ class Scorer:
         self.vocab = DeviationVocab(self.tok, model)
         # a cold start gets them all NaN
         self.delta_names = [f"d_{k}" for k in (*self.vocab.delta_names, *self.vocab.window_names)]
-        self.cache = PredictionCache(cache_mb << 20)
+        self.cache = LruCache(cache_mb << 20)  # per user, the `Prediction` of the next event
         self.kinds = {f.name: f.kind for f in self.cfg.fields}
         self.labels: list[str] | None = None  # readable token labels, made on first use
         self.user_index = self.run.user_index()
         self.profile = Profile.of_run(self.run, len(self.user_index))
         self._load_risk(fraud_dir, feature_set)
+        self.windows = self._windows(window_cache_mb)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _load_risk(self, fraud_dir: str | None, feature_set: str) -> None:
@@ -196,6 +169,17 @@ class Scorer:
             if missing:
                 raise ConfigError(f"{fdir.path}: the {feature_set!r} risk model reads features this version does "
                                   f"not compute ({', '.join(missing[:5])}): re-run `pantherseq fraud`")
+
+    def _windows(self, mb: int) -> Windows | None:
+        """The refresh's cache of model windows (serve/windows.py); None when off or the model has no
+        incremental forward (its refresh then recomputes every window)."""
+        if mb <= 0:
+            return None
+        if not supports(self.model64):
+            log.info("%s: no incremental refresh for this model, every refresh is a full-window forward",
+                     self.model_name)
+            return None
+        return Windows(self.model64, self.context, mb << 20)
 
     def feature_names(self) -> list[str]:
         """Every feature `features` returns, in order."""
@@ -353,14 +337,15 @@ class Scorer:
                "n_events": state.n_events + len(recs), "log_seq": max(state.log_seq, records[-1][0]),
                "last_time": int(t[-1])})
 
-    def _batch(self, states: list[UserState]) -> tuple[Batch, np.ndarray]:
-        lens = np.array([len(s.tokens) for s in states])
+    def _batch(self, states: list[UserState], spans: list[tuple[int, int]]) -> Batch:
+        """The events [a, b) of each state's tokens / codes / gap, right-padded, with the users' profiles."""
+        lens = np.array([b - a for a, b in spans])
         T, F = int(lens.max()), len(self.tok.field_names)
         tokens = np.full((len(states), T), PAD, np.int64)
         codes = np.zeros((len(states), T, F), np.int64)
         gaps = np.zeros((len(states), T), np.int64)
-        for r, s in enumerate(states):
-            tokens[r, :lens[r]], codes[r, :lens[r]], gaps[r, :lens[r]] = s.tokens, s.codes, s.gap
+        for r, (s, (a, b)) in enumerate(zip(states, spans)):
+            tokens[r, :lens[r]], codes[r, :lens[r]], gaps[r, :lens[r]] = s.tokens[a:b], s.codes[a:b], s.gap[a:b]
         idx = np.array([s.user_idx for s in states])
         known = idx >= 0
         pc = torch.zeros((len(states), self.profile.cat.shape[1]), dtype=self.profile.cat.dtype)
@@ -373,18 +358,29 @@ class Scorer:
                       gap_bucket=torch.from_numpy(gaps), profile_cat=pc, profile_num=pn,
                       positives=torch.zeros(len(states), len(states), dtype=torch.bool),
                       users=torch.from_numpy(np.maximum(idx, 0)))
-        return batch, lens
+        return batch
+
+    def window_states(self, states: list[UserState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """h and the pooled state (B, D) float32 of states with events, from one batched float64 forward pass
+        over each state's model window (serve/windows.py), rounded once (as offline)."""
+        lens = np.array([window_len(s, self.max_len, self.context) for s in states])
+        batch = self._batch(states, [(len(s.tokens) - n, len(s.tokens)) for s, n in zip(states, lens)])
+        return final_states(self.model64, batch, lens)
 
     @torch.no_grad()
-    def refresh(self, states: list[UserState], now: float, cache: bool = True) -> list[UserState]:
-        """Recompute h, the pooled state and the predicted distribution of each state from its last max_len
-        events: one batched float64 forward pass (the refresh worker and `embed` call this, never a request)."""
+    def refresh(self, states: list[UserState], now: float, cache: bool = True, incremental: bool = True
+                ) -> list[UserState]:
+        """Recompute h, the pooled state and the predicted distribution of each state from its model window
+        (serve/windows.py): extended by its new events when the window is cached (`incremental`, and the
+        model has an incremental forward), else one batched float64 forward pass (the refresh worker and
+        `embed` call this, never a request)."""
         todo = [i for i, s in enumerate(states) if len(s.tokens)]
         out = list(states)
         if not todo:
             return out
-        batch, lens = self._batch([states[i] for i in todo])
-        h, pooled = final_states(self.model64, batch, lens)  # rounded once, as offline
+        live = [states[i] for i in todo]
+        h, pooled = (self.windows.states(live, self._batch) if incremental and self.windows is not None
+                     else self.window_states(live))
         pred = self.vocab.predict(h)
         top_p, top_i = pred.p.topk(min(TOP_K, pred.p.shape[1]), dim=1)
         v = pred.p.shape[1]
@@ -400,4 +396,4 @@ class Scorer:
         return out
 
 
-__all__ = ["Event", "PredictionCache", "Scorer", "parse_time"]
+__all__ = ["Event", "Scorer", "parse_time"]
