@@ -30,7 +30,7 @@ CONTEXT = 20  # of max_len 48: chunks of 28 events, windows of 21 .. 48
 def _scorer(run: Path, name: str, max_bytes: int = 64 << 20) -> Scorer:
     om = Scorer(run, name)
     om.context = CONTEXT  # as a fraud report's `context` would set it
-    om.windows = Windows(om.model64, CONTEXT, max_bytes)
+    om.model_windows = Windows(om.model64, CONTEXT, max_bytes)
     return om
 
 
@@ -97,7 +97,7 @@ def test_incremental_states_equal_the_full_forward_across_rebases(run_model):
     def check(st):
         h, pooled = _full64(om, st)
         n = window_len(st, om.max_len, om.context)
-        win = om.windows.lru.get(st.user_id, (st.n_events - n, st.user_idx))
+        win = om.model_windows.lru.get(st.user_id, (st.n_events - n, st.user_idx))
         assert win is not None and len(win.tokens) == n
         worst[0] = max(worst[0], float((win.last - h).abs().max()), float((win.total / n - pooled).abs().max()))
         assert np.array_equal(st.h, h.to(torch.float32).numpy()) or np.abs(st.h - h.numpy()).max() < 1e-6
@@ -105,7 +105,7 @@ def test_incremental_states_equal_the_full_forward_across_rebases(run_model):
     _replay(om, seq, users, steps, check)
     assert worst[0] < 1e-9, worst[0]
     # mostly extended; computed afresh at the first refresh and at every re-base (28 events)
-    assert om.windows.hits > 4 * om.windows.misses and om.windows.misses >= 3 * len(users)
+    assert om.model_windows.hits > 4 * om.model_windows.misses and om.model_windows.misses >= 3 * len(users)
 
 
 def test_a_miss_or_eviction_gives_the_same_states(trained_run):
@@ -117,7 +117,7 @@ def test_a_miss_or_eviction_gives_the_same_states(trained_run):
     steps = np.random.default_rng(1).integers(1, 3, 60)
     a = _replay(kept, seq, users, steps)
     b = _replay(evicting, seq, users, steps)
-    assert len(evicting.windows.lru) == 0 and evicting.windows.hits == 0 and kept.windows.hits > 0
+    assert len(evicting.model_windows.lru) == 0 and evicting.model_windows.hits == 0 and kept.model_windows.hits > 0
     for x, y in zip(a, b):
         np.testing.assert_allclose(x.h, y.h, rtol=0, atol=1e-6)
         np.testing.assert_allclose(x.pooled, y.pooled, rtol=0, atol=1e-6)
@@ -125,9 +125,9 @@ def test_a_miss_or_eviction_gives_the_same_states(trained_run):
     st = a[0]
     other = type(st)(**{**st.__dict__, "tokens": st.tokens.copy()})
     other.tokens[-2] = st.tokens[-1] if st.tokens[-1] != st.tokens[-2] else st.tokens[-3]
-    misses = kept.windows.misses
+    misses = kept.model_windows.misses
     got = kept.refresh([other], 0.0, cache=False)[0]
-    assert kept.windows.misses == misses + 1
+    assert kept.model_windows.misses == misses + 1
     h, _ = _full64(kept, other)
     np.testing.assert_allclose(got.h, h.to(torch.float32).numpy(), rtol=0, atol=1e-6)
 
@@ -161,4 +161,4 @@ def test_served_states_equal_the_offline_states(trained_run):
                 checked, equal = checked + 1, equal + int(diff == 0)
             st = om.refresh([om.fold(st, _records(seq, gaps, j, j + 1))], 0.0, cache=False)[0]
     assert checked > 300 and equal > 0.99 * checked
-    assert om.windows.hits > om.windows.misses > 0
+    assert om.model_windows.hits > om.model_windows.misses > 0

@@ -62,17 +62,21 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.resid_drop(self.proj(y))
 
-    def extend(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward` for T new positions after P cached ones: x (B, T, D), past keys and values (B, nh, P, hs)
-        -> the output (B, T, D) and the keys and values of all P + T positions (B, nh, P + T, hs)."""
+    def extend(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+               past_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for T new positions after P cached ones: x (B, T, D), past keys and values (B, nh, P, hs), of
+        which row b's first past_len[b] are real (None: all P) -> the output (B, T, D) and the keys and values
+        [past, new] (B, nh, P + T, hs). New position t sees the real past and the new positions <= t."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (split_heads(z, self.n_heads) for z in (q, k, v))  # (B, nh, T, hs)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        P = k.shape[2] - T
-        causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # new t sees <= P + t
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        P = past_k.shape[2]
+        j, t = torch.arange(P + T, device=x.device), torch.arange(T, device=x.device)
+        new = (j >= P) & (j - P <= t.unsqueeze(1))  # (T, P + T)
+        real = (j < P).expand(B, P + T) if past_len is None else j < past_len.unsqueeze(1)  # (B, P + T)
+        mask = (new.unsqueeze(0) | real.unsqueeze(1)).unsqueeze(1)  # (B, 1, T, P + T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, D))), k, v
 
 
@@ -134,14 +138,17 @@ class InputEmbedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, batch: Batch, token_emb: nn.Embedding,
-                profile: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-        """-> (B, T, D); `profile` (B, D), if given, is added at every position (positional mode); `start`:
-        the position of the first input (the events appended to a cached window, model/incremental.py)."""
+                profile: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (B, T, D); `profile` (B, D), if given, is added at every position (positional mode); `positions`
+        (B, T): each input's position (default 0..T−1; events appended to a cached window start later,
+        model/incremental.py)."""
         tokens = batch.tokens  # (B, T)
         T = tokens.shape[1]
-        if start + T > self.max_len:
-            raise ValueError(f"sequence length {start + T} exceeds max_len={self.max_len}")
-        x = token_emb(tokens) * self.scale + self.pos_emb(torch.arange(start, start + T, device=tokens.device))
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        if T and int(positions.max()) >= self.max_len:
+            raise ValueError(f"sequence length {int(positions.max()) + 1} exceeds max_len={self.max_len}")
+        x = token_emb(tokens) * self.scale + self.pos_emb(positions)
         if self.field_embs is not None:
             for f, emb in enumerate(self.field_embs):
                 x = x + emb(batch.codes[:, :, f])

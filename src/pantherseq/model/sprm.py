@@ -65,6 +65,7 @@ class SPRM(nn.Module):
         self.w_v = nn.Linear(D, D, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.last_attention: torch.Tensor | None = None  # (B, T, M), set by forward
+        self.frozen: tuple | None = None  # the folded parameters, once `freeze` is called
 
     def local_patterns(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> H_p (B, T, D): causal dilated depthwise convolutions, concatenated, projected."""
@@ -85,17 +86,14 @@ class SPRM(nn.Module):
         att = torch.softmax(q @ k.t() / math.sqrt(q.shape[-1]), dim=-1)  # (B, T, M)
         return att @ v, att
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); position t depends on h[:, :t+1] only.
-
-        The same maths as prototype_attention(local_patterns(h)), in one product: the convolutions, merge,
-        W_Q and the product with Kᵀ are all linear with nothing in between, so they fold into one
-        (S·D, M) matrix made from the parameters at each call, S the distinct tap shifts (0, 1, 2, 4, 8 for
-        the default kernels); the input is the S shifted views of h side by side (B·T, S·D), and one
-        product gives the prototype logits (tested equal to the loop reference)."""
+    def folded(self) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The parameters as `forward` uses them: per tap shift s the (D, M) block of the folded matrix, the
+        logits' bias (M,) and the prototype values W_V P (M, D) (see `forward`)."""
+        if self.frozen is not None:
+            return self.frozen
         k = self.w_k(self.prototypes)  # (M, D)
         scale = 1.0 / math.sqrt(k.shape[-1])
-        D = h.shape[-1]
+        D = k.shape[-1]
         a = (self.merge.weight.t() @ self.w_q.weight.t() @ k.t()) * scale  # (D·#pairs, M)
         c = (self.w_q(self.merge.bias) @ k.t()) * scale  # (M,)
         per_shift: dict[int, list[torch.Tensor]] = {}
@@ -104,16 +102,35 @@ class SPRM(nn.Module):
             c = c + conv.bias @ a_i
             for j in range(w):
                 per_shift.setdefault((w - 1 - j) * r, []).append(conv.weight[:, 0, j].unsqueeze(1) * a_i)
+        return {s: torch.stack(m).sum(0) for s, m in sorted(per_shift.items())}, c, self.w_v(self.prototypes)
+
+    def freeze(self) -> None:
+        """Fold the parameters once for every later forward (`folded`): for a copy used only for inference
+        (the service's float64 model), whose parameters never change again; the small per-call cost of
+        folding them would otherwise dominate a forward over one new event (model/incremental.py)."""
+        self.frozen = None
+        with torch.no_grad():
+            self.frozen = self.folded()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); position t depends on h[:, :t+1] only.
+
+        The same maths as prototype_attention(local_patterns(h)), in one product: the convolutions, merge,
+        W_Q and the product with Kᵀ are all linear with nothing in between, so they fold into one
+        (S·D, M) matrix made from the parameters (`folded`, at each call unless frozen), S the distinct tap
+        shifts (0, 1, 2, 4, 8 for the default kernels); the input is the S shifted views of h side by side
+        (B·T, S·D), and one product gives the prototype logits (tested equal to the loop reference)."""
+        blocks, c, values = self.folded()
         T = h.shape[1]
-        shifts = sorted(s for s in per_shift if s < T)  # a shift of T or more only ever reads padding
+        shifts = [s for s in blocks if s < T]  # a shift of T or more only ever reads padding
         front = shifts[-1]
         padded = F.pad(h, (0, 0, front, 0)) if front else h
         x = torch.cat([padded[:, front - s:front - s + T] for s in shifts], dim=-1)  # (B, T, S·D)
-        b = torch.cat([torch.stack(per_shift[s]).sum(0) for s in shifts])  # (S·D, M)
+        b = torch.cat([blocks[s] for s in shifts])  # (S·D, M)
         att = torch.softmax(torch.addmm(c.to(h.dtype), x.flatten(0, 1), b.to(h.dtype)), dim=-1)
         att = att.view(*h.shape[:2], -1)  # (B, T, M)
         self.last_attention = att.detach()
-        return self.drop(att @ self.w_v(self.prototypes))
+        return self.drop(att @ values)
 
 
 def reference_sprm(m: SPRM, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

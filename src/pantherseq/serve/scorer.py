@@ -54,7 +54,7 @@ from pantherseq.fraud.personal import WINDOW_SIZES, state_keys
 from pantherseq.fraud.pipeline import EMBEDDINGS, project
 from pantherseq.fraud.risk import load_risk_model
 from pantherseq.model.base import Batch, NeuralModel
-from pantherseq.model.incremental import supports
+from pantherseq.model.incremental import freeze, supports
 from pantherseq.run import RunDir
 from pantherseq.serve.cache import LruCache
 from pantherseq.serve.state import UserState
@@ -118,7 +118,7 @@ class Scorer:
         model, _ = load_model(self.run, model_name)
         if not isinstance(model, NeuralModel):
             raise ConfigError(f"model {model_name!r} is a count model: serving needs a neural model")
-        self.model, self.model64 = model.eval(), float64_copy(model)
+        self.model, self.model64 = model.eval(), freeze(float64_copy(model))  # SPRM folded once: refresh only
         self.model_name = model_name
         digest = hashlib.sha256(self.run.checkpoint(model_name).read_bytes()).hexdigest()
         self.model_version = f"{model_name}@{digest[:12]}"
@@ -134,7 +134,7 @@ class Scorer:
         self.user_index = self.run.user_index()
         self.profile = Profile.of_run(self.run, len(self.user_index))
         self._load_risk(fraud_dir, feature_set)
-        self.windows = self._windows(window_cache_mb)
+        self.model_windows = self._model_windows(window_cache_mb)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _load_risk(self, fraud_dir: str | None, feature_set: str) -> None:
@@ -170,7 +170,7 @@ class Scorer:
                 raise ConfigError(f"{fdir.path}: the {feature_set!r} risk model reads features this version does "
                                   f"not compute ({', '.join(missing[:5])}): re-run `pantherseq fraud`")
 
-    def _windows(self, mb: int) -> Windows | None:
+    def _model_windows(self, mb: int) -> Windows | None:
         """The refresh's cache of model windows (serve/windows.py); None when off or the model has no
         incremental forward (its refresh then recomputes every window)."""
         if mb <= 0:
@@ -379,21 +379,30 @@ class Scorer:
         if not todo:
             return out
         live = [states[i] for i in todo]
-        h, pooled = (self.windows.states(live, self._batch) if incremental and self.windows is not None
+        h, pooled = (self.model_windows.states(live, self._batch) if incremental and self.model_windows is not None
                      else self.window_states(live))
+        for i, st in zip(todo, self.predicted(live, h, pooled, now, cache)):
+            out[i] = st
+        return out
+
+    @torch.no_grad()
+    def predicted(self, states: list[UserState], h: torch.Tensor, pooled: torch.Tensor, now: float,
+                  cache: bool = True) -> list[UserState]:
+        """The states with h and the pooled state (B, D) set and the predicted next-event distribution (top-k,
+        μ, σ) made from h; `cache`: the predictions go to the prediction cache too."""
         pred = self.vocab.predict(h)
         top_p, top_i = pred.p.topk(min(TOP_K, pred.p.shape[1]), dim=1)
         v = pred.p.shape[1]
         sigma = ((pred.sum_sq / v - 1.0 / v ** 2).clamp_min(0)).sqrt()
-        for r, i in enumerate(todo):
-            out[i] = UserState(**{**states[i].__dict__, "h": h[r].numpy().copy(), "pooled": pooled[r].numpy().copy(),
-                                  "top_ids": (top_i[r] + N_SPECIAL).numpy().astype(np.int32),
-                                  "top_p": top_p[r].numpy().astype(np.float32), "mu": 1.0 / v,
-                                  "sigma": float(sigma[r]), "refreshed_at": now,
-                                  "model_version": self.model_version})
+        out = []
+        for r, st in enumerate(states):
+            out.append(UserState(**{**st.__dict__, "h": h[r].numpy().copy(), "pooled": pooled[r].numpy().copy(),
+                                    "top_ids": (top_i[r] + N_SPECIAL).numpy().astype(np.int32),
+                                    "top_p": top_p[r].numpy().astype(np.float32), "mu": 1.0 / v,
+                                    "sigma": float(sigma[r]), "refreshed_at": now,
+                                    "model_version": self.model_version}))
             if cache:  # the next event's Δ will need it: computed here, off the request path
-                self.cache.put(out[i].user_id, _version_key(out[i]), pred.row(r))
+                self.cache.put(st.user_id, _version_key(out[-1]), pred.row(r))
         return out
-
 
 __all__ = ["Event", "Scorer", "parse_time"]

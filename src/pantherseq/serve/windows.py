@@ -85,7 +85,6 @@ class Windows:
             raise ValueError(f"{type(model64).__name__} has no incremental forward (model/incremental.py)")
         self.model64, self.context = model64, int(context)
         self.max_len = int(model64.cfg.max_len)
-        self.prefix = int(getattr(model64, "profile_mode", "none") == "first_token")
         self.lru = LruCache(max_bytes)
         self.hits = self.misses = 0
 
@@ -94,32 +93,31 @@ class Windows:
 
     @torch.no_grad()
     def states(self, states: list[UserState], batch: BatchFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """h and the pooled state (B, D) float32 of states with events, rounded once from float64: from each
-        user's cached window extended by its new events, or (the misses) one batched forward of the windows."""
+        """h and the pooled state (B, D) float32 of states with events, rounded once from float64: the cached
+        windows extended by their new events in one batched forward, the others (misses) computed afresh in
+        another."""
         D = self.model64.cfg.d_model
         h, pooled = torch.empty(len(states), D, dtype=torch.float64), torch.empty(len(states), D, dtype=torch.float64)
-        missed = []
-        for r, st in enumerate(states):
-            n = self.span(st)
-            win = self._cached(st, n)
-            if win is None:
-                missed.append(r)
+        lens = [self.span(st) for st in states]
+        cached = [self._cached(st, n) for st, n in zip(states, lens)]
+        grow = [r for r, w in enumerate(cached) if w is not None and len(w.tokens) < lens[r]]
+        missed = [r for r, w in enumerate(cached) if w is None]
+        for r, w in enumerate(cached):
+            if w is not None and r not in grow:  # nothing new since
+                h[r], pooled[r] = w.last, w.total / lens[r]
+        for rows, fresh in ((grow, False), (missed, True)):
+            if not rows:
                 continue
-            new = n - len(win.tokens)
-            if new:
-                s, cache = extend(self.model64, batch([st], [(len(st.tokens) - new, len(st.tokens))]), win.cache)
-                win = self._keep(st, n, cache, s[0], win.total)
-            h[r], pooled[r] = win.last, win.total / n
-            self.hits += 1
-        if missed:
-            part = [states[r] for r in missed]
-            lens = [self.span(st) for st in part]
-            s, cache = extend(self.model64, batch(part, [(len(st.tokens) - n, len(st.tokens)) for st, n in
-                                                       zip(part, lens)]))
-            for i, (r, st, n) in enumerate(zip(missed, part, lens)):
-                win = self._keep(st, n, cache.cut(i, n, self.prefix), s[i, :n], None)
-                h[r], pooled[r] = win.last, win.total / n
-            self.misses += len(missed)
+            part = [states[r] for r in rows]
+            new = [lens[r] - (0 if fresh else len(cached[r].tokens)) for r in rows]
+            s, caches = extend(self.model64, batch(part, [(len(st.tokens) - k, len(st.tokens)) for st, k in
+                                                         zip(part, new)]),
+                               None if fresh else [cached[r].cache for r in rows])
+            for i, (r, st, k) in enumerate(zip(rows, part, new)):
+                w = self._keep(st, lens[r], caches[i], s[i, :k], None if fresh else cached[r].total)
+                h[r], pooled[r] = w.last, w.total / lens[r]
+        self.hits += len(states) - len(missed)
+        self.misses += len(missed)
         return h.to(torch.float32), pooled.to(torch.float32)
 
     def _cached(self, st: UserState, n: int) -> Window | None:
