@@ -1,8 +1,8 @@
 """The refresh's cost per event (issue 14): the full-window forward against the incremental update
 (serve/windows.py), side by side in one process, one thread, on a run it prepares itself on the simulator.
 
-    .venv/bin/python benchmarks/refresh_step.py [--work runs/refresh-step] [--users 400] [--models panther,transformer]
-        [--budget-s 20] [--events 2000] [--warmup 400] [--batches 1,64] [--out benchmarks/results/refresh_step.json]
+    .venv/bin/python benchmarks/refresh_step.py [--work runs/refresh-step] [--users 300] [--models panther,transformer]
+        [--budget-s 20] [--events 1500] [--warmup 900] [--batches 1,64] [--out benchmarks/results/refresh_step.json]
 
 Prepare: the simulator (`--users` users, its default 120 days), each model pretrained for `--budget-s`
 seconds at the default shape (d 64, 2 layers, max_len 128; how well it is trained does not change the
@@ -149,11 +149,11 @@ def table(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(REPO / "runs" / "refresh-step"))
-    ap.add_argument("--users", type=int, default=400)
+    ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--models", default="panther,transformer")
     ap.add_argument("--budget-s", type=float, default=20.0)
-    ap.add_argument("--events", type=int, default=2000)
-    ap.add_argument("--warmup", type=int, default=400)
+    ap.add_argument("--events", type=int, default=1500)
+    ap.add_argument("--warmup", type=int, default=900)
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--out", default=str(RESULTS / "refresh_step.json"))
     args = ap.parse_args()
