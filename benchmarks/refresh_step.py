@@ -62,9 +62,9 @@ def replay(scorer, seq, events: np.ndarray, user_of: np.ndarray, states: dict, i
     per: dict[str, list[float]] = {"full": [], "incremental": [], "rest": []}
     total = {k: 0.0 for k in per}
     timed, worst = 0, 0.0
-    hits0 = misses0 = 0
+    hits0 = misses0 = None
     for i in range(0, len(events), batch):
-        if i == warmup:
+        if i >= warmup and hits0 is None:  # the first timed round
             hits0, misses0 = scorer.model_windows.hits, scorer.model_windows.misses
         part = events[i:i + batch]
         users = list(dict.fromkeys(ids[user_of[j]] for j in part))

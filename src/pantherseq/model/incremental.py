@@ -79,6 +79,8 @@ def reach(block: Block) -> int:
 
 def _pad_left(rows: list[torch.Tensor], n: int) -> torch.Tensor:
     """(1, r_b, D) each -> (B, n, D), each on the right, zeros before (SPRM reads zeros before a window)."""
+    if all(r.shape[1] == n for r in rows):
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
     out = rows[0].new_zeros(len(rows), n, rows[0].shape[-1])
     for b, r in enumerate(rows):
         if r.shape[1]:
@@ -88,6 +90,8 @@ def _pad_left(rows: list[torch.Tensor], n: int) -> torch.Tensor:
 
 def _pad_right(kv: list[torch.Tensor], n: int) -> torch.Tensor:
     """(1, nh, P_b, hs) each -> (B, nh, n, hs), zeros after."""
+    if all(t.shape[2] == n for t in kv):
+        return kv[0] if len(kv) == 1 else torch.cat(kv)
     out = kv[0].new_zeros(len(kv), kv[0].shape[1], n, kv[0].shape[3])
     for b, t in enumerate(kv):
         out[b, :, :t.shape[2]] = t[0]
@@ -103,7 +107,7 @@ def _block_extend(block: Block, x: torch.Tensor, past: list[LayerCache], new: li
     P = max(past_len)
     h = block.ln_1(x)
     y, k, v = block.attn.extend(h, _pad_right([lc.k for lc in past], P), _pad_right([lc.v for lc in past], P),
-                                torch.tensor(past_len))
+                                None if min(past_len) == P else torch.tensor(past_len))
     out = x + y
     if block.parallel is not None:  # SPRM reads back at most `front` rows: the cached ones, then the new
         out = out + block.parallel(torch.cat([_pad_left([lc.tail for lc in past], front), h], dim=1))[:, -x.shape[1]:]
@@ -111,9 +115,12 @@ def _block_extend(block: Block, x: torch.Tensor, past: list[LayerCache], new: li
     caches = []
     for b, (lc, p, m) in enumerate(zip(past, past_len, new)):
         rows = torch.cat([lc.tail[0], h[b, :m]])
-        caches.append(LayerCache(torch.cat([k[b:b + 1, :, :p], k[b:b + 1, :, P:P + m]], dim=2),
-                                 torch.cat([v[b:b + 1, :, :p], v[b:b + 1, :, P:P + m]], dim=2),
-                                 rows[len(rows) - min(front, len(rows)):].unsqueeze(0).clone()))
+        tail = rows[len(rows) - min(front, len(rows)):].unsqueeze(0).clone()
+        if p == P:  # no padding between the past and the new positions
+            caches.append(LayerCache(k[b:b + 1, :, :P + m].clone(), v[b:b + 1, :, :P + m].clone(), tail))
+        else:
+            caches.append(LayerCache(torch.cat([k[b:b + 1, :, :p], k[b:b + 1, :, P:P + m]], dim=2),
+                                     torch.cat([v[b:b + 1, :, :p], v[b:b + 1, :, P:P + m]], dim=2), tail))
     return out, caches
 
 

@@ -66,6 +66,7 @@ class SPRM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.last_attention: torch.Tensor | None = None  # (B, T, M), set by forward
         self.frozen: tuple | None = None  # the folded parameters, once `freeze` is called
+        self._stacked: torch.Tensor | None = None
 
     def local_patterns(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> H_p (B, T, D): causal dilated depthwise convolutions, concatenated, projected."""
@@ -104,11 +105,19 @@ class SPRM(nn.Module):
                 per_shift.setdefault((w - 1 - j) * r, []).append(conv.weight[:, 0, j].unsqueeze(1) * a_i)
         return {s: torch.stack(m).sum(0) for s, m in sorted(per_shift.items())}, c, self.w_v(self.prototypes)
 
+    def _all_blocks(self, blocks: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(S·D, M): every shift's block stacked (kept with the frozen parameters: made once)."""
+        if self.frozen is None:
+            return torch.cat(list(blocks.values()))
+        if self._stacked is None:
+            self._stacked = torch.cat(list(blocks.values()))
+        return self._stacked
+
     def freeze(self) -> None:
         """Fold the parameters once for every later forward (`folded`): for a copy used only for inference
         (the service's float64 model), whose parameters never change again; the small per-call cost of
         folding them would otherwise dominate a forward over one new event (model/incremental.py)."""
-        self.frozen = None
+        self.frozen, self._stacked = None, None
         with torch.no_grad():
             self.frozen = self.folded()
 
@@ -126,7 +135,7 @@ class SPRM(nn.Module):
         front = shifts[-1]
         padded = F.pad(h, (0, 0, front, 0)) if front else h
         x = torch.cat([padded[:, front - s:front - s + T] for s in shifts], dim=-1)  # (B, T, S·D)
-        b = torch.cat([blocks[s] for s in shifts])  # (S·D, M)
+        b = torch.cat([blocks[s] for s in shifts]) if len(shifts) < len(blocks) else self._all_blocks(blocks)
         att = torch.softmax(torch.addmm(c.to(h.dtype), x.flatten(0, 1), b.to(h.dtype)), dim=-1)
         att = att.view(*h.shape[:2], -1)  # (B, T, M)
         self.last_attention = att.detach()
