@@ -78,8 +78,9 @@ def model_sets(name: str, model: str, quick: bool) -> list[str]:
     """`pretrain` overrides: the next-behaviour benchmark's sizes, every event field and the time gap as inputs,
     an epoch cap with early stopping on validation NDCG@10 (no time budget)."""
     spec = DATASETS[name]
-    return [*NEXTEVENT[name]["sets"], *INPUTS, f"train.epochs={spec['epochs'][quick]}",
-            f"train.patience={spec['patience']}", *(spec["panther_sets"] if model == "panther" else [])]
+    sizes = [s for s in NEXTEVENT[name]["sets"] if not s.startswith(("train.epochs=", "train.patience="))]
+    return [*sizes, *INPUTS, f"train.epochs={spec['epochs'][quick]}", f"train.patience={spec['patience']}",
+            *(spec["panther_sets"] if model == "panther" else [])]
 
 
 def train_models(name: str, run: Path, quick: bool, reuse: bool) -> dict:
