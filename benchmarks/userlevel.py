@@ -86,9 +86,13 @@ def model_sets(name: str, model: str, quick: bool) -> list[str]:
 def train_models(name: str, run: Path, quick: bool, reuse: bool) -> dict:
     out = {}
     for model in MODELS:
-        metrics = run / "models" / model / "metrics.json"
+        metrics, cost = run / "models" / model / "metrics.json", run / "models" / model / "cpu.json"
         sets = model_sets(name, model, quick)
-        m = json.loads(metrics.read_text()) if reuse and metrics.is_file() else pretrain(run, model, sets, model)
+        if reuse and metrics.is_file():
+            m = json.loads(metrics.read_text()) | (json.loads(cost.read_text()) if cost.is_file() else {})
+        else:
+            m = pretrain(run, model, sets, model)
+            cost.write_text(json.dumps({"cpu_s": m["cpu_s"]}) + "\n")  # the child's CPU-seconds, for --reuse
         out[model] = {"epochs": m["epochs"], "best_epoch": m.get("best_epoch"), "train_s": m["train_s"],
                       "cpu_s": m.get("cpu_s"), "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4), "overrides": sets}
     return out
