@@ -109,6 +109,7 @@ class HeldOutLoss(pl.Callback):
             self.best_state = copy.deepcopy(module.state_dict())
         elif epoch - self.best_epoch >= self.patience:
             trainer.should_stop = True
+        log.info("epoch %d: held-out loss %.2f (best %.2f, epoch %d)", epoch, loss, self.best, self.best_epoch)
 
 
 def held_out_batches(data: list[dict], args: argparse.Namespace) -> list:
