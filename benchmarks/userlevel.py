@@ -109,12 +109,16 @@ def train_coles(name: str, run: Path, quick: bool, reuse: bool) -> dict | str:
     spec = DATASETS[name]
     cmd = [str(BENCH_PY), str(REPO / "benchmarks" / "coles_embed.py"), "--run", str(run), "--codes",
            "--max-epochs", str(spec["coles_epochs"][quick]), "--patience", str(spec["coles_patience"])]
-    print("+", " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, text=True, capture_output=True, check=False,
-                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    train_log = run / "coles" / "train.log"  # its per-epoch held-out loss, to follow with tail -f
+    train_log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", " ".join(cmd), f"2> {train_log}", flush=True)
+    with train_log.open("w") as err:
+        res = subprocess.run(cmd, text=True, stdout=subprocess.DEVNULL, stderr=err, check=False,
+                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     if res.returncode != 0:
-        print(f"CoLES failed ({res.returncode}):\n{res.stderr[-3000:]}", file=sys.stderr)
-        return f"failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
+        tail = train_log.read_text().strip()
+        print(f"CoLES failed ({res.returncode}):\n{tail[-3000:]}", file=sys.stderr)
+        return f"failed: {tail.splitlines()[-1] if tail else res.returncode}"
     return json.loads(info.read_text())
 
 
