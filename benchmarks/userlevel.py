@@ -239,7 +239,7 @@ def markdown_table(table: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short budgets, 1 CV repeat, a smaller simulator")
+    parser.add_argument("--quick", action="store_true", help="2 epochs per model (simulator: 1), 2 CoLES epochs, 1 CV repeat of 100 rounds, a smaller simulator")
     parser.add_argument("--work", help="run directories (default runs/bench-userlevel[-quick])")
     parser.add_argument("--out", help="results file (default benchmarks/results/userlevel[-quick].json)")
     parser.add_argument("--only", default=",".join(DATASETS),
