@@ -1,22 +1,27 @@
-"""pytorch-lifestream's CoLES on a prepared run's sequences, under a wall-clock budget -> embeddings.npy.
+"""pytorch-lifestream's CoLES on a prepared run's sequences, trained to convergence -> embeddings.npy.
 
     bash benchmarks/bench-env.sh        # builds .venv-bench (pytorch-lifestream 0.7.0 beside torch 2.13)
-    .venv-bench/bin/python benchmarks/coles_embed.py --run RUN_DIR --budget-s 180 [--out FILE.npy]
+    .venv-bench/bin/python benchmarks/coles_embed.py --run RUN_DIR [--max-epochs 300 --patience 10] [--out FILE.npy]
 
 What is run, and how it is kept comparable with `pantherseq pretrain` + `pantherseq probe`:
 - Data: RUN_DIR/sequences (the memory-mapped arrays our models read, user_idx order), one record per
-  user: `token` (the structured token our models embed; `--codes` adds each token field's code as its
-  own categorical feature) and `event_time`. Training uses each user's events up to the end of the
-  training period only, as `pantherseq pretrain` does; the embeddings are computed on every event.
+  user: `token` (the structured token our models embed) and, by default (`--no-codes`: the token alone),
+  each event field's code as its own categorical feature — every field of the run's config, item side-table
+  fields included (MovieLens-100k: item, rating, genre, release_year, hour, weekday, log_gap), the inputs our
+  models' field embeddings read; `event_time` orders the events. Training uses each user's events up to the
+  end of the training period only, as `pantherseq pretrain` does; the embeddings are computed on every event.
 - Model: ptls `CoLESModule` (contrastive loss, margin 0.5, hard negatives, L2-normalised head: its
   defaults) over `RnnSeqEncoder` (TrxEncoder embedding -> GRU, last hidden state) with ptls's
   `ColesDataset` + `SplitRandom` (each user's events dealt at random into `--split-count`
   subsequences of at most `--cnt-max` events; the subsequences of one user are the positives).
   Adam, StepLR(30, 0.9) as in ptls's examples.
-- Budget: Lightning's Timer stops training after the step that passes --budget-s of training time
-  (data loading included; there is no validation).
+- Convergence: a seeded `--valid-share` of the training users is held out; after every epoch the
+  contrastive loss of their subsequences (split once, seeded, so every epoch scores the same batches) is
+  computed, and training stops after `--patience` epochs without a lower one, or at `--max-epochs`; the
+  best epoch's weights are kept. `--budget-s` is an optional wall-clock cap (none by default).
 - Output: --out (default RUN_DIR/coles/embeddings.npy), row i = user_idx i, the GRU's final state over
-  the user's whole history (ptls's inference); beside it coles.json (settings, epochs, steps, time).
+  the user's whole history (ptls's inference); beside it coles.json (settings, epochs, best epoch, why it
+  stopped, the held-out loss per epoch, training wall and CPU seconds).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import copy
 import json
 import logging
 import resource
@@ -80,19 +86,69 @@ def build_module(args: argparse.Namespace, tok: StructuredTokenizer, field_names
                        lr_scheduler_partial=partial(torch.optim.lr_scheduler.StepLR, step_size=30, gamma=0.9))
 
 
-def train(module: CoLESModule, data: list[dict], args: argparse.Namespace) -> dict:
+class HeldOutLoss(pl.Callback):
+    """Early stopping on the contrastive loss of held-out users: after each epoch, the summed loss over the
+    fixed `batches`; stops after `patience` epochs without a lower one and keeps the best epoch's weights."""
+
+    def __init__(self, batches: list, patience: int, min_delta: float = 1e-3):
+        self.batches, self.patience, self.min_delta = batches, patience, min_delta
+        self.best, self.best_epoch, self.best_state, self.history = float("inf"), 0, None, []
+
+    @torch.no_grad()
+    def held_out_loss(self, module: CoLESModule) -> float:
+        module.eval()
+        loss = sum(float(module._loss(*module.shared_step(x, y))) for x, y in self.batches)
+        module.train()
+        return loss
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: CoLESModule) -> None:
+        loss, epoch = self.held_out_loss(module), trainer.current_epoch + 1
+        self.history.append(round(loss, 3))
+        if loss < self.best * (1 - self.min_delta):  # a summed loss, > 0
+            self.best, self.best_epoch = loss, epoch
+            self.best_state = copy.deepcopy(module.state_dict())
+        elif epoch - self.best_epoch >= self.patience:
+            trainer.should_stop = True
+        log.info("epoch %d: held-out loss %.2f (best %.2f, epoch %d)", epoch, loss, self.best, self.best_epoch)
+
+
+def held_out_batches(data: list[dict], args: argparse.Namespace) -> list:
+    """The held-out users' subsequences, split once (seeded) and collated in batches of --batch-size."""
+    dataset = ColesDataset(data=data, splitter=SplitRandom(split_count=args.split_count, cnt_min=args.cnt_min,
+                                                           cnt_max=args.cnt_max))
+    np.random.seed(args.seed)
+    items = [dataset[i] for i in range(len(dataset))]
+    return [ColesDataset.collate_fn(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def train(module: CoLESModule, data: list[dict], held_out: list[dict], args: argparse.Namespace) -> dict:
+    """Fit `module` on `data` until the held-out loss stops improving (or --max-epochs / --budget-s); the
+    best epoch's weights are loaded back. Returns the cost and how it stopped."""
     dataset = ColesDataset(data=data, splitter=SplitRandom(split_count=args.split_count, cnt_min=args.cnt_min,
                                                            cnt_max=args.cnt_max))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0,
                                          collate_fn=ColesDataset.collate_fn, drop_last=len(data) > args.batch_size)
-    trainer = pl.Trainer(max_epochs=args.max_epochs, max_time=timedelta(seconds=args.budget_s), accelerator="cpu",
-                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    started = time.perf_counter()
+    stopper = HeldOutLoss(held_out_batches(held_out, args), args.patience)
+    max_time = timedelta(seconds=args.budget_s) if args.budget_s else None
+    trainer = pl.Trainer(max_epochs=args.max_epochs, max_time=max_time, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[stopper])
+    started, cpu0 = time.perf_counter(), cpu_seconds()
     trainer.fit(module, loader)
-    train_s = time.perf_counter() - started
-    return {"train_s": round(train_s, 1), "epochs": round(trainer.global_step / max(len(loader), 1), 2),
-            "steps": trainer.global_step, "loss": float(trainer.callback_metrics.get("loss", float("nan")))}
+    train_s, cpu_s = time.perf_counter() - started, cpu_seconds() - cpu0
+    epochs = len(stopper.history)
+    if stopper.best_state is not None:
+        module.load_state_dict(stopper.best_state)
+    reason = ("patience" if epochs - stopper.best_epoch >= args.patience else
+              "max_epochs" if epochs >= args.max_epochs else "budget_s")
+    return {"train_s": round(train_s, 1), "cpu_s": round(cpu_s, 1), "epochs": epochs, "best_epoch": stopper.best_epoch,
+            "stop_reason": reason, "steps": trainer.global_step, "s_per_epoch": round(train_s / max(epochs, 1), 2),
+            "held_out_loss": stopper.history}
 
 
 @torch.no_grad()
@@ -105,17 +161,21 @@ def embed(module: CoLESModule, data: list[dict], batch_size: int = 128) -> np.nd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run directory written by `pantherseq prepare`")
-    parser.add_argument("--budget-s", type=float, required=True, help="training wall-clock seconds")
+    parser.add_argument("--max-epochs", type=int, default=300, help="epoch cap (default 300)")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="epochs without a lower held-out loss before stopping (default 10)")
+    parser.add_argument("--valid-share", type=float, default=0.1, help="share of training users held out")
+    parser.add_argument("--budget-s", type=float, help="optional training wall-clock cap (default none)")
     parser.add_argument("--out", help="embeddings file (default RUN/coles/embeddings.npy)")
     parser.add_argument("--hidden", type=int, default=128, help="GRU size = embedding size (default 128)")
     parser.add_argument("--emb", type=int, default=64, help="token embedding size (default 64)")
-    parser.add_argument("--codes", action="store_true", help="also embed each token field's code")
+    parser.add_argument("--codes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also embed each event field's code (default; --no-codes: the token alone)")
     parser.add_argument("--split-count", type=int, default=5)
     parser.add_argument("--cnt-min", type=int, default=5, help="SplitRandom's cnt_min (unused by ptls 0.7)")
     parser.add_argument("--cnt-max", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=64, help="users per batch (x split-count sequences)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-epochs", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -131,21 +191,27 @@ def main() -> None:
     out = Path(args.out) if args.out else run / "coles" / "embeddings.npy"
     seq = Sequences.load(run / "sequences")
     tok = StructuredTokenizer.load(run / "tokenizer.json")
-    train_data, train_users = records(seq, history_ends(np.asarray(seq.offsets), seq.split, "train"), args.codes, 2)
-    log.info("CoLES on %s: %d training users, budget %.0f s", run, len(train_users), args.budget_s)
+    train_data, _ = records(seq, history_ends(np.asarray(seq.offsets), seq.split, "train"), args.codes, 2)
+    held = np.random.default_rng(args.seed).random(len(train_data)) < args.valid_share
+    fit, held_out = [r for r, h in zip(train_data, held) if not h], [r for r, h in zip(train_data, held) if h]
+    if not held_out or not fit:
+        parser.error(f"--valid-share {args.valid_share} leaves no held-out or no training user of {len(held)}")
+    log.info("CoLES on %s: %d training users (%d held out for early stopping), inputs %s", run, len(fit),
+             len(held_out), ["token", *(seq.field_names if args.codes else [])])
     module = build_module(args, tok, seq.field_names)
-    stats = train(module, train_data, args)
+    stats = train(module, fit, held_out, args)
     all_data, users = records(seq, np.asarray(seq.offsets[1:]), args.codes)
     X = np.full((seq.n_users, args.hidden), np.nan, dtype=np.float32)
     X[users] = embed(module, all_data)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, X)
-    info = {**stats, "train_users": len(train_users), "users": seq.n_users, "budget_s": args.budget_s,
+    info = {**stats, "train_users": len(fit), "held_out_users": len(held_out), "users": seq.n_users,
+            "inputs": ["token", *(seq.field_names if args.codes else [])],
             "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "settings": {k: v for k, v in vars(args).items() if k not in ("run", "out")}}
     out.with_name("coles.json").write_text(json.dumps(info, indent=1) + "\n")
-    log.info("CoLES: %s epochs (%d steps) in %.0f s -> %s %s", info["epochs"], info["steps"], info["train_s"],
-             out, X.shape)
+    log.info("CoLES: %d epochs (best %d, stopped by %s) in %.0f s -> %s %s", info["epochs"], info["best_epoch"],
+             info["stop_reason"], info["train_s"], out, X.shape)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,37 @@
 """User-level benchmark (SPEC §10): frozen user representations -> LightGBM, stratified 5-fold CV.
 
-    .venv/bin/python benchmarks/userlevel.py            # the full run
-    .venv/bin/python benchmarks/userlevel.py --quick    # a few-minute smoke version (not for the record)
-    .venv/bin/python benchmarks/userlevel.py --markdown # print the results file as markdown tables
+    .venv/bin/python benchmarks/userlevel.py                       # the full run (both datasets)
+    .venv/bin/python benchmarks/userlevel.py --only movielens100k  # one dataset; the other's results are kept
+    .venv/bin/python benchmarks/userlevel.py --quick --only movielens100k   # a smoke run (not for the record)
+    .venv/bin/python benchmarks/userlevel.py --markdown            # print the results file as markdown tables
 
 On MovieLens-100k (gender ROC-AUC; age bucket <25 / 25–34 / 35–44 / 45+ accuracy) and on the built-in
 simulator (persona accuracy, 6 classes; fraud_victim ROC-AUC: any fraud-labelled event), side by side in
 one `pantherseq probe` call per task, so every representation is scored on the same folds (3 repeats x
-5 folds, seeds 0..2, in the full run; one repeat on the simulator's 2,000 users):
-- aggregates: hand-made per-user features (pantherseq.eval.representation.aggregate_features);
-- panther, transformer: `pantherseq pretrain` with the sizes of benchmarks/nextevent.py and a longer
-  wall-clock budget (600 s on MovieLens-100k, 300 s on the simulator: CoLES needs ~12 CPU-minutes on
-  MovieLens, MEASURED.md), embedded by mean-pooling causal states over the whole history (PANTHER's
-  profile input replaced by the population mean, so demographics cannot leak into the embedding).
-  On MovieLens-100k both targets are profile fields, so PANTHER is trained there without the profile
-  (`model.profile_mode="none"`: SPRM kept, no e_u, no contrastive term) — `pantherseq probe` refuses
-  a model whose weights have seen the target (eval/probe.py);
-- llm4es: RUN/llm4es/embeddings.npy when the LLM4ES stage has written it, else "not run";
+5 folds, seeds 0..2, in the full run; one repeat on the simulator's 2,000 users).
+
+Every representation sees the same event fields — on MovieLens-100k the item, its rating, the item side
+table's genre and release year (`[items]` in configs/movielens100k.toml) and the time (hour, weekday, gap) —
+and is trained to convergence, its cost recorded beside its quality (epochs, wall and CPU seconds):
+- aggregates: hand-made per-user features (pantherseq.eval.representation.aggregate_features: counts, gaps,
+  the value shares of every categorical field — item, rating, genre — and the statistics of every numeric
+  one — release year —, hour and weekday shares);
+- panther, transformer: `pantherseq pretrain` with the sizes of benchmarks/nextevent.py, the token plus an
+  embedding of every event field and of the time gap (nextevent.INPUTS), at most DATASETS[..]["epochs"]
+  epochs with early stopping on validation NDCG@10 (`patience` epochs, the best epoch's weights kept; no
+  time budget); embedded by mean-pooling causal states over the whole history (PANTHER's profile input
+  replaced by the population mean, so demographics cannot leak into the embedding). On MovieLens-100k both
+  targets are profile fields, so PANTHER is trained there without the profile (`model.profile_mode="none"`:
+  SPRM kept, no e_u, no contrastive term) — `pantherseq probe` refuses a model whose weights have seen the
+  target (eval/probe.py);
 - coles: pytorch-lifestream 0.7's CoLES (GRU) trained by benchmarks/coles_embed.py in .venv-bench on the
-  same token sequences and training period, under the same budget;
+  same token sequences, every field's code (`--codes`) and training period, at most `coles_epochs` epochs
+  with early stopping on the contrastive loss of 10 % held-out users (`coles_patience`, best weights kept);
+- llm4es: RUN/llm4es/embeddings.npy when the LLM4ES stage has written it, else "not run" (the text holds
+  each rating's time, title, year, genres and rating);
 - random: 64 Gaussian columns (the floor); aggregates+X: aggregates concatenated with X.
-Writes benchmarks/results/userlevel.json (--quick: userlevel-quick.json).
+Writes benchmarks/results/userlevel.json (--quick: userlevel-quick.json); with --only, the datasets not run
+keep the results the file already holds.
 """
 
 from __future__ import annotations
@@ -34,22 +45,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nextevent import BENCH_PY, PY, REPO, pretrain, sh
+from nextevent import BENCH_PY, INPUTS, PY, REPO, pretrain, sh
 from nextevent import DATASETS as NEXTEVENT
 
 DATASETS = {
-    # name: prepare args (quick extra), the probe tasks (result key -> `pantherseq probe --target`)
+    # name: prepare args (quick extra), the probe tasks (result key -> `pantherseq probe --target`), the epoch
+    # caps (full, quick) and early-stopping patience of our models (validation NDCG@10) and of CoLES (held-out
+    # contrastive loss)
     "movielens100k": {"prepare": ["--dataset", "movielens100k"], "quick_prepare": [],
-                      "tasks": {"gender_auc": "gender", "age_acc": "age"}, "budget_s": 600,
+                      "tasks": {"gender_auc": "gender", "age_acc": "age"},
+                      "epochs": (200, 2), "patience": 8, "coles_epochs": (300, 2), "coles_patience": 10,
                       "panther_sets": ['model.profile_mode="none"']},  # the targets are profile fields
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],
                   "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": [],
-                  "budget_s": 300, "repeats": 1},  # 2,000 users: one CV repeat (6 boosters a round for persona)
+                  "epochs": (60, 1), "patience": 3, "coles_epochs": (300, 2), "coles_patience": 10,
+                  "repeats": 1},  # 2,000 users: one CV repeat (6 boosters a round for persona)
 }
 MODELS = ("panther", "transformer")
 REPEATS = (3, 1)  # full, quick
 ROUNDS = (500, 100)
-QUICK_BUDGET = 20
 
 
 def prepare(name: str, run: Path, quick: bool, reuse: bool) -> None:
@@ -60,31 +74,51 @@ def prepare(name: str, run: Path, quick: bool, reuse: bool) -> None:
         "--out", str(run)])
 
 
-def train_models(name: str, run: Path, budget: int, reuse: bool) -> dict:
+def model_sets(name: str, model: str, quick: bool) -> list[str]:
+    """`pretrain` overrides: the next-behaviour benchmark's sizes, every event field and the time gap as inputs,
+    an epoch cap with early stopping on validation NDCG@10 (no time budget)."""
+    spec = DATASETS[name]
+    sizes = [s for s in NEXTEVENT[name]["sets"] if not s.startswith(("train.epochs=", "train.patience="))]
+    return [*sizes, *INPUTS, f"train.epochs={spec['epochs'][quick]}", f"train.patience={spec['patience']}",
+            *(spec["panther_sets"] if model == "panther" else [])]
+
+
+def train_models(name: str, run: Path, quick: bool, reuse: bool) -> dict:
     out = {}
     for model in MODELS:
-        metrics = run / "models" / model / "metrics.json"
-        sets = [*NEXTEVENT[name]["sets"], *(DATASETS[name]["panther_sets"] if model == "panther" else [])]
-        m = json.loads(metrics.read_text()) if reuse and metrics.is_file() else pretrain(
-            run, model, [*sets, f"train.time_budget_s={budget}"], model)
-        out[model] = {"epochs": m["epochs"], "train_s": m["train_s"], "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4),
-                      "overrides": sets}
+        metrics, cost = run / "models" / model / "metrics.json", run / "models" / model / "cpu.json"
+        sets = model_sets(name, model, quick)
+        if reuse and metrics.is_file():
+            m = json.loads(metrics.read_text()) | (json.loads(cost.read_text()) if cost.is_file() else {})
+        else:
+            m = pretrain(run, model, sets, model)
+            cost.write_text(json.dumps({"cpu_s": m["cpu_s"]}) + "\n")  # the child's CPU-seconds, for --reuse
+        out[model] = {"epochs": m["epochs"], "best_epoch": m.get("best_epoch"), "train_s": m["train_s"],
+                      "cpu_s": m.get("cpu_s"), "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4), "overrides": sets}
     return out
 
 
-def train_coles(run: Path, budget: int, reuse: bool) -> dict | str:
+def train_coles(name: str, run: Path, quick: bool, reuse: bool) -> dict | str:
+    """CoLES (benchmarks/coles_embed.py in .venv-bench) on the token and every field code, to its own early
+    stopping; its coles.json, or why it did not run."""
     info = run / "coles" / "coles.json"
     if reuse and info.is_file():
         return json.loads(info.read_text())
     if not BENCH_PY.is_file():
         return "not run: no .venv-bench (bash benchmarks/bench-env.sh)"
-    cmd = [str(BENCH_PY), str(REPO / "benchmarks" / "coles_embed.py"), "--run", str(run), "--budget-s", str(budget)]
-    print("+", " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, text=True, capture_output=True, check=False,
-                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    spec = DATASETS[name]
+    cmd = [str(BENCH_PY), str(REPO / "benchmarks" / "coles_embed.py"), "--run", str(run), "--codes",
+           "--max-epochs", str(spec["coles_epochs"][quick]), "--patience", str(spec["coles_patience"])]
+    train_log = run / "coles" / "train.log"  # its per-epoch held-out loss, to follow with tail -f
+    train_log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", " ".join(cmd), f"2> {train_log}", flush=True)
+    with train_log.open("w") as err:
+        res = subprocess.run(cmd, text=True, stdout=subprocess.DEVNULL, stderr=err, check=False,
+                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     if res.returncode != 0:
-        print(f"CoLES failed ({res.returncode}):\n{res.stderr[-3000:]}", file=sys.stderr)
-        return f"failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
+        tail = train_log.read_text().strip()
+        print(f"CoLES failed ({res.returncode}):\n{tail[-3000:]}", file=sys.stderr)
+        return f"failed: {tail.splitlines()[-1] if tail else res.returncode}"
     return json.loads(info.read_text())
 
 
@@ -144,10 +178,10 @@ ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "random", "a
 
 def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict, dict]:
     run = work / name
-    budget = QUICK_BUDGET if quick else DATASETS[name]["budget_s"]
+    started = time.time()
     prepare(name, run, quick, reuse)
-    train = train_models(name, run, budget, reuse)
-    train["coles"] = train_coles(run, budget, reuse)
+    train = train_models(name, run, quick, reuse)
+    train["coles"] = train_coles(name, run, quick, reuse)
     train["llm4es"] = run_llm4es(run, reuse)
     names, missing = representations(run, isinstance(train["coles"], dict))
     table, probes = {}, {}
@@ -156,7 +190,11 @@ def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict
         rows = {n: [round(r["mean"], 4), round(r["std"], 4)] for n, r in report["results"].items()}
         table[key] = {n: rows.get(n, missing.get(n)) for n in ORDER if n in rows or n in missing}
         probes[key] = report
-    return table, {"budget_s": budget, "repeats": report["repeats"], "train": train, "probe": probes}
+    spec = DATASETS[name]
+    budget = {"epochs": spec["epochs"][quick], "patience": spec["patience"], "coles_epochs": spec["coles_epochs"][quick],
+              "coles_patience": spec["coles_patience"]}
+    return table, {"budget": budget, "repeats": report["repeats"], "train": train, "probe": probes,
+                   "wall_s": round(time.time() - started)}
 
 
 def print_table(dataset: str, table: dict) -> None:
@@ -174,9 +212,18 @@ def markdown(results: dict) -> str:
     for ds in DATASETS:
         if ds not in results:
             continue
-        out += [f"\n**{ds}** ({results['details'][ds]['budget_s']} s training budget per model)\n",
-                markdown_table(results[ds])]
+        out += [f"\n**{ds}** ({budget_caption(results['details'][ds])})\n", markdown_table(results[ds])]
     return "\n".join(out)
+
+
+def budget_caption(details: dict) -> str:
+    """How the dataset's models were trained, with the epochs each ran (older files: a wall-clock budget)."""
+    if "budget_s" in details:
+        return f"{details['budget_s']} s training budget per model"
+    b, train = details["budget"], details["train"]
+    ran = ", ".join(f"{m} {t['epochs']}" for m, t in train.items() if isinstance(t, dict) and "epochs" in t)
+    return (f"to convergence: at most {b['epochs']} epochs, patience {b['patience']} on validation NDCG@10; CoLES "
+            f"at most {b['coles_epochs']}, patience {b['coles_patience']} on its held-out loss; epochs run: {ran}")
 
 
 def markdown_table(table: dict) -> str:
@@ -192,14 +239,19 @@ def markdown_table(table: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short budgets, 1 CV repeat, a smaller simulator")
+    parser.add_argument("--quick", action="store_true", help="2 epochs per model (simulator: 1), 2 CoLES epochs, 1 CV repeat of 100 rounds, a smaller simulator")
     parser.add_argument("--work", help="run directories (default runs/bench-userlevel[-quick])")
     parser.add_argument("--out", help="results file (default benchmarks/results/userlevel[-quick].json)")
-    parser.add_argument("--only", default=",".join(DATASETS), help="comma-separated datasets")
+    parser.add_argument("--only", default=",".join(DATASETS),
+                        help=f"comma-separated datasets ({', '.join(DATASETS)}); the others' results already in "
+                             "--out are kept")
     parser.add_argument("--reuse", action="store_true",
                         help="keep prepared runs, trained models and probe reports found in --work")
     parser.add_argument("--markdown", action="store_true", help="print --out's tables as markdown and exit")
     args = parser.parse_args()
+    only = args.only.split(",")
+    if unknown := [n for n in only if n not in DATASETS]:
+        parser.error(f"unknown dataset(s) {unknown}; valid: {', '.join(DATASETS)}")
     suffix = "-quick" if args.quick else ""
     out = Path(args.out or REPO / "benchmarks" / "results" / f"userlevel{suffix}.json")
     if args.markdown:
@@ -208,14 +260,16 @@ def main() -> None:
     work = Path(args.work or REPO / "runs" / f"bench-userlevel{suffix}")
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results: dict = {"quick": args.quick, "protocol": (
+    results: dict = json.loads(out.read_text()) if out.is_file() else {}  # --only: keep the other datasets
+    results |= {"quick": args.quick, "protocol": (
         f"frozen representation -> LightGBM ({ROUNDS[args.quick]} rounds, lr 0.02, 1 thread), stratified 5-fold "
         f"CV x {REPEATS[args.quick]} repeats (seeds 0..; simulator: 1), the same folds for every representation; "
-        "mean ± std over all folds; ROC-AUC (binary), accuracy (multiclass)"), "details": {}}
-    for name in args.only.split(","):
+        "mean ± std over all folds; ROC-AUC (binary), accuracy (multiclass)")}
+    results.setdefault("details", {})
+    for name in only:
         results[name], results["details"][name] = bench_dataset(name, work, args.quick, args.reuse)
         print_table(name, results[name])
-    results["wall_s"] = round(time.time() - started)  # of this call: with --reuse, not of the work reused
+    results["wall_s"] = round(time.time() - started)  # of this call (--only: its datasets; --reuse: not the work reused)
     results["reuse"] = args.reuse
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

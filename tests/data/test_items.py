@@ -82,6 +82,28 @@ def test_item_fields_become_event_fields(tmp_path):
     assert read_events(run, new)["brand"].to_list() == ["bolt", "acme"]
 
 
+def test_set_valued_item_field_gives_each_label_its_share(tmp_path):
+    """A field with a `separator` holds sets of labels: one value for the token and field codes, one share
+    per label in the aggregates (over the events whose item the table holds)."""
+    items = ["sku,brand,list_price,tags", "a,acme,10,red blue", "b,bolt,20.5,blue", "c,acme,3,green"]
+    cfg = _config(tmp_path, items, '[[fields]]\nname = "tags"\nseparator = " "\nrequired = false\n')
+    cfg.items.fields = ["brand", "price", "tags"]
+    prepare(cfg, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    seq = Sequences.load(run.sequences)
+    assert len(set(seq.codes[:, seq.field_names.index("tags")].tolist())) == 4  # 3 sets + UNK (item d)
+    _, X, names = aggregate_features(run)
+    assert {"tags=red", "tags=blue", "tags=green"} <= set(names) and "tags=red blue" not in names
+    # user u0 rates a b c d a b: of the 5 events with tags, blue 4, red 2, green 1
+    assert X[0, [names.index(f"tags={t}") for t in ("blue", "red", "green")]].tolist() == pytest.approx(
+        [0.8, 0.4, 0.2])
+
+
+def test_separator_is_for_categorical_fields():
+    with pytest.raises(ConfigError, match="separator"):
+        load_dataset_config("simulated", overrides=['fields=[{name = "amount", kind = "numeric", separator = " "}]'])
+
+
 @pytest.mark.parametrize(("lines", "message"), [
     ([ITEMS[0], "a,acme,ten"], "row 1, column 'list_price'"),
     ([ITEMS[0], "a,acme,-1"], "row 1, column 'list_price'"),
@@ -124,7 +146,7 @@ def test_movielens_u_item_folder(tmp_path):
     write_lines(tmp_path / "u.item", [f"10|A (1994)|01-Jan-1994||http://x|{'|'.join(action_romance)}",
                                       f"11|B|unknown||http://y|{'|'.join(['1'] + flags[1:])}"])
     ev = load_source(load_dataset_config("movielens100k", data=str(tmp_path))).events.sort("item")
-    assert ev["genre"].to_list() == ["Action", "Action", "unknown"]
+    assert ev["genre"].to_list() == ["Action Romance", "Action Romance", "unknown"]  # the whole set
     assert ev["release_year"].to_list() == [1994.0, 1994.0, None]
 
 
@@ -135,5 +157,7 @@ def test_movielens_default_has_genre_and_year():
     ev = loaded.events
     assert loaded.item_stats == {"items": 1682, "fields": ["genre", "release_year"], "events_unmatched": 0}
     toy = ev.filter(pl.col("item") == "1").row(0, named=True)
-    assert toy["genre"] == "Animation" and toy["release_year"] == 1995.0
-    assert ev["genre"].n_unique() == 19 and ev["release_year"].null_count() > 0  # item 267 has no year
+    assert toy["genre"] == "Animation Children's Comedy" and toy["release_year"] == 1995.0
+    assert ev["genre"].n_unique() == 216 and ev["release_year"].null_count() > 0  # item 267 has no year
+    labels = ev["genre"].str.split(" ").explode(empty_as_null=True).unique()
+    assert labels.len() == 19 and "Romance" in labels.to_list()

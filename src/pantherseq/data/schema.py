@@ -54,6 +54,9 @@ class FieldConfig:
     max_values: categorical only, keep the most frequent values (0 = all); the rest are the field's UNK.
     min_value: numeric only, a smaller value is bad input (e.g. 0 for amounts that cannot be negative).
     required: a missing value is bad input when true, the field's UNK when false.
+    separator: categorical only, the value is a set of labels joined by this (MovieLens' genres, "Comedy
+    Romance"): the tokenizer, the field embeddings and CoLES take the whole set as one value, the
+    aggregates the share of events holding each label (eval/representation.py).
     """
 
     name: str
@@ -65,6 +68,7 @@ class FieldConfig:
     max_values: int = 0
     min_value: float | None = None
     required: bool = True
+    separator: str | None = None
 
     @property
     def source(self) -> str:
@@ -77,6 +81,8 @@ class FieldConfig:
             raise ConfigError(f"{where}: time field {self.name!r} needs derive = one of {TIME_DERIVED}")
         if self.kind != "time" and self.derive is not None:
             raise ConfigError(f"{where}: derive is only for kind = \"time\" fields")
+        if self.separator is not None and (self.kind != "categorical" or not self.separator):
+            raise ConfigError(f"{where}: separator is only for categorical fields and must not be empty")
         if self.bins < 1 or (self.derive == "hour" and 24 % self.bins):
             raise ConfigError(f"{where}: bins = {self.bins} is invalid (hour needs a divisor of 24)")
 

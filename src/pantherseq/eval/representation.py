@@ -143,13 +143,24 @@ def _category_exprs(events: pl.LazyFrame, name: str) -> list[pl.Expr]:
     return exprs
 
 
+def _label_exprs(events: pl.LazyFrame, name: str, separator: str) -> list[pl.Expr]:
+    """For a field whose values are sets of labels: the share of events whose set holds each label (of its
+    MAX_CATEGORY_VALUES most frequent labels)."""
+    labels = pl.col(name).cast(pl.Utf8).str.split(separator)
+    counts = events.select(labels.explode(empty_as_null=True).value_counts(sort=True)).unnest(name).collect()
+    top = [v for v in counts[name].to_list() if v][:MAX_CATEGORY_VALUES]
+    return [labels.list.contains(v).mean().alias(f"{name}={v}") for v in top]
+
+
 def aggregate_features(run_dir: RunDir | str | Path, split: str = "all") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(user_idx (U,), X (U, F) float32, feature names) from RUN/events.parquet, one Polars group_by.
 
     Per user: event count, active span in days, events per day (count / (span + 1)), mean and median
     gap in seconds; mean / std / min / max of every numeric field; the share of each value of every
     categorical field (of its MAX_CATEGORY_VALUES most frequent values, with the number of distinct values
-    and their mean popularity when there are more); hour-of-day (24) and weekday (7) shares.
+    and their mean popularity when there are more; for a field with a `separator`, the share of events
+    holding each label of the set instead); hour-of-day (24) and weekday (7) shares. Item side-table fields
+    (`[items]`) are event fields here like any other (MovieLens: genre shares, release-year statistics).
     Labels and scenarios are never features. Users without events: count 0, other columns NaN."""
     _check(split, SPLITS, "split")
     run = RunDir.of(run_dir).require()
@@ -170,6 +181,8 @@ def aggregate_features(run_dir: RunDir | str | Path, split: str = "all") -> tupl
         if f.kind == "numeric":
             exprs += [c.mean().alias(f"{f.name}_mean"), c.std(ddof=0).alias(f"{f.name}_std"),
                       c.min().alias(f"{f.name}_min"), c.max().alias(f"{f.name}_max")]
+        elif f.separator is not None:
+            exprs += _label_exprs(events, f.name, f.separator)
         elif f.kind == "categorical":
             exprs += _category_exprs(events, f.name)
     exprs += [(ts.dt.hour() == h).mean().alias(f"hour={h:02d}") for h in range(24)]
