@@ -76,3 +76,19 @@ def test_fit_records_the_customer_disjoint_slices():
 def test_bad_split_shares_are_refused(change):
     with pytest.raises(ConfigError):
         LGBMConfig(**change).validate("lgbm")
+
+
+def test_early_stopping_is_on_log_loss_and_records_the_ap_beside_it():
+    t, _, customer = rows(4000, 300, seed=4)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=len(t))
+    y = (rng.random(len(t)) < 1 / (1 + np.exp(-(3 * x - 5)))).astype(np.int8)
+    X = pl.DataFrame({"x": x, "noise": rng.normal(size=len(t))})
+    for metric in ("binary_logloss", "average_precision"):
+        cfg = LGBMConfig(max_rounds=60, early_stopping=10, min_child_samples=20, stopping_metric=metric)
+        info = fit_risk_model(X, y, t, cfg, customer=customer).info
+        assert info["stopping_metric"] == metric
+        assert info["valid_logloss"] > 0 and 0 < info["valid_average_precision"] <= 1
+    assert LGBMConfig().stopping_metric == "binary_logloss"
+    with pytest.raises(ConfigError, match="stopping_metric"):
+        LGBMConfig(stopping_metric="auc").validate("lgbm")
