@@ -148,6 +148,21 @@ class RunData:
         self._shard_starts: np.ndarray | None = None
         self._open: tuple[int, Sequences, np.ndarray, np.ndarray | None] | None = None  # the shard in use
 
+    @classmethod
+    def of_sequences(cls, run: RunDir | str | Path, seq: Sequences, profile: Profile, tokenizer=None) -> RunData:
+        """A RunData over `seq` alone (e.g. some users of a shard, their global indices in `seq.users`):
+        `seq` and `_batch` for code that reads a run's users (fraud/behaviour.py) in a Spark task; `profile`
+        is the whole run's (global user order)."""
+        self = cls.__new__(cls)
+        self.run = RunDir.of(run)
+        self.cfg = self.run.config()
+        self.shards, self.train_fraction, self.stream = 1, 1.0, None
+        self._seq, self._gap_bucket, self._user_of, self._seen_before = seq, None, None, None
+        self._shard_starts, self._open = None, None
+        self.tokenizer = tokenizer if tokenizer is not None else self.run.tokenizer()
+        self.profile = profile
+        return self
+
     @property
     def n_users(self) -> int:
         return self._seq.n_users if self._seq is not None else sequence_users(self.run.sequences)
@@ -205,10 +220,11 @@ class RunData:
                history: int = 0) -> Batch:
         """Windows [start, start + length) of inputs; targets = the next events (see `collate`); with
         `history` > 0 the user's `history` events before each window (the copy head, `personal`)."""
-        users = self.user_of[starts]
+        local = self.user_of[starts]
+        users = local if self.seq.users is None else np.asarray(self.seq.users)[local]  # global indices
         return collate(self.seq.tokens, self.seq.codes, self.gap_bucket, starts, lengths, users,
                        self.profile.cat[users], self.profile.num[users], self.profile.positives(users),
-                       target_from, user_start=np.asarray(self.seq.offsets)[users], history=history,
+                       target_from, user_start=np.asarray(self.seq.offsets)[local], history=history,
                        seen_before=self.seen_before if target_from is not None else None)
 
     def _shard_batch(self, shard: int, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray,
