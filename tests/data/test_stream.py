@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SMALL
 from pantherseq.data.dataset import RunData
@@ -163,3 +164,18 @@ def test_a_sharded_run_trains_and_evaluates_as_one_shard(sharded_run, one_shard_
         _no_merge(m)
         counted = train(sharded_run, "markov", cfg)
     _close(counted["valid"], train(one_shard_run, "markov", cfg)["valid"])
+
+
+def test_a_run_data_of_some_users_cuts_their_batches(sharded_run, one_shard_run):
+    """`RunData.of_sequences` (a Spark task's users) cuts the batches the whole run cuts for those users."""
+    from pantherseq.data.sequences import load_shard
+
+    one = RunData(one_shard_run)
+    part = load_shard(sharded_run / "sequences", 1).take_users(np.array([0, 2, 3]))
+    some = RunData.of_sequences(sharded_run, part, one.profile)
+    offsets, glob = np.asarray(part.offsets), np.asarray(part.users)
+    a = some._batch(offsets[:-1], np.diff(offsets) - 1, history=4)
+    b = one._batch(np.asarray(one.seq.offsets)[glob], np.diff(offsets) - 1, history=4)
+    assert a.users.tolist() == glob.tolist() == [1, 7, 10]
+    for name in ("tokens", "targets", "codes", "gap_bucket", "profile_cat", "profile_num", "history"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
