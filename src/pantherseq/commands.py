@@ -34,7 +34,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pantherseq.config import save_toml
     from pantherseq.data.dataset import require_train_targets
-    from pantherseq.data.sequences import Sequences
     from pantherseq.train.loop import load_pretrain_config, train
     from pantherseq.train.warmstart import init_model_name, load_init
 
@@ -42,7 +41,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     model = init_model_name(source, args.model) if source else (args.model or "panther")
     cfg = load_pretrain_config(args.config, args.set, model=model, init_from=source)
     run = _run(args.run)
-    require_train_targets(Sequences.load(run.sequences), cfg.model.max_len, run)
+    require_train_targets(None, cfg.model.max_len, run)  # shard by shard
     name = args.name or model
     out = run.model_dir(name)
     out.mkdir(parents=True, exist_ok=True)

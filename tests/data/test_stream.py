@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SMALL
 from pantherseq.data.dataset import RunData
@@ -76,3 +77,105 @@ def test_a_sharded_run_trains(sharded_run):
     metrics = train(sharded_run, "panther", cfg)
     assert metrics["epochs"] == 1 and np.isfinite(metrics["valid"]["mrr"])
     assert 0 < metrics["train_targets"] <= RunData(sharded_run).n_train_targets(MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def one_shard_run(tmp_path_factory) -> Path:
+    """The data of `sharded_run` in one folder."""
+    from pantherseq.data.schema import load_dataset_config
+    from pantherseq.prepare import prepare
+
+    run = tmp_path_factory.mktemp("one_shard") / "run"
+    prepare(load_dataset_config("simulated", overrides=SMALL), run)
+    return run
+
+
+def _no_merge(m: pytest.MonkeyPatch) -> None:
+    """Any merge of the shards (RunData.seq, Sequences.load on a sharded folder) raises."""
+    from pantherseq.data import sequences
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the shards were merged")
+
+    m.setattr(sequences, "merge_shards", refuse)
+    m.setattr(RunData, "seq", property(refuse))
+
+
+def _close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, value in a.items():
+        assert value == pytest.approx(b[k], rel=1e-5, abs=1e-9), k
+
+
+def test_sharded_evaluation_windows_are_the_merged_ones(sharded_run, one_shard_run):
+    """The same targets (as (user, first target time)) and window lengths, shard by shard, never merged."""
+    one, many = RunData(one_shard_run), RunData(sharded_run)
+
+    def keyed(data: RunData, windows: np.ndarray, times: np.ndarray) -> Counter:
+        return Counter((int(b.users[0]), int(times[i]), int(w[1]))
+                       for b, (i, w) in zip(data.eval_batches(windows, 1), enumerate(windows)))
+
+    for split, max_users in (("valid", None), ("test", 30)):
+        w1 = one.eval_windows(split, MAX_LEN, max_users=max_users, seed=3)
+        with pytest.MonkeyPatch.context() as m:
+            _no_merge(m)
+            wn = many.eval_windows(split, MAX_LEN, max_users=max_users, seed=3)
+            tn = np.concatenate([np.asarray(many.shard(i)[0].time) for i in range(many.shards)])
+            got = keyed(many, wn, tn[wn[:, 2]])
+        assert len(wn) == len(w1) > 0
+        assert got == keyed(one, w1, np.asarray(one.seq.time)[w1[:, 2]])
+
+
+@pytest.mark.slow
+def test_a_sharded_run_trains_and_evaluates_as_one_shard(sharded_run, one_shard_run, monkeypatch):
+    """`pretrain` on 3 shards never merges them (target check, steps, validation, prototypes), and its model
+    scores what it scores on the one-shard run of the same data; a count model fits the same on both."""
+    from pantherseq.cli import main
+    from pantherseq.eval.nextevent import evaluate_split
+    from pantherseq.eval.prototypes import prototype_analysis
+    from pantherseq.model.base import ModelConfig
+    from pantherseq.run import read_json
+    from pantherseq.train.checkpoint import load_model
+    from pantherseq.train.loop import PretrainConfig, TrainConfig, train
+
+    with monkeypatch.context() as m:
+        _no_merge(m)
+        assert main(["pretrain", "--run", str(sharded_run), "--model", "panther", "--name", "p3",
+                     "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+                     "--set", f"model.max_len={MAX_LEN}", "--set", "model.n_prototypes=4",
+                     "--set", "train.epochs=1", "--set", f"train.batch_size={BATCH}", "--set", "train.threads=1",
+                     "--set", "train.eval_max_users=40"]) == 0
+        model, _ = load_model(sharded_run, "p3")
+        many = RunData(sharded_run)
+        sharded = {split: evaluate_split(model, many, split, MAX_LEN) for split in ("valid", "test")}
+        proto = prototype_analysis(model, many, "p3")
+    metrics = read_json(sharded_run / "models" / "p3" / "metrics.json")
+    assert "error" not in read_json(sharded_run / "prototypes.json")["p3"]
+    one = RunData(one_shard_run)
+    _close(metrics["valid"], evaluate_split(model, one, "valid", MAX_LEN, max_users=40, seed=0))
+    for split, res in sharded.items():
+        assert res["n"] > 0
+        _close(res, evaluate_split(model, one, split, MAX_LEN))
+    merged = prototype_analysis(model, one, "p3")
+    assert proto["grams"] == merged["grams"] and proto["counts"] == merged["counts"]
+
+    cfg = PretrainConfig(model=ModelConfig(max_len=MAX_LEN), train=TrainConfig(batch_size=BATCH, eval_max_users=None))
+    with monkeypatch.context() as m:
+        _no_merge(m)
+        counted = train(sharded_run, "markov", cfg)
+    _close(counted["valid"], train(one_shard_run, "markov", cfg)["valid"])
+
+
+def test_a_run_data_of_some_users_cuts_their_batches(sharded_run, one_shard_run):
+    """`RunData.of_sequences` (a Spark task's users) cuts the batches the whole run cuts for those users."""
+    from pantherseq.data.sequences import load_shard
+
+    one = RunData(one_shard_run)
+    part = load_shard(sharded_run / "sequences", 1).take_users(np.array([0, 2, 3]))
+    some = RunData.of_sequences(sharded_run, part, one.profile)
+    offsets, glob = np.asarray(part.offsets), np.asarray(part.users)
+    a = some._batch(offsets[:-1], np.diff(offsets) - 1, history=4)
+    b = one._batch(np.asarray(one.seq.offsets)[glob], np.diff(offsets) - 1, history=4)
+    assert a.users.tolist() == glob.tolist() == [1, 7, 10]
+    for name in ("tokens", "targets", "codes", "gap_bucket", "profile_cat", "profile_num", "history"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -1,5 +1,5 @@
-"""`embed --engine spark` writes the states of the single-process `embed` (within 1e-6), to Parquet and the store,
-from one folder of sequences or from shards, and keeps the store-identity check."""
+"""`embed --engine spark` writes the states of the single-process `embed` (within 1e-6, `recent_delta` too), to
+Parquet and the store, from one folder of sequences or from shards, and keeps the store-identity check."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ def _assert_same(a: dict[str, UserState], b: dict[str, UserState]) -> None:
             assert np.array_equal(getattr(x, name), getattr(y, name)), name
         for name in FIELDS:
             assert np.allclose(getattr(x, name), getattr(y, name), rtol=0, atol=1e-6), name
+        assert x.recent_delta.shape == y.recent_delta.shape, user  # computed by the executors too
+        assert np.allclose(x.recent_delta, y.recent_delta, rtol=0, atol=1e-6, equal_nan=True), user
+    assert sum(len(x.recent_delta) for x in a.values()) > 0
 
 
 @pytest.mark.parametrize("shards", [1, 3])

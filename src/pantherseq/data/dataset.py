@@ -9,7 +9,9 @@
   its user's earlier events (all splits), with at least max_len // 2 of them as context when the user
   has that many: a user's targets are cut into chunks of `chunk` consecutive events and each chunk is
   predicted in one causal pass over the window that ends just before its last target. A user's very
-  first event has no history and is not a target.
+  first event has no history and is not a target. A sharded run is evaluated shard by shard: its windows
+  are rows into the shards laid end to end in shard order (`shard_starts`), each batch cut from one
+  memory-mapped shard; the targets and metrics are the merged run's (only their order differs).
 
 Targets that are UNK (an event outside the vocabulary) are never targets, in training or evaluation:
 predicting "something rare" is not a behaviour. Their events stay in the inputs.
@@ -28,7 +30,7 @@ import torch
 
 from pantherseq.data.batch import Batch, DataInfo, collate, seen_before
 from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
-from pantherseq.data.sequences import Sequences, sequence_users, shard_count
+from pantherseq.data.sequences import Sequences, load_shard, sequence_users, shard_count
 from pantherseq.data.shards import ShardStream
 from pantherseq.data.split import SPLIT_NAMES
 from pantherseq.errors import ConfigError, DataError
@@ -143,6 +145,50 @@ class RunData:
         self.profile = Profile.empty(n_users) if profile is None else Profile.from_frame(profile, self.cfg)
         self.stream = ShardStream(self.run.sequences, self.profile) if self.shards > 1 else None
         self._seen_before: np.ndarray | None = None
+        self._shard_starts: np.ndarray | None = None
+        self._open: tuple[int, Sequences, np.ndarray, np.ndarray | None] | None = None  # the shard in use
+
+    @classmethod
+    def of_sequences(cls, run: RunDir | str | Path, seq: Sequences, profile: Profile, tokenizer=None) -> RunData:
+        """A RunData over `seq` alone (e.g. some users of a shard, their global indices in `seq.users`):
+        `seq` and `_batch` for code that reads a run's users (fraud/behaviour.py) in a Spark task; `profile`
+        is the whole run's (global user order)."""
+        self = cls.__new__(cls)
+        self.run = RunDir.of(run)
+        self.cfg = self.run.config()
+        self.shards, self.train_fraction, self.stream = 1, 1.0, None
+        self._seq, self._gap_bucket, self._user_of, self._seen_before = seq, None, None, None
+        self._shard_starts, self._open = None, None
+        self.tokenizer = tokenizer if tokenizer is not None else self.run.tokenizer()
+        self.profile = profile
+        return self
+
+    @property
+    def n_users(self) -> int:
+        return self._seq.n_users if self._seq is not None else sequence_users(self.run.sequences)
+
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """(S + 1,) where each shard starts in the shards laid end to end (the rows of a sharded run's
+        evaluation windows); [0, N] for a one-shard run."""
+        if self._shard_starts is None:
+            sizes = [load_shard(self.run.sequences, i).n_events for i in range(self.shards)]
+            self._shard_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return self._shard_starts
+
+    def shard(self, i: int, seen: bool = False) -> tuple[Sequences, np.ndarray, np.ndarray | None]:
+        """Shard `i` memory-mapped (with its global user indices in `users`), its gap buckets and, with
+        `seen`, its `seen_before` flags; the last one opened is kept. A one-shard run's is `seq`."""
+        if self.shards == 1:
+            return self.seq, self.gap_bucket, self.seen_before if seen else None
+        if self._open is None or self._open[0] != i:
+            part = load_shard(self.run.sequences, i)
+            self._open = (i, part, gap_buckets(np.asarray(part.gap)), None)
+        i, part, gap, flags = self._open
+        if seen and flags is None:
+            flags = seen_before(np.asarray(part.tokens), np.asarray(part.offsets))
+            self._open = (i, part, gap, flags)
+        return part, gap, flags if seen else None
 
     @property
     def seq(self) -> Sequences:
@@ -174,11 +220,24 @@ class RunData:
                history: int = 0) -> Batch:
         """Windows [start, start + length) of inputs; targets = the next events (see `collate`); with
         `history` > 0 the user's `history` events before each window (the copy head, `personal`)."""
-        users = self.user_of[starts]
+        local = self.user_of[starts]
+        users = local if self.seq.users is None else np.asarray(self.seq.users)[local]  # global indices
         return collate(self.seq.tokens, self.seq.codes, self.gap_bucket, starts, lengths, users,
                        self.profile.cat[users], self.profile.num[users], self.profile.positives(users),
-                       target_from, user_start=np.asarray(self.seq.offsets)[users], history=history,
+                       target_from, user_start=np.asarray(self.seq.offsets)[local], history=history,
                        seen_before=self.seen_before if target_from is not None else None)
+
+    def _shard_batch(self, shard: int, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray,
+                     history: int) -> Batch:
+        """`_batch` of evaluation windows whose rows are local to shard `shard` of a sharded run."""
+        part, gap, flags = self.shard(shard, seen=True)
+        offsets = np.asarray(part.offsets)
+        local = np.searchsorted(offsets, starts, side="right") - 1
+        users = np.asarray(part.users)[local]
+        p = self.profile
+        return collate(part.tokens, part.codes, gap, starts, lengths, users, p.cat[users], p.num[users],
+                       p.positives(users), target_from, user_start=offsets[local], history=history,
+                       seen_before=flags)
 
     @property
     def seen_before(self) -> np.ndarray:
@@ -232,30 +291,56 @@ class RunData:
 
     def eval_windows(self, split: str, max_len: int, chunk: int | None = None,
                      max_users: int | None = None, seed: int = 0) -> np.ndarray:
-        """(N, 3) [window start, window length, first target] for every target chunk of `split`."""
+        """(N, 3) [window start, window length, first target] for every target chunk of `split` (rows into
+        the shards laid end to end for a sharded run, module doc)."""
         chunk = chunk or max(max_len // 2, 1)
         code = SPLIT_NAMES.index(split)
-        seq = self.seq
-        users = np.arange(seq.n_users)
-        if max_users is not None and max_users < seq.n_users:
-            users = np.sort(np.random.default_rng(seed).choice(seq.n_users, max_users, replace=False))
-        split_arr = np.asarray(seq.split)
-        rows = []
-        for u in users.tolist():
-            s, e = int(seq.offsets[u]), int(seq.offsets[u + 1])
-            hits = np.flatnonzero(split_arr[s:e] == code) + s
-            hits = hits[hits > s]  # the first event has no history
-            for c in range(0, len(hits), chunk):
-                c0, c1 = int(hits[c]), int(hits[min(c + chunk, len(hits)) - 1]) + 1
-                w0 = max(s, c1 - 1 - max_len)
-                rows.append((w0, c1 - 1 - w0, c0))
-        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        n_users = self.n_users
+        users = None
+        if max_users is not None and max_users < n_users:
+            users = np.sort(np.random.default_rng(seed).choice(n_users, max_users, replace=False))
+        if self.shards == 1:
+            seq = self.seq
+            return _chunk_windows(seq, np.arange(n_users) if users is None else users, code, chunk, max_len, 0)
+        out = []
+        for i in range(self.shards):
+            part = load_shard(self.run.sequences, i)
+            glob = np.asarray(part.users)
+            local = np.arange(len(glob)) if users is None else np.flatnonzero(np.isin(glob, users))
+            out.append(_chunk_windows(part, local, code, chunk, max_len, int(self.shard_starts[i])))
+        return np.concatenate(out)
 
     def eval_batches(self, windows: np.ndarray, batch_size: int, history: int = 0) -> Iterator[Batch]:
+        """Batches of `batch_size` windows; a sharded run's batch is split where it crosses shards."""
+        if self.shards == 1:
+            for i in range(0, len(windows), batch_size):
+                w = windows[i:i + batch_size]
+                yield self._batch(w[:, 0], w[:, 1], target_from=w[:, 2], history=history)
+            return
+        bounds = self.shard_starts
         for i in range(0, len(windows), batch_size):
             w = windows[i:i + batch_size]
-            yield self._batch(w[:, 0], w[:, 1], target_from=w[:, 2], history=history)
+            owner = np.searchsorted(bounds, w[:, 0], side="right") - 1
+            for shard in dict.fromkeys(owner.tolist()):  # in order of appearance
+                v = w[owner == shard]
+                base = bounds[shard]
+                yield self._shard_batch(shard, v[:, 0] - base, v[:, 1], v[:, 2] - base, history)
 
+
+def _chunk_windows(seq: Sequences, users: np.ndarray, code: int, chunk: int, max_len: int,
+                   base: int) -> np.ndarray:
+    """`RunData.eval_windows` of the (local) users `users` of `seq`, rows shifted by `base`."""
+    split_arr = np.asarray(seq.split)
+    rows = []
+    for u in users.tolist():
+        s, e = int(seq.offsets[u]), int(seq.offsets[u + 1])
+        hits = np.flatnonzero(split_arr[s:e] == code) + s
+        hits = hits[hits > s]  # the first event has no history
+        for c in range(0, len(hits), chunk):
+            c0, c1 = int(hits[c]), int(hits[min(c + chunk, len(hits)) - 1]) + 1
+            w0 = max(s, c1 - 1 - max_len)
+            rows.append((w0 + base, c1 - 1 - w0, c0 + base))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
 def train_targets(seq: Sequences, max_len: int) -> int:
@@ -267,8 +352,14 @@ def train_targets(seq: Sequences, max_len: int) -> int:
     return int((known[win[:, 1]] - known[win[:, 0] + 1]).sum())
 
 
-def require_train_targets(seq: Sequences, max_len: int, run: RunDir | str | Path) -> None:
-    """One DataError line when there is nothing to train on (no user with two known training events)."""
-    if train_targets(seq, max_len) == 0:
+def require_train_targets(seq: Sequences | None, max_len: int, run: RunDir | str | Path) -> None:
+    """One DataError line when there is nothing to train on (no user with two known training events).
+    `seq` None: the run's sequences, shard by shard (a sharded run is not merged)."""
+    if seq is None:
+        folder = RunDir.of(run).sequences
+        known = any(train_targets(load_shard(folder, i), max_len) for i in range(shard_count(folder)))
+    else:
+        known = train_targets(seq, max_len) > 0
+    if not known:
         raise DataError(f"{run}: the training period has no targets (no user has a training event followed "
                         "by another one in the vocabulary): move split.t1 later or prepare more data")

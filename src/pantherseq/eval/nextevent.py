@@ -89,7 +89,7 @@ def evaluate_run(run_dir: RunDir | str | Path, models: list[str] | None = None, 
         max_len = ckpt["model_config"]["max_len"]
         for split in splits:
             res = evaluate_split(model, data, split, max_len, max_users=max_users, seed=seed, progress=progress)
-            results.setdefault(name, {})[split] = {**res, "users": max_users or data.seq.n_users}
+            results.setdefault(name, {})[split] = {**res, "users": max_users or data.n_users}
     run.eval_report.write_text(json.dumps(results, indent=1))
     return results
 

@@ -44,16 +44,9 @@ def frequent_ngrams(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray, n
     """The `top` most frequent n-grams (seen at least `min_count` times) of consecutive events of one user, all
     of them `keep` (e.g. training split and not UNK): (G, n) token ids, (G,) counts, each one's start rows."""
     tokens = np.asarray(tokens, dtype=np.int64)
-    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    starts = np.arange(max(len(tokens) - n + 1, 0))
-    ok = user[starts] == user[starts + n - 1]
-    for j in range(n):
-        ok &= keep[starts + j]
-    starts = starts[ok]
+    starts, codes = _gram_codes(tokens, offsets, keep, n, int(tokens.max(initial=0)) + 1)
     if not len(starts):
         return np.zeros((0, n), np.int64), np.zeros(0, np.int64), []
-    vocab = int(tokens.max()) + 1
-    codes = np.ravel_multi_index(tuple(tokens[starts + j] for j in range(n)), (vocab,) * n)
     _, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
     order = np.argsort(-counts, kind="stable")[:top]
     order = order[counts[order] >= min_count]
@@ -62,6 +55,50 @@ def frequent_ngrams(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray, n
     occurrences = [starts[inverse == g] for g in order]
     grams = np.stack([tokens[occ[0] + np.arange(n)] for occ in occurrences])
     return grams, counts[order], occurrences
+
+
+def _gram_codes(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray, n: int, vocab: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Start rows of the n-grams of `frequent_ngrams` and each one's code (its tokens in base `vocab`)."""
+    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    starts = np.arange(max(len(tokens) - n + 1, 0))
+    ok = user[starts] == user[starts + n - 1]
+    for j in range(n):
+        ok &= keep[starts + j]
+    starts = starts[ok]
+    return starts, np.ravel_multi_index(tuple(tokens[starts + j] for j in range(n)), (vocab,) * n)
+
+
+def sharded_ngrams(data, train: int, n: int = N, top: int = TOP_GRAMS, min_count: int = 2
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """`frequent_ngrams` of a sharded run's training split, shard by shard (counts summed over the shards;
+    start rows into the shards laid end to end, `RunData.shard_starts`)."""
+    vocab = data.tokenizer.vocab_size
+
+    def grams_of(i: int) -> tuple[np.ndarray, np.ndarray]:
+        part, _, _ = data.shard(i)
+        tokens = np.asarray(part.tokens, dtype=np.int64)
+        keep = (np.asarray(part.split) == train) & (tokens >= N_SPECIAL)
+        return _gram_codes(tokens, np.asarray(part.offsets), keep, n, vocab)
+
+    seen, tallies = [], []
+    for i in range(data.shards):
+        u, c = np.unique(grams_of(i)[1], return_counts=True)
+        seen.append(u)
+        tallies.append(c)
+    codes, inverse = np.unique(np.concatenate(seen), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate(tallies), minlength=len(codes)).astype(np.int64)
+    order = np.argsort(-counts, kind="stable")[:top]
+    order = order[counts[order] >= min_count]
+    if not len(order):
+        return np.zeros((0, n), np.int64), np.zeros(0, np.int64), []
+    found: list[list[np.ndarray]] = [[] for _ in order]
+    for i in range(data.shards):
+        starts, c = grams_of(i)
+        for k, g in enumerate(codes[order].tolist()):
+            found[k].append(starts[c == g] + data.shard_starts[i])
+    grams = np.stack(np.unravel_index(codes[order], (vocab,) * n), axis=1).astype(np.int64)
+    return grams, counts[order], [np.concatenate(f) for f in found]
 
 
 def has_sprm(model: Any) -> bool:
@@ -79,17 +116,24 @@ def ngram_attention(model, data, occurrences: list[np.ndarray], n: int = N, per_
               for occ in occurrences]  # spread over the occurrences (users, time)
     starts = np.concatenate(picked)
     windows = np.stack([starts, np.full(len(starts), n), starts + 1], axis=1)  # [start, length, first target]
+    # a sharded run's batch is cut per shard (RunData.eval_batches): feed the windows in row order
+    order = np.argsort(starts, kind="stable") if data.shards > 1 else np.arange(len(starts))
+    windows = windows[order]
     was_training = model.training
     model.eval()
+    parts = []
     try:
         with torch.no_grad():
-            model.hidden(next(data.eval_batches(windows, len(windows))))
+            for batch in data.eval_batches(windows, len(windows)):
+                model.hidden(batch)
+                att = model.prototype_attention()  # (B, n, M)
+                if att is None:
+                    raise ConfigError("the model has no SPRM (sprm = false): no prototype attention to analyse")
+                parts.append(att[:, n - 1].numpy())
     finally:
         model.train(was_training)
-    att = model.prototype_attention()  # (B, n, M)
-    if att is None:
-        raise ConfigError("the model has no SPRM (sprm = false): no prototype attention to analyse")
-    last = att[:, n - 1].numpy()  # (B, M)
+    last = np.empty((len(order), parts[0].shape[1]), parts[0].dtype)
+    last[order] = np.concatenate(parts)  # (B, M) in the windows' order
     bounds = np.cumsum([0, *map(len, picked)])
     return np.stack([last[a:b].mean(0) for a, b in itertools.pairwise(bounds)])
 
@@ -98,9 +142,13 @@ def prototype_analysis(model, data, name: str) -> dict[str, Any]:
     """The analysis of the module docstring for a loaded model and its run's `RunData`."""
     from pantherseq.data.split import SPLIT_NAMES
 
-    seq = data.seq
-    keep = (np.asarray(seq.split) == SPLIT_NAMES.index("train")) & (np.asarray(seq.tokens) >= N_SPECIAL)
-    grams, counts, occurrences = frequent_ngrams(seq.tokens, seq.offsets, keep)
+    train = SPLIT_NAMES.index("train")
+    if data.shards > 1:  # shard by shard, never merged
+        grams, counts, occurrences = sharded_ngrams(data, train)
+    else:
+        seq = data.seq
+        keep = (np.asarray(seq.split) == train) & (np.asarray(seq.tokens) >= N_SPECIAL)
+        grams, counts, occurrences = frequent_ngrams(seq.tokens, seq.offsets, keep)
     if not len(grams):
         raise ConfigError("no token 3-gram occurs twice in the training split (too fine a vocabulary)")
     att = ngram_attention(model, data, occurrences)  # (G, M)

@@ -53,11 +53,12 @@ def event_amounts(scorer: Scorer, frame: pl.DataFrame | None, n: int) -> np.ndar
     return frame[scorer.amount_field].cast(pl.Float64).fill_null(0.0).to_numpy()
 
 
-def recent_deltas(scorer: Scorer, cut_s: int | None) -> np.ndarray:
-    """(E, S) float32 over the run's events: the short-window Δ (`DeviationVocab.window_base`) of each user's
-    last max(WINDOW_SIZES) − 1 events before `cut_s`, NaN elsewhere; from `behaviour_features` with the fraud
-    config's `context`, so each equals the offline value of that event."""
-    data = RunData(scorer.run)
+def recent_deltas(scorer: Scorer, cut_s: int | None, data: RunData | None = None) -> np.ndarray:
+    """(E, S) float32 over the run's events (or those of `data`: `RunData.of_sequences`, some users, as a
+    Spark task has): the short-window Δ (`DeviationVocab.window_base`) of each user's last
+    max(WINDOW_SIZES) − 1 events before `cut_s`, NaN elsewhere; from `behaviour_features` with the fraud
+    config's `context`, so each equals the offline value of that event (each user's from its own history)."""
+    data = RunData(scorer.run) if data is None else data
     starts, ends = window_ends(data.seq, cut_s)
     m = max(WINDOW_SIZES) - 1
     want = np.zeros(data.seq.n_events + 1, np.int64)

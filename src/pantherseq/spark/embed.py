@@ -7,12 +7,13 @@ The single-process `embed` (serve/embed.py `embed_users`) as one Spark job:
              and runs `serve/embed.user_states` (the single-process code: the same windows, the same
              float64 forward pass rounded once) with the model of a `Scorer` loaded once per Python worker;
              the driver's model version and tokenizer digest are broadcast and every worker checks that its
-             model is that one;
+             model is that one; the states' `recent_delta` by `serve/embed.recent_deltas` over the task's
+             users only (`RunData.of_sequences`: the fraud pass's `behaviour_features`, each user's own
+             history);
 3. write     the states to Parquet (`user_id`, `user_idx`, `n_events`, `last_time`, `h`, `pooled`, `state` =
              the store's byte format, serve/state.py), then into the store: SQLite from the driver (one
              writer), Redis from the executors (`foreachPartition`); the `embed` meta and the owner record
              from the driver last.
-Not computed here: the states' `recent_delta` (left empty; docs/SPARK.md "Not done").
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import SparkConfig
 from pantherseq.data.sequences import Sequences, load_shard, shard_count
 from pantherseq.errors import ConfigError
 from pantherseq.prepare import USER_IDX
-from pantherseq.serve.embed import embed_meta, event_amounts, finish_embed, user_states
+from pantherseq.serve.embed import embed_meta, event_amounts, finish_embed, recent_deltas, user_states
 from pantherseq.serve.identity import check_owner
 from pantherseq.serve.scorer import Scorer, parse_time
 from pantherseq.spark.session import build_session
@@ -89,8 +91,10 @@ def _compute(broadcast):
                 part = load_shard(folder, shard)
                 seq = part.take_users(np.arange(lo, hi))  # copies only these users' rows
                 names = _user_ids(scorer, np.asarray(seq.users))
+                data = RunData.of_sequences(scorer.run, seq, scorer.profile, scorer.tok)
+                recent = recent_deltas(scorer, job["cut_s"], data)
                 for states in user_states(scorer, seq, _shard_amounts(scorer, seq), names, job["cut_s"],
-                                          job["batch_size"], now=job["now"]):
+                                          job["batch_size"], now=job["now"], recent=recent):
                     yield pa.RecordBatch.from_pylist([{
                         "user_id": s.user_id, "user_idx": s.user_idx, "n_events": s.n_events,
                         "last_time": s.last_time, "h": s.h.tolist(), "pooled": s.pooled.tolist(),
