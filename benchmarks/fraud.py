@@ -50,6 +50,7 @@ SETUPS = {
     },
 }
 # context 64 of max_len 128: 64 predictions per window forward (100 left 28 and doubled the behaviour pass)
+BEHAVIOUR_ONLY = (5, 6)  # the simulator's scenarios whose amounts and counts are the victim's own
 FRAUD = {
     "delay_days": 7, "context": 64, "embedding_dims": 8, "threads": 1,
     "lgbm": {"learning_rate": 0.05, "max_rounds": 800, "early_stopping": 50},
@@ -99,6 +100,25 @@ def chain(run: Path, backbone: str, epochs: int, fraud_toml: Path, log: Path, re
     return subprocess.Popen(["bash", "-c", script], stdout=fh, stderr=subprocess.STDOUT, env=env())
 
 
+def behaviour_only(run: Path, backbone: str) -> dict[str, float] | None:
+    """recall@1% of every feature set on the frauds of the behaviour-only scenarios together (None: the data
+    has none), from the scores the fraud step wrote."""
+    import numpy as np
+    import polars as pl
+
+    from pantherseq.fraud.metrics import recall_at_top
+
+    scores = pl.read_parquet(run / f"fraud-{backbone}" / "scores.parquet")
+    if "scenario" not in scores.columns:
+        return None
+    subset = scores["scenario"].is_in(list(BEHAVIOUR_ONLY)).to_numpy()
+    if not subset.any():
+        return None
+    y = scores["label"].to_numpy().astype(np.int8)
+    return {c.removeprefix("score_"): recall_at_top(scores[c].to_numpy(), y, 1.0, subset)
+            for c in scores.columns if c.startswith("score_")}
+
+
 def _quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
@@ -113,6 +133,8 @@ def main() -> None:
                     "default 5 on the handbook, 8 on the simulator")
     ap.add_argument("--reuse-models", action="store_true",
                     help="keep the models an earlier run of this script trained in --work (only the fraud step runs)")
+    ap.add_argument("--summarise", action="store_true",
+                    help="rewrite --out from the outputs an earlier full run left in --work (runs nothing)")
     ap.add_argument("--prepare-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra prepare overrides (e.g. simulate.n_users=300 for a dry run)")
     ap.add_argument("--out", help="default: benchmarks/results/fraud.json (handbook), fraud-simulated.json")
@@ -128,12 +150,21 @@ def main() -> None:
     work = Path(args.work or REPO / "runs" / f"fraud-{args.dataset}")
     work.mkdir(parents=True, exist_ok=True)
     run = work / args.dataset
-    prepare(args.dataset, data, run, split, [*setup["prepare"], *args.prepare_set])
+    if not args.summarise:
+        prepare(args.dataset, data, run, split, [*setup["prepare"], *args.prepare_set])
     backbones = [b for b in args.backbones.split(",") if b]
     results: dict = {"dataset": args.dataset, "split": (
         f"generative models: train < {split['t1']}, early stopping on {split['t1']}..{split['t2']}; risk model: "
         f"train {periods['train_start']}..{periods['train_end']} (exclusive), gap, test {periods['test_start']}.."
-        f"{periods['test_end']} (exclusive)"), "backbones": {}, "merchant_risk_auc": {}, "details": {}}
+        f"{periods['test_end']} (exclusive)"), "backbones": {}, "merchant_risk_auc": {},
+        "recall@1%_behaviour_only": {}, "details": {}}
+    if args.summarise:  # the command and wall time stay those of the run that made the outputs
+        earlier = json.loads(out.read_text())
+        results["command"], results["wall_s"] = earlier["command"], earlier["wall_s"]
+        for b in backbones:
+            summarise(results, run, b)
+        out.write_text(json.dumps(results, indent=1))
+        return print_tables(results, backbones, out)
     for b in backbones:
         fraud_toml = work / f"fraud-{b}.toml"
         fraud_toml.write_text(tomli_w.dumps({**FRAUD, **periods, "embedding_dims": args.embedding_dims,
@@ -145,18 +176,27 @@ def main() -> None:
     for b, proc in procs.items():  # results are written after each backbone, so a finished one is kept
         if proc.wait() != 0:
             raise SystemExit(f"{b} failed: see {work / (b + '.log')}")
-        # each backbone wrote RUN/fraud-<backbone>/ (out_dir), so they never collide
-        rep = json.loads((run / f"fraud-{b}" / "fraud.json").read_text())
-        results["backbones"][b] = rep["feature_sets"]
-        results["merchant_risk_auc"][b] = rep["merchant_risk"].get("roc_auc")
-        pre = json.loads((run / "models" / b / "metrics.json").read_text())
-        results["details"][b] = {"rows": rep["rows"], "timings_s": rep["timings_s"], "risk_models": rep["risk_models"],
-                                 "embedding": rep.get("embedding"),
-                                 "pretrain": {k: pre[k] for k in ("epochs", "train_s", "steps", "n_params")}
-                                 | {"valid_ndcg@10": pre["valid"]["ndcg@10"], "valid_hr@10": pre["valid"]["hr@10"]}}
+        summarise(results, run, b)
         results["wall_s"] = round(time.perf_counter() - started, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
+    print_tables(results, backbones, out)
+
+
+def summarise(results: dict, run: Path, b: str) -> None:
+    """Backbone b's entries of the results from RUN/fraud-<b>/ (each backbone has its own out_dir)."""
+    rep = json.loads((run / f"fraud-{b}" / "fraud.json").read_text())
+    results["backbones"][b] = rep["feature_sets"]
+    results["merchant_risk_auc"][b] = rep["merchant_risk"].get("roc_auc")
+    results["recall@1%_behaviour_only"][b] = behaviour_only(run, b)
+    pre = json.loads((run / "models" / b / "metrics.json").read_text())
+    results["details"][b] = {"rows": rep["rows"], "timings_s": rep["timings_s"], "risk_models": rep["risk_models"],
+                             "embedding": rep.get("embedding"), "merchant_risk": rep["merchant_risk"],
+                             "pretrain": {k: pre[k] for k in ("epochs", "train_s", "steps", "n_params")}
+                             | {"valid_ndcg@10": pre["valid"]["ndcg@10"], "valid_hr@10": pre["valid"]["hr@10"]}}
+
+
+def print_tables(results: dict, backbones: list[str], out: Path) -> None:
     from pantherseq.fraud.pipeline import format_fraud_table
 
     for b in backbones:
@@ -164,6 +204,9 @@ def main() -> None:
                                                "embedding": results["details"][b]["embedding"],
                                                "merchant_risk": {"roc_auc": None}}))
         print(f"merchant risk ROC-AUC: {results['merchant_risk_auc'][b]}")
+        if results["recall@1%_behaviour_only"].get(b):
+            print("recall@1% on the behaviour-only scenarios " + ", ".join(
+                f"{k} {v:.4f}" for k, v in results["recall@1%_behaviour_only"][b].items()))
     print(f"\n-> {out} ({results['wall_s']:.0f} s)")
 
 
