@@ -58,12 +58,17 @@ def test_without_customers_the_split_is_by_time_only():
     assert len(valid) == len(t) - int(len(t) * 0.75)
 
 
-def test_fit_records_the_customer_disjoint_slices():
-    t, _, customer = rows(4000, 300, seed=2)
-    rng = np.random.default_rng(2)
+def learnable(seed: int):
+    """4,000 rows of 300 customers whose fraud follows a logistic in column x: (X, y, t, customer, x)."""
+    t, _, customer = rows(4000, 300, seed=seed)
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=len(t))
     y = (rng.random(len(t)) < 1 / (1 + np.exp(-(3 * x - 5)))).astype(np.int8)
-    X = pl.DataFrame({"x": x, "noise": rng.normal(size=len(t))})
+    return pl.DataFrame({"x": x, "noise": rng.normal(size=len(t))}), y, t, customer, x
+
+
+def test_fit_records_the_customer_disjoint_slices():
+    X, y, t, customer, x = learnable(2)
     cfg = LGBMConfig(max_rounds=50, early_stopping=10, min_child_samples=20)
     model = fit_risk_model(X, y, t, cfg, customer=customer)
     info = model.info
@@ -79,11 +84,7 @@ def test_bad_split_shares_are_refused(change):
 
 
 def test_early_stopping_is_on_log_loss_and_records_the_ap_beside_it():
-    t, _, customer = rows(4000, 300, seed=4)
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=len(t))
-    y = (rng.random(len(t)) < 1 / (1 + np.exp(-(3 * x - 5)))).astype(np.int8)
-    X = pl.DataFrame({"x": x, "noise": rng.normal(size=len(t))})
+    X, y, t, customer, _ = learnable(4)
     for metric in ("binary_logloss", "average_precision"):
         cfg = LGBMConfig(max_rounds=60, early_stopping=10, min_child_samples=20, stopping_metric=metric)
         info = fit_risk_model(X, y, t, cfg, customer=customer).info
