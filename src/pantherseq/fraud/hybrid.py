@@ -134,14 +134,14 @@ def _lightgbm():
     return lightgbm
 
 
-def _params(cfg: LGBMConfig, pos_weight: float) -> dict:
+def _params(cfg: LGBMConfig) -> dict:
     return {
         "objective": "binary", "learning_rate": cfg.learning_rate,
         # the first metric stops the training (first_metric_only), the other is recorded
         "metric": [cfg.stopping_metric, *(m for m in STOPPING_METRICS if m != cfg.stopping_metric)],
         "num_leaves": cfg.num_leaves, "min_child_samples": cfg.min_child_samples,
         "feature_fraction": cfg.feature_fraction, "bagging_fraction": cfg.bagging_fraction,
-        "bagging_freq": cfg.bagging_freq, "lambda_l2": cfg.lambda_l2, "scale_pos_weight": pos_weight,
+        "bagging_freq": cfg.bagging_freq, "lambda_l2": cfg.lambda_l2,
         "num_threads": cfg.threads, "seed": cfg.seed, "deterministic": True, "verbosity": -1,
         "force_row_wise": True,
     }
@@ -201,19 +201,23 @@ def fit_risk_model(X: pl.DataFrame, y: np.ndarray, t: np.ndarray, cfg: LGBMConfi
     features = list(X.columns)
     cats = [c for c in (categorical or []) if c in features]
     weight = cfg.pos_weight if cfg.pos_weight is not None else float(np.sqrt(neg / pos))
-    params = _params(cfg, weight)
+    params = _params(cfg)
+    # the positives' weight as row weights, on the early-stopping slice too: its log-loss is then the
+    # training objective on held-out rows (with `scale_pos_weight` the unweighted validation log-loss rose
+    # from the first round on the handbook and stopped every model at round 1)
+    w = np.where(y == 1, weight, 1.0)
     M = _matrix(X, features)
     fit_rows, valid_rows, disjoint = risk_split(t, y, customer, cfg)
-    train_set = lgb.Dataset(M[fit_rows], y[fit_rows], feature_name=features, categorical_feature=cats,
+    train_set = lgb.Dataset(M[fit_rows], y[fit_rows], weight=w[fit_rows], feature_name=features, categorical_feature=cats,
                             free_raw_data=False)
-    valid_set = lgb.Dataset(M[valid_rows], y[valid_rows], reference=train_set)
+    valid_set = lgb.Dataset(M[valid_rows], y[valid_rows], weight=w[valid_rows], reference=train_set)
     booster = lgb.train(params, train_set, num_boost_round=cfg.max_rounds, valid_sets=[valid_set],
                         callbacks=[lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False)])
     best = max(int(booster.best_iteration or cfg.max_rounds), 1)
     valid_ap = float(booster.best_score["valid_0"]["average_precision"])
     valid_loss = float(booster.best_score["valid_0"]["binary_logloss"])
     if cfg.refit:
-        full = lgb.Dataset(M, y, feature_name=features, categorical_feature=cats)
+        full = lgb.Dataset(M, y, weight=w, feature_name=features, categorical_feature=cats)
         booster = lgb.train(params, full, num_boost_round=best)
     info = {"best_iteration": best, "stopping_metric": cfg.stopping_metric, "valid_average_precision": valid_ap,
             "valid_logloss": valid_loss, "pos_weight": weight,
