@@ -1,4 +1,4 @@
-"""Benchmark of `pantherseq fraud` (issue 4) on the Fraud Detection Handbook data.
+"""Benchmark of `pantherseq fraud` (issues 4 and 13) on the Fraud Detection Handbook data and the simulator.
 
     .venv/bin/python benchmarks/fraud.py [--dataset handbook|simulated] [--data DIR] [--work runs/fraud-DATASET]
         [--backbones panther,transformer] [--epochs N] [--out benchmarks/results/fraud.json]
@@ -49,8 +49,8 @@ SETUPS = {
         "prepare": ["simulate.n_users=4000"],
     },
 }
-# context 64 of max_len 128: 64 predictions per window forward (100 left 28 and doubled the behaviour pass)
 BEHAVIOUR_ONLY = (5, 6)  # the simulator's scenarios whose amounts and counts are the victim's own
+# context 64 of max_len 128: 64 predictions per window forward (100 left 28 and doubled the behaviour pass)
 FRAUD = {
     "delay_days": 7, "context": 64, "embedding_dims": 8, "threads": 1,
     "lgbm": {"learning_rate": 0.05, "max_rounds": 800, "early_stopping": 50},
