@@ -58,12 +58,13 @@ def test_without_customers_the_split_is_by_time_only():
     assert len(valid) == len(t) - int(len(t) * 0.75)
 
 
-def learnable(seed: int):
-    """4,000 rows of 300 customers whose fraud follows a logistic in column x: (X, y, t, customer, x)."""
+def learnable(seed: int, offset: float = 5.0):
+    """4,000 rows of 300 customers whose fraud follows a logistic in column x (fewer frauds as `offset`
+    grows: 8 % at 5, 2 % at 7): (X, y, t, customer, x)."""
     t, _, customer = rows(4000, 300, seed=seed)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=len(t))
-    y = (rng.random(len(t)) < 1 / (1 + np.exp(-(3 * x - 5)))).astype(np.int8)
+    y = (rng.random(len(t)) < 1 / (1 + np.exp(-(3 * x - offset)))).astype(np.int8)
     return pl.DataFrame({"x": x, "noise": rng.normal(size=len(t))}), y, t, customer, x
 
 
@@ -84,12 +85,17 @@ def test_bad_split_shares_are_refused(change):
 
 
 def test_early_stopping_is_on_log_loss_and_records_the_ap_beside_it():
-    X, y, t, customer, _ = learnable(4)
+    X, y, t, customer, _ = learnable(4, offset=7)  # 2 % frauds, positives weighted ~7x
+    by = {}
     for metric in ("binary_logloss", "average_precision"):
         cfg = LGBMConfig(max_rounds=60, early_stopping=10, min_child_samples=20, stopping_metric=metric)
         info = fit_risk_model(X, y, t, cfg, customer=customer).info
         assert info["stopping_metric"] == metric
         assert info["valid_logloss"] > 0 and 0 < info["valid_average_precision"] <= 1
+        by[metric] = info
+    # the stopping log-loss is weighted as the objective is (with an unweighted one and `scale_pos_weight`
+    # these rows stopped at round 6; the handbook's at round 1)
+    assert by["binary_logloss"]["best_iteration"] > 15, by
     assert LGBMConfig().stopping_metric == "binary_logloss"
     with pytest.raises(ConfigError, match="stopping_metric"):
         LGBMConfig(stopping_metric="auc").validate("lgbm")
