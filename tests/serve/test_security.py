@@ -115,6 +115,15 @@ def test_ids_and_values_are_checked_and_details_capped(svc, patch, field):
     assert len(r.text) < 1500
 
 
+@pytest.mark.parametrize("field", ["merchant_id", "category", "user_id"])
+def test_a_lone_surrogate_is_422_not_500(svc, field):
+    """JSON may escape a lone surrogate ("\\udfff"), which no store can write (SQLite text, a Redis key): a
+    merchant holding one was a 500 at its terminal index (found by benchmarks/serve.py's fuzz)."""
+    body = json.dumps({**BODY, field: "m\udfff"})  # ASCII JSON, the escape as a client sends it
+    r = _client(svc, TOKEN).post("/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and any(e["field"].split(".")[0] == field for e in r.json()["detail"]), r.text
+
+
 def test_body_cap_is_413_before_parsing(svc):
     c = _client(svc, TOKEN, max_body=1024)
     big = json.dumps({**BODY, "category": "x" * 2000})

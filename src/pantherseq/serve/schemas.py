@@ -7,7 +7,8 @@ values become UNK). Unknown keys are refused; every refusal is a 422 naming the 
 
 Text limits (issue 14): a user id is 1..`MAX_ID_CHARS` characters, a categorical value at most
 `MAX_VALUE_CHARS`, a timestamp text at most `MAX_TIME_CHARS`; none may hold a control character (C0, DEL
-or C1: `\\x00`-`\\x1f`, `\\x7f`-`\\x9f`), so no id can reach the store's internal names or break a log line.
+or C1: `\\x00`-`\\x1f`, `\\x7f`-`\\x9f`), so no id can reach the store's internal names or break a log line,
+nor a lone surrogate (`\\ud800`-`\\udfff`: valid in a JSON escape, not Unicode; no store can write it).
 Integers are 64-bit; booleans are neither times nor numbers.
 """
 
@@ -27,6 +28,7 @@ MAX_VALUE_CHARS = 200
 MAX_TIME_CHARS = 40
 INT64 = 2**63
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def check_text(value: str, limit: int) -> str:
@@ -35,6 +37,8 @@ def check_text(value: str, limit: int) -> str:
         raise ValueError(f"longer than {limit} characters")
     if _CONTROL.search(value):
         raise ValueError("control characters are not allowed")
+    if _SURROGATE.search(value):  # JSON's "\ud800" parses to one; UTF-8 (a store's key, SQLite text) cannot hold it
+        raise ValueError("lone surrogates (not Unicode text) are not allowed")
     return value
 
 
