@@ -157,6 +157,8 @@ def _access_log(target: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     from pantherseq.serve.app import create_app
@@ -185,14 +187,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         store.close()
         raise
-    workers = _start_workers(args) if args.workers > 0 and not args.no_refresh else []
-    print(f"serving {scorer.model_version} ({scorer.feature_set or 'deviation score: no risk model'}) from {args.store} "
-          f"on http://{args.host}:{args.port} (docs: /docs; {'API keys required' if keys else 'no API keys'})",
-          flush=True)
-    app = create_app(service, keys, max_body=args.max_body_kb * 1024, max_batch=args.max_batch,
-                     guard_metrics=args.guard_metrics)
+    # uvicorn shuts down on SIGTERM, then raises it again with the handler it found (>= 0.29): with the
+    # default one the process died there, skipping the clean-up below and leaving `--workers` running
+    signal.signal(signal.SIGTERM, _terminated)
+    workers: list = []
     try:
+        workers = _start_workers(args) if args.workers > 0 and not args.no_refresh else []
+        print(f"serving {scorer.model_version} ({scorer.feature_set or 'deviation score: no risk model'}) from "
+              f"{args.store} on http://{args.host}:{args.port} (docs: /docs; "
+              f"{'API keys required' if keys else 'no API keys'})", flush=True)
+        app = create_app(service, keys, max_body=args.max_body_kb * 1024, max_batch=args.max_batch,
+                         guard_metrics=args.guard_metrics)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    except _Terminated:
+        pass  # a requested stop: exit 0 once everything below is closed
     finally:
         service.stop()
         store.close()
@@ -201,6 +209,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for w in workers:
             w.wait(timeout=30)
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM reached `serve` (after uvicorn's graceful shutdown)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _start_workers(args: argparse.Namespace) -> list:

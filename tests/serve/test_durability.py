@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -106,3 +107,48 @@ def test_kill_9_mid_load_loses_no_answered_event(served, tmp_path):
     finally:
         service.stop()
         store.close()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_serve_and_the_refresh_workers_it_started(served, tmp_path):
+    """uvicorn (>= 0.29) shuts down on SIGTERM and then raises it again: `serve` must still run its clean-up,
+    stopping the `--workers` it started (they were left running, found by benchmarks/serve.py), and exit 0."""
+    db = tmp_path / "states.db"
+    shutil.copy(served["url"].removeprefix("sqlite:///"), db)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PANTHERSEQ_MALLOC": "system"}
+    proc = subprocess.Popen([sys.executable, "-m", "pantherseq.cli", "serve", "--run", str(served["run"]),
+                             "--model", "panther", "--fraud-dir", str(served["fraud_dir"]), "--store",
+                             f"sqlite:///{db}", "--port", str(port), "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.stderr.read().decode()
+        children = [t / "children" for t in Path(f"/proc/{proc.pid}/task").iterdir()]
+        workers = [int(p) for c in children if c.exists() for p in c.read_text().split()]
+        assert len(workers) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]
+        assert not _ours(workers[0], db)  # stopped (and reaped) by serve
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in workers:
+            if _ours(pid, db):  # left running: stop it
+                os.kill(pid, signal.SIGKILL)
+
+
+def _ours(pid: int, db: Path) -> bool:
+    """A live (not zombie) process `pantherseq refresh` on this test's store."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and str(db) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
