@@ -163,7 +163,9 @@ async def _open_loop(base: str, txs: list[dict], rate: float, pool_size: int = 6
                      samples: bool = False) -> dict:
     """Request i is due at t0 + i / rate; latency is measured from that due time (queueing included).
     Requests due in the first `warmup_s` are sent but left out of the percentiles (errors count throughout);
-    `samples`: also every request's [due time - t0 in s, latency in ms or None when it failed]."""
+    `samples`: also every request's [due time - t0 in s, latency in ms or None when it failed]. A user's
+    request is sent once their previous one is answered (the wait is in its latency): two in flight could
+    be taken out of order, the later first, and the earlier would be a 409 (time order is enforced)."""
     host, port = _split_url(base)
     raws = encode_requests(host, port, txs)
     pool: asyncio.Queue[Conn] = asyncio.Queue()
@@ -173,8 +175,24 @@ async def _open_loop(base: str, txs: list[dict], rate: float, pool_size: int = 6
     got: list = [None] * len(raws) if samples else []
     t0 = time.perf_counter() + 0.2
     t0_wall = time.time() + 0.2
+    last: dict[str, asyncio.Future] = {}  # each user's request in flight
+    behind = 0
 
     async def one(i: int) -> None:
+        nonlocal behind
+        user, done = txs[i]["user_id"], asyncio.get_running_loop().create_future()
+        before, last[user] = last.get(user), done
+        if before is not None:
+            behind += 1
+            await before
+        try:
+            await send(i)
+        finally:
+            done.set_result(None)
+            if last.get(user) is done:
+                del last[user]
+
+    async def send(i: int) -> None:
         nonlocal errors
         due = t0 + i / rate
         conn = await pool.get()
@@ -210,6 +228,7 @@ async def _open_loop(base: str, txs: list[dict], rate: float, pool_size: int = 6
         pool.get_nowait().close()
     warm = sum(i / rate < warmup_s for i in range(len(raws)))
     out = {"requests": len(txs), "warmup_requests": warm, "ok": len(lat), "errors": errors, "wall_s": wall,
+           "sent_after_the_users_previous": behind,
            "t0_wall": t0_wall, "achieved_rps": (len(lat) + warm) / wall, "statuses": dict(statuses),
            **_pct(lat, "ms", 1e3), **_pct(server, "server_ms", 1.0)}
     if samples:
@@ -859,7 +878,7 @@ def run_security(args: argparse.Namespace, tx_file: Path, n_tx: int, tmp: Path, 
         attack("read-state key: stats reset", 403, "GET", "/stats?reset=1", "ops")
         wrong_scope = sorted({a["status"] for a in attacks[n0:]})
         attack("score key: stats (any key)", 200, "GET", "/stats", "gateway")
-        attack("read-state key: read state", 200, "GET", f"/users/{u}/state", "ops")
+        attack("read-state key: read state", (200, 404), "GET", f"/users/{u}/state", "ops")
         attack("open: health", 200, "GET", "/health", None)
         # input: internal ids, sizes, types, time order
         attack("internal id: score", 422, "POST", "/score", json={**tx0, "user_id": "\x00feedback"})
@@ -1067,6 +1086,9 @@ def main() -> None:
     started = time.perf_counter()
     results: dict = {}
     sections = [s for s in args.sections.split(",") if s and not (s == "soak" and args.soak_minutes <= 0)]
+    for s in sections:
+        if s not in SECTIONS and s not in ("redis:norefresh", "sqlite:thread", "redis:thread"):
+            raise SystemExit(f"unknown section {s!r}: {', '.join(SECTIONS)}, or B:norefresh / B:thread")
     with tempfile.TemporaryDirectory(prefix="pantherseq-serve-") as tmp:
         tx_file = Path(tmp) / "tx.jsonl"
         n_tx = transactions(Path(args.run), args.until, tx_file)
