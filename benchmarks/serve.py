@@ -882,7 +882,8 @@ def run_security(args: argparse.Namespace, tx_file: Path, n_tx: int, tmp: Path, 
         attack("open: health", 200, "GET", "/health", None)
         # input: internal ids, sizes, types, time order
         attack("internal id: score", 422, "POST", "/score", json={**tx0, "user_id": "\x00feedback"})
-        attack("internal id: batch", 422, "POST", "/score/batch", json={"transactions": [{**tx0, "user_id": "\x00feedback"}]})
+        attack("internal id: batch", 422, "POST", "/score/batch",
+               json={"transactions": [{**tx0, "user_id": "\x00feedback"}]})
         attack("internal id: feedback", 422, "POST", "/feedback", json={**fb, "user_id": "\x00feedback"})
         attack("internal id: read state", 422, "GET", "/users/%00feedback/state")
         attack("internal store key as id: read state", 404, "GET", "/users/ps%3A1%3Ailog%3Afeedback/state")
