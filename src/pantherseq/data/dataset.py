@@ -28,10 +28,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from pantherseq.data.batch import Batch, DataInfo, collate, seen_before
+from pantherseq.data.batch import Batch, DataInfo, seen_before
 from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
 from pantherseq.data.sequences import Sequences, load_shard, sequence_users, shard_count
-from pantherseq.data.shards import ShardStream
+from pantherseq.data.shards import ShardStream, window_batch
 from pantherseq.data.split import SPLIT_NAMES
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.run import RunDir
@@ -220,24 +220,8 @@ class RunData:
                history: int = 0) -> Batch:
         """Windows [start, start + length) of inputs; targets = the next events (see `collate`); with
         `history` > 0 the user's `history` events before each window (the copy head, `personal`)."""
-        local = self.user_of[starts]
-        users = local if self.seq.users is None else np.asarray(self.seq.users)[local]  # global indices
-        return collate(self.seq.tokens, self.seq.codes, self.gap_bucket, starts, lengths, users,
-                       self.profile.cat[users], self.profile.num[users], self.profile.positives(users),
-                       target_from, user_start=np.asarray(self.seq.offsets)[local], history=history,
-                       seen_before=self.seen_before if target_from is not None else None)
-
-    def _shard_batch(self, shard: int, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray,
-                     history: int) -> Batch:
-        """`_batch` of evaluation windows whose rows are local to shard `shard` of a sharded run."""
-        part, gap, flags = self.shard(shard, seen=True)
-        offsets = np.asarray(part.offsets)
-        local = np.searchsorted(offsets, starts, side="right") - 1
-        users = np.asarray(part.users)[local]
-        p = self.profile
-        return collate(part.tokens, part.codes, gap, starts, lengths, users, p.cat[users], p.num[users],
-                       p.positives(users), target_from, user_start=offsets[local], history=history,
-                       seen_before=flags)
+        return window_batch(self.seq, self.gap_bucket, self.profile, starts, lengths, target_from, history,
+                            seen=self.seen_before if target_from is not None else None, local=self.user_of[starts])
 
     @property
     def seen_before(self) -> np.ndarray:
@@ -324,7 +308,9 @@ class RunData:
             for shard in dict.fromkeys(owner.tolist()):  # in order of appearance
                 v = w[owner == shard]
                 base = bounds[shard]
-                yield self._shard_batch(shard, v[:, 0] - base, v[:, 1], v[:, 2] - base, history)
+                part, gap, flags = self.shard(shard, seen=True)
+                yield window_batch(part, gap, self.profile, v[:, 0] - base, v[:, 1], v[:, 2] - base, history,
+                                   seen=flags)
 
 
 def _chunk_windows(seq: Sequences, users: np.ndarray, code: int, chunk: int, max_len: int,

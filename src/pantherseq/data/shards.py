@@ -88,17 +88,23 @@ class ShardStream:
                 if left <= 0:
                     return
                 w = win[b:b + batch_size]
-                yield self._batch(part, gap, w[:, 0], w[:, 1] - w[:, 0] - 1, history)
+                yield window_batch(part, gap, self.profile, w[:, 0], w[:, 1] - w[:, 0] - 1, history=history)
                 left -= 1
 
-    def _batch(self, part: Sequences, gap: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-               history: int) -> Batch:
-        offsets = np.asarray(part.offsets)
+def window_batch(part: Sequences, gap: np.ndarray, profile, starts: np.ndarray, lengths: np.ndarray,
+                 target_from: np.ndarray | None = None, history: int = 0, seen: np.ndarray | None = None,
+                 local: np.ndarray | None = None) -> Batch:
+    """Windows [start, start + length) of `part` (rows local to it: a shard, or a whole run) as a Batch:
+    `collate` with each window's user as a global index (`part.users`; the local one where it is None), its
+    profile row and first event. `local` = each start's user within `part`, where the caller knows it
+    (else found from the offsets); `seen` = `seen_before` flags of `part` (the copy head's targets)."""
+    offsets = np.asarray(part.offsets)
+    if local is None:
         local = np.searchsorted(offsets, starts, side="right") - 1
-        users = np.asarray(part.users)[local]  # global user index: profile rows, Batch.users
-        p = self.profile
-        return collate(part.tokens, part.codes, gap, starts, lengths, users, p.cat[users], p.num[users],
-                       p.positives(users), None, user_start=offsets[local], history=history)
+    users = local if part.users is None else np.asarray(part.users)[local]
+    p = profile
+    return collate(part.tokens, part.codes, gap, starts, lengths, users, p.cat[users], p.num[users],
+                   p.positives(users), target_from, user_start=offsets[local], history=history, seen_before=seen)
 
 
 def _gap_buckets(part: Sequences) -> np.ndarray:
@@ -107,4 +113,4 @@ def _gap_buckets(part: Sequences) -> np.ndarray:
     return gap_buckets(np.asarray(part.gap))
 
 
-__all__ = ["ShardStream"]
+__all__ = ["ShardStream", "window_batch"]
