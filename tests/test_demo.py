@@ -26,7 +26,8 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert all(r["test"]["n"] > 0 for r in results.values())
     fraud = json.loads((out / "fraud" / "fraud.json").read_text())
     assert set(fraud["feature_sets"]) == {
-        "baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "hybrid"}
+        "baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "baseline+robust_z+deviation",
+        "hybrid"}
     served = json.loads((out / "serve_demo.json").read_text())
     assert served["requests"] == len(served["latencies_ms"]) > 0
     assert all(r["score"] is not None for r in served["responses"])

@@ -41,6 +41,10 @@ def test_hybrid_beats_baseline_on_stolen_routines(report):
     assert hybrid["roc_auc"] > base["roc_auc"] + 0.15
     assert hybrid["recall@5%"] > 2 * base["recall@5%"] + 0.05
     assert hybrid["average_precision"] > 2 * base["average_precision"]
+    # Δ adds to the hand-made robust amount deviation too (a stolen routine's amounts are the victim's own)
+    robust, both = sets["baseline+robust_z"], sets["baseline+robust_z+deviation"]
+    assert both["recall@5%"] > 2 * robust["recall@5%"] + 0.05
+    assert both["average_precision"] > 2 * robust["average_precision"]
 
 
 def test_the_edge_disappears_when_behaviour_features_are_shuffled(trained_run, report):
@@ -64,7 +68,8 @@ def test_outputs(trained_run, report):
     out = trained_run / "fraud"
     saved = json.loads((out / "fraud.json").read_text())
     assert set(saved["feature_sets"]) == {
-        "baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "hybrid"}
+        "baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "baseline+robust_z+deviation",
+        "hybrid"}
     row = saved["feature_sets"]["hybrid"]
     for key in ("recall@0.01%", "recall@0.1%", "recall@1%", "recall@5%", "average_precision", "roc_auc",
                 "card_precision@100", "recall@1%_by_scenario"):

@@ -1,7 +1,8 @@
 """The hybrid risk model g (SPEC §7, paper §3.1 Stage 2): gradient-boosted trees on
 [context ψ, recent pattern, pooled history state, Δ], and the feature sets it is compared on.
 
-    FEATURE_SETS        baseline | baseline+robust_z | baseline+embedding | baseline+deviation | hybrid
+    FEATURE_SETS        baseline | baseline+robust_z | baseline+embedding | baseline+deviation |
+                        baseline+robust_z+deviation | hybrid
     LGBMConfig          the booster's knobs (defaults below)
     early_stopping_split(t, y, customer, ...)      fit rows, early-stopping rows: later, no shared customer
     fit_risk_model(X, y, t, cfg, cats, customer) -> RiskModel   early stopping, then a refit on all rows
@@ -39,12 +40,15 @@ from pantherseq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FEATURE_SETS = ("baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "hybrid")
+FEATURE_SETS = ("baseline", "baseline+robust_z", "baseline+embedding", "baseline+deviation", "baseline+robust_z+deviation",
+                "hybrid")
 GROUPS = {  # feature groups each set uses
     "baseline": ("baseline",),
     "baseline+robust_z": ("baseline", "robust"),
     "baseline+embedding": ("baseline", "embedding"),
     "baseline+deviation": ("baseline", "deviation"),
+    # does Δ add anything on top of the strongest hand-made set (the handbook's question: docs/FRAUD.md)
+    "baseline+robust_z+deviation": ("baseline", "robust", "deviation"),
     "hybrid": ("baseline", "embedding", "deviation"),  # the hand-made robust_z is the bar it must clear
 }
 

@@ -342,12 +342,13 @@ def format_fraud_table(report: dict[str, Any]) -> str:
     cols = (*TABLE_COLUMNS, card)
     names = [c.replace("average_precision", "AP") for c in cols]
     widths = [max(13, len(n) + 2) for n in names]
-    head = f"{'feature set':<20}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + \
+    nw = max([20, *(len(n) + 2 for n in sets)])
+    head = f"{'feature set':<{nw}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + \
         "".join(f"{'sc' + s + '@1%':>9}" for s in scen)
     lines = [head, "-" * len(head)]
     for name, r in sets.items():
         by = r.get("recall@1%_by_scenario", {})
-        lines.append(f"{name:<20}" + "".join(_cell(r.get(c), w) for c, w in zip(cols, widths))
+        lines.append(f"{name:<{nw}}" + "".join(_cell(r.get(c), w) for c, w in zip(cols, widths))
                      + "".join(_cell(by.get(s), 9) for s in scen))
     e = report.get("embedding")
     if e:
