@@ -183,6 +183,8 @@ def test_a_poisoned_store_starts_and_reports_what_it_skipped(served, tmp_path):
     assert out["event_seq"] == 3  # rebuilt from the log, numbering goes on
     again.refresh_users([user])
     assert UserState.decode(again.store.get_many([user])[0]).log_seq == 3
+    # the damaged entry is read again by the score and the refresh, but it is one record
+    assert again.stats()["unreadable_records"] == {"state": 1, "event": 1, "log_id": 1, "feedback": 1}
     again.stop()
     again.store.close()
 

@@ -42,6 +42,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -62,6 +63,7 @@ FEEDBACK = "feedback"  # the store's internal log of /feedback labels (store.app
 NEW_USERS = "new-users"  # the store's admission window of cold starts (Store.admit)
 USER_LOCKS = 256  # striped per-user locks: a user's check-and-append runs alone in this process
 RETRIES = 20  # compare-and-append attempts against other processes' writes to the same user
+SKIPPED_KEPT = 100_000  # damaged records remembered so each is counted once (bounded: a poisoned store)
 
 
 class Refused(Exception):
@@ -109,7 +111,8 @@ class Service:
         self.pool = ThreadPoolExecutor(max(1, score_threads), thread_name_prefix="pantherseq-score")
         self.max_pending, self.in_flight = int(max_pending), 0
         self.new_users = NewUserLimit(store, new_users_per_minute)
-        self.skipped: Counter[str] = Counter()  # unreadable records met at start-up, by kind
+        self.skipped: Counter[str] = Counter()  # unreadable records met, by kind (each logged one once)
+        self._skipped_seen: set[tuple] = set()  # the records already counted (`_skip_once`)
         self.trimmed = self.replayed = 0
         self.behind: list[str] = []  # users whose log was ahead of their state at start-up
         self._lock = threading.Lock()
@@ -220,6 +223,15 @@ class Service:
         self.skipped[kind] += n
         self.metrics.unreadable.labels(kind).inc(n)
 
+    def _skip_once(self, key: tuple, kind: str) -> None:
+        """Count an unreadable stored record once, however often it is read again before it is rebuilt
+        or trimmed (up to SKIPPED_KEPT records remembered; past that, re-reads count again)."""
+        if key in self._skipped_seen:
+            return
+        if len(self._skipped_seen) < SKIPPED_KEPT:
+            self._skipped_seen.add(key)
+        self._skip(kind)
+
     def _decode(self, user: str, blob: bytes, count: bool = True) -> UserState | None:
         """The stored state, or None (counted, logged) when it is unreadable: it is rebuilt from the log."""
         try:
@@ -227,7 +239,7 @@ class Service:
         except StateFormatError as e:
             if count:
                 log.warning("the state of a user is unreadable (%s): rebuilt from the log", e)
-                self._skip("state")
+                self._skip_once((user, "state", zlib.crc32(blob)), "state")
             return None
 
     def _read_log(self, user: str, since: int, last_time: int | None = None) -> list[tuple[int, dict]]:
@@ -243,10 +255,10 @@ class Service:
             try:
                 rec = decode_event(raw)
             except StateFormatError:
-                self._skip("event")
+                self._skip_once((user, s), "event")
                 continue
             if last_time is not None and rec["time"] < last_time:
-                self._skip("out_of_order")
+                self._skip_once((user, s), "out_of_order")
                 continue
             last_time = rec["time"]
             out.append((s, rec))
