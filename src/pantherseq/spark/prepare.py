@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("csv", "handbook")
 FILE_IDX, TIME_US, KEY, SHARD = "_file_idx", "_time_us", "_key", "_shard"
 STAGE = "_spark"  # scratch folder inside the run directory, removed at the end
+EVENT_BATCH_ROWS = 100_000  # events.parquet: rows the driver holds at a time
 EPOCH = datetime(1970, 1, 1)
 
 
@@ -262,24 +263,40 @@ def _write_sequences(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, 
 
 def _write_events(final, columns: list[str], stage: Path, out: Path) -> None:
     """events.parquet, one file in user-major order: Spark sorts into parts, the driver streams them."""
-    import pyarrow.parquet as pq
-
     sorted_dir = stage / "events"
     keep = [c for c in columns if c != TIME]
     final.orderBy(USER_IDX, TIME_US, FILE_IDX, ROW).select(*keep, TIME_US).write.parquet(str(sorted_dir))
-    writer = None
-    for part in sorted(sorted_dir.glob("part-*.parquet")):
-        frame = pl.read_parquet(part)
+    stream_parts(sorted(sorted_dir.glob("part-*.parquet")), columns, out)
+
+
+def stream_parts(parts: list[Path], columns: list[str], out: Path, batch_rows: int = EVENT_BATCH_ROWS) -> None:
+    """Spark's sorted Parquet parts -> one file `out` in their order with the Polars engine's schema, read
+    `batch_rows` rows at a time: the driver never holds a whole part (a part is 1 / shuffle partitions of
+    the events)."""
+    import pyarrow.parquet as pq
+
+    def table(frame: pl.DataFrame):
         frame = frame.with_columns(pl.from_epoch(TIME_US, time_unit="us").alias(TIME),
                                    pl.col(USER_IDX).cast(pl.UInt32), pl.col(SPLIT).cast(pl.Int8),
                                    *([pl.col(LABEL).cast(pl.Int8)] if LABEL in columns else []),
                                    *([pl.col(SCENARIO).cast(pl.Int16)] if SCENARIO in columns else []))
-        table = frame.select(columns).to_arrow()
-        if writer is None:
-            writer = pq.ParquetWriter(out, table.schema)
-        writer.write_table(table)
-    if writer is not None:
-        writer.close()
+        return frame.select(columns).to_arrow()
+
+    writer = None
+    try:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
+                got = table(pl.from_arrow(batch))
+                if writer is None:
+                    writer = pq.ParquetWriter(out, got.schema)
+                writer.write_table(got)
+        if writer is None and parts:  # no rows at all: the schema of an empty part
+            got = table(pl.read_parquet(parts[0]))
+            writer = pq.ParquetWriter(out, got.schema)
+            writer.write_table(got)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _facts(final, users: pl.DataFrame, files: list[str], rows_read: int, dropped: dict[str, int]) -> Facts:
