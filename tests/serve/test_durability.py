@@ -34,20 +34,8 @@ def test_kill_9_mid_load_loses_no_answered_event(served, tmp_path):
     db = tmp_path / "states.db"
     shutil.copy(served["url"].removeprefix("sqlite:///"), db)
     url = f"sqlite:///{db}"
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PANTHERSEQ_MALLOC": "system"}
-    proc = subprocess.Popen([sys.executable, "-m", "pantherseq.cli", "serve", "--run", str(served["run"]),
-                             "--model", "panther", "--fraud-dir", str(served["fraud_dir"]), "--store", url,
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _serve(served, url)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.stderr.read().decode()
         with open_store(url) as s:
             users = [u for u in ("u000001", "u000002", "u000003") if s.get_many([u])[0] is not None]
             before = {u: UserState.decode(s.get_many([u])[0]) for u in users}
@@ -115,21 +103,9 @@ def test_sigterm_stops_serve_and_the_refresh_workers_it_started(served, tmp_path
     stopping the `--workers` it started (they were left running, found by benchmarks/serve.py), and exit 0."""
     db = tmp_path / "states.db"
     shutil.copy(served["url"].removeprefix("sqlite:///"), db)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PANTHERSEQ_MALLOC": "system"}
-    proc = subprocess.Popen([sys.executable, "-m", "pantherseq.cli", "serve", "--run", str(served["run"]),
-                             "--model", "panther", "--fraud-dir", str(served["fraud_dir"]), "--store",
-                             f"sqlite:///{db}", "--port", str(port), "--workers", "1"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, _ = _serve(served, f"sqlite:///{db}", "--workers", "1")
     workers: list[int] = []
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.stderr.read().decode()
         children = [t / "children" for t in Path(f"/proc/{proc.pid}/task").iterdir()]
         workers = [int(p) for c in children if c.exists() for p in c.read_text().split()]
         assert len(workers) == 1
@@ -143,6 +119,26 @@ def test_sigterm_stops_serve_and_the_refresh_workers_it_started(served, tmp_path
         for pid in workers:
             if _ours(pid, db):  # left running: stop it
                 os.kill(pid, signal.SIGKILL)
+
+
+def _serve(served: dict, url: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`pantherseq serve` on `url` in its own process, once /health answers; (process, base URL)."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PANTHERSEQ_MALLOC": "system"}
+    proc = subprocess.Popen([sys.executable, "-m", "pantherseq.cli", "serve", "--run", str(served["run"]),
+                             "--model", "panther", "--fraud-dir", str(served["fraud_dir"]), "--store", url,
+                             "--port", str(port), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            pytest.fail(proc.stderr.read().decode()[-3000:])
+    proc.kill()
+    pytest.fail(f"{base} did not start")
 
 
 def _ours(pid: int, db: Path) -> bool:
