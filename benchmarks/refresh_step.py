@@ -82,7 +82,7 @@ def replay(scorer, seq, events: np.ndarray, user_of: np.ndarray, states: dict, i
                 got[name] = scorer.window_states(live) if name == "full" else scorer.model_windows.states(live, scorer._batch)
                 ms[name] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
-            fresh = scorer.predicted(live, *got["incremental"], 0.0, cache=False)
+            fresh = scorer.predicted(live, *got["incremental"], 0.0)
             ms["rest"] = (time.perf_counter() - t0) * 1e3
         for u, st in zip(users, fresh):
             states[u] = st

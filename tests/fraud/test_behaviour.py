@@ -128,12 +128,12 @@ def _window_start(offsets, want, u, j, max_len, context):
 
 
 def test_one_event_equals_the_batch_bit_for_bit_with_copy_and_field_heads(fraud_run, random_model):
-    """The service's path for one event (its state's window -> `state_keys`, one-row prediction) gives every
-    per-event feature of the offline path (`delta_from_hidden` over chunks of events, `key_window`) as the
+    """The service's path for one event (its state's window -> `state_keys`, the one-row prediction and its
+    packed compact form, as a state stores it) gives every per-event feature of the offline path (`delta_from_hidden` over chunks of events, `key_window`) as the
     same float32: field heads, copy head and seen counts included."""
     data = RunData(fraud_run)
     vocab = DeviationVocab(data.tokenizer, random_model)
-    assert vocab.copy is not None and vocab.heads[2] and "copy_mass" in vocab.delta_names
+    assert vocab.copy is not None and vocab.heads.each and "copy_mass" in vocab.delta_names
     seq = data.seq
     offsets = np.asarray(seq.offsets).astype(np.int64)
     starts = np.repeat(offsets[:-1], np.diff(offsets))
@@ -146,10 +146,12 @@ def test_one_event_equals_the_batch_bit_for_bit_with_copy_and_field_heads(fraud_
     for i, e in enumerate(j):
         w0 = max(int(starts[e]), int(e) - vocab.reach)
         keys, key_codes = state_keys(tokens[w0:e], codes[w0:e], vocab.reach)
-        one = vocab.deviation(vocab.predict(h[i:i + 1]), torch.tensor([int(tokens[e])]),
-                              torch.from_numpy(codes[e:e + 1].astype(np.int64)), keys, key_codes)
-        for k, val in one.items():
-            assert torch.equal(val, batched[k][i:i + 1]) or (val.isnan().all() and batched[k][i].isnan()), k
+        stored = vocab.unpack(vocab.pack(vocab.predict(h[i:i + 1]))[0], h[i].numpy())  # as a state keeps it
+        for pred in (vocab.predict(h[i:i + 1]), stored):
+            one = vocab.deviation(pred, torch.tensor([int(tokens[e])]),
+                                  torch.from_numpy(codes[e:e + 1].astype(np.int64)), keys, key_codes)
+            for k, val in one.items():
+                assert torch.equal(val, batched[k][i:i + 1]) or (val.isnan().all() and batched[k][i].isnan()), k
 
 
 def test_window_means_are_the_mean_of_the_events_own_deltas(fraud_run, random_model):

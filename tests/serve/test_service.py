@@ -95,6 +95,24 @@ def test_online_scores_equal_offline_scores(served, tmp_path):
     service.stop()
 
 
+def test_a_state_stored_without_its_prediction_scores_the_same(served, service):
+    """A state written before schema 3 carries no compact prediction (`pred`): the scorer makes it from h on
+    the request path (one V × D product, then cached) and every Δ equals the one read from a stored `pred`."""
+    row = next(pl.read_parquet(served["run"] / "events.parquet")
+               .filter(pl.col("timestamp") >= datetime.fromisoformat(PERIODS["test_start"])).iter_rows(named=True))
+    user, scorer = str(row["user_id"]), service.scorer
+    state = service.current_state(user)[0]
+    assert state.pred.size == scorer.vocab.widths.total  # `embed` stored it
+    ev = scorer.parse(user, row["timestamp"].isoformat(), {f: row[f] for f in FIELDS}, state.last_time)
+    stored = scorer.deviation(ev, state)
+    old = UserState(**{**state.__dict__, "pred": np.zeros(0)})
+    assert scorer.cache.get(user, (old.refreshed_at, old.n_events, old.log_seq)) is None
+    again = scorer.deviation(ev, old)
+    assert scorer.cache.bytes > 0  # the fallback's prediction is cached
+    assert all(again[k] == v or (math.isnan(again[k]) and math.isnan(v)) for k, v in stored.items())
+    assert not math.isnan(stored["d_rank"]) and stored["d_rank"] <= 1025
+
+
 def test_online_robust_z_scores_equal_offline_scores(served, tmp_path):
     """The `baseline+robust_z` risk model served: the robust amount deviation from the state's last 30 days
     of amounts gives the offline scores (its features are exact, so the scores agree to LightGBM's own sum)."""

@@ -20,7 +20,7 @@ def full_state() -> UserState:
         times=np.array([1, 2, 3], np.int64), amounts=np.array([0.1, 12.34, 1e6]),
         h=rng.normal(size=8).astype(np.float32), pooled=rng.normal(size=8).astype(np.float32),
         top_ids=np.array([9, 4], np.int32), top_p=np.array([0.5, 0.25], np.float32),
-        recent_delta=np.array([[1.5, np.nan], [0.25, 3.0]], np.float32))
+        recent_delta=np.array([[1.5, np.nan], [0.25, 3.0]], np.float32), pred=rng.normal(size=6))
 
 
 def test_round_trip_keeps_every_field_and_dtype():
@@ -67,15 +67,16 @@ def test_states_written_with_the_first_versions_name_e_u_still_decode():
     assert np.array_equal(back.pooled, s.pooled) and np.array_equal(back.h, s.h)
 
 
-def test_schema_1_states_still_decode_without_recent_delta():
-    """Schema 2 added `recent_delta`; a schema-1 state (none) decodes with it empty."""
+def test_older_states_still_decode_without_recent_delta_and_pred():
+    """Schema 2 added `recent_delta`, schema 3 `pred`; a schema-1 state (neither) decodes with both empty
+    (the scorer then computes the prediction from h: tests/serve/test_service.py)."""
     s = full_state()
     head = {"scalars": {k: v for k, v in s.__dict__.items() if not isinstance(v, np.ndarray)},
             "arrays": [["h", "<f4", [8]]]}
     raw = json.dumps(head).encode()
     back = UserState.decode(MAGIC + bytes([1]) + struct.pack("<I", len(raw)) + raw + s.h.tobytes())
-    assert back.recent_delta.shape == (0, 0) and np.array_equal(back.h, s.h)
-    assert SCHEMA == 2
+    assert back.recent_delta.shape == (0, 0) and back.pred.shape == (0,) and np.array_equal(back.h, s.h)
+    assert SCHEMA == 3
 
 
 def test_logged_events_carry_their_window_deltas():

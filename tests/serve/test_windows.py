@@ -79,7 +79,7 @@ def _replay(om: Scorer, seq: Sequences, users: list[int], steps: np.ndarray, che
             b = min(pos[r] + int(k), int(seq.offsets[u + 1]))
             states[r] = om.fold(states[r], _records(seq, gaps, pos[r], b))
             pos[r] = b
-        states = om.refresh(states, 0.0, cache=False)
+        states = om.refresh(states, 0.0)
         for st in states:
             if check is not None and len(st.tokens):
                 check(st)
@@ -127,7 +127,7 @@ def test_a_miss_or_eviction_gives_the_same_states(trained_run):
     other = type(st)(**{**st.__dict__, "tokens": st.tokens.copy()})
     other.tokens[-2] = st.tokens[-1] if st.tokens[-1] != st.tokens[-2] else st.tokens[-3]
     misses = kept.model_windows.misses
-    got = kept.refresh([other], 0.0, cache=False)[0]
+    got = kept.refresh([other], 0.0)[0]
     assert kept.model_windows.misses == misses + 1
     h, _ = _full64(kept, other)
     np.testing.assert_allclose(got.h, h.to(torch.float32).numpy(), rtol=0, atol=1e-6)
@@ -160,6 +160,6 @@ def test_served_states_equal_the_offline_states(trained_run):
                 diff = np.abs(st.h - recent[j]).max()
                 assert diff < 1e-6, (u, j, diff)
                 checked, equal = checked + 1, equal + int(diff == 0)
-            st = om.refresh([om.fold(st, _records(seq, gaps, j, j + 1))], 0.0, cache=False)[0]
+            st = om.refresh([om.fold(st, _records(seq, gaps, j, j + 1))], 0.0)[0]
     assert checked > 300 and equal > 0.99 * checked
     assert om.model_windows.hits > om.model_windows.misses > 0

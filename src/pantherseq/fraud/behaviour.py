@@ -43,14 +43,16 @@ from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import N_SPECIAL
 from pantherseq.fraud.deviation import (
     DELTA_NAMES,
+    MAX_MARGINAL_CODES,
+    Heads,
+    PackedWidths,
     Prediction,
-    _gather,
     deviation_features,
     field_members,
     field_onehot,
     head_features,
+    observed_probability,
     predict,
-    stack_heads,
 )
 from pantherseq.fraud.personal import (
     WINDOW_SIZES,
@@ -67,7 +69,6 @@ from pantherseq.tokenizer import StructuredTokenizer
 
 log = logging.getLogger(__name__)
 WINDOW_ROWS = 65_536  # events per step of the short-window means (bounds the (rows, k) matrices)
-MAX_ORDERED_CODES = 256  # numeric token fields with at most this many buckets get the upper-tail surprisal
 
 
 def window_context(max_len: int, context: int) -> int:
@@ -133,12 +134,14 @@ class BehaviourFeatures:
 
 class DeviationVocab:
     """What the Δ need from the tokenizer and the model's output layers, float64: per-field token members, the
-    ordered fields' one-hot tables, the head over the regular tokens, the field heads and the copy head
+    one-hot tables of the token fields whose marginals a prediction keeps (numeric ones among them get the
+    upper-tail surprisal), the output layer over the regular tokens, the field heads and the copy head
     (shared by the offline pass and the service: serve/scorer.py).
 
     `delta_names` lists every per-event feature `deviation` returns; `window_base` the ones whose short-window
     means are features too (`window_names`, fraud/personal.py): the token surprisal, the copy mixture's, and
-    per field the field head's surprisal (the marginalised one without field heads)."""
+    per field the field head's surprisal (the marginalised one without field heads). `widths`: the layout of
+    a packed compact prediction (`pack` / `unpack`), what a serving state stores."""
 
     def __init__(self, tok: StructuredTokenizer, model: NeuralModel):
         v = tok.vocab_size - N_SPECIAL
@@ -151,42 +154,55 @@ class DeviationVocab:
         sizes = [tok.field_sizes[c] for c in self.code_cols]
         self.members = [field_members(token_codes[:, f], sizes[f]) for f in range(len(self.token_fields))]
         kinds = {f.name: f.kind for f in tok.fields}
-        self.ordered = {f: field_onehot(token_codes[:, f], sizes[f], torch.float64)
-                        for f, n in enumerate(self.token_fields)
-                        if kinds.get(n) == "numeric" and sizes[f] <= MAX_ORDERED_CODES}
+        self.onehots = {f: field_onehot(token_codes[:, f], sizes[f], torch.float64)
+                        for f in range(len(self.token_fields)) if sizes[f] <= MAX_MARGINAL_CODES}
+        self.ordered = frozenset(f for f in self.onehots if kinds.get(self.token_fields[f]) == "numeric")
         with torch.no_grad():
             self.weight = model.output_weight[N_SPECIAL:].detach().to(torch.float64).contiguous()  # (V, D)
             self.weight_t = self.weight.t().contiguous()  # (D, V)
             self.bias = model.out_bias[N_SPECIAL:].detach().to(torch.float64).contiguous()  # (V,)
             heads = model.field_heads.heads if model.field_heads is not None else []
-            self.heads = stack_heads([(hd.weight.detach(), hd.bias.detach()) for hd in heads])
+            self.heads = Heads.of([(hd.weight, hd.bias) for hd in heads])
+        self.widths = PackedWidths.of(v, {f: sizes[f] for f in self.onehots}, self.heads.sizes)
         self.copy = CopyWeights.of(model)
         self.reach = int(model.cfg.max_len)  # the serving state's window (fraud/personal.py)
-        head_names = [f"head_{k}_{n}" for n in self.field_names[:len(self.heads[2])] for k in ("surprisal", "rank")]
+        n_heads = len(self.heads.each)
+        head_names = [f"head_{k}_{n}" for n in self.field_names[:n_heads] for k in ("surprisal", "rank")]
         self.delta_names = [*DELTA_NAMES, *(f"surprisal_{n}" for n in self.token_fields),
-                            *(f"tail_{self.token_fields[f]}" for f in self.ordered), *head_names,
+                            *(f"tail_{self.token_fields[f]}" for f in sorted(self.ordered)), *head_names,
                             *(["copy_gate", "copy_mass", "copy_surprisal"] if self.copy else []),
                             "seen_token", *(f"seen_{n}" for n in self.field_names)]
-        per_field = ([f"head_surprisal_{n}" for n in self.field_names[:len(self.heads[2])]] if self.heads[2]
+        per_field = ([f"head_surprisal_{n}" for n in self.field_names[:n_heads]] if n_heads
                      else [f"surprisal_{n}" for n in self.token_fields])
         self.window_base = ["surprisal", *(["copy_surprisal"] if self.copy else []), *per_field]
         self.window_names = [f"mean{k}_{n}" for k in WINDOW_SIZES for n in self.window_base]
 
     def predict(self, h: torch.Tensor) -> Prediction:
-        """h (N, D) float32 -> the Prediction at those positions."""
-        return predict(h, self.weight_t, self.bias, self.ordered, self.heads)
+        """h (N, D) float32 -> the full Prediction at those positions (one N × D × V product)."""
+        return predict(h, self.weight_t, self.bias, self.onehots, self.heads)
+
+    def pack(self, pred: Prediction) -> np.ndarray:
+        """(N, S) float64: the compact form of `pred`, as a serving state stores it."""
+        return pred.compact().pack().numpy()
+
+    def unpack(self, packed: np.ndarray, h: np.ndarray) -> Prediction:
+        """One stored prediction (S,) and its state h (D,) -> the compact Prediction (N = 1); ValueError when
+        it was packed for another model."""
+        return Prediction.unpack(torch.from_numpy(np.asarray(packed, np.float64)).view(1, -1),
+                                 torch.from_numpy(np.asarray(h, np.float32)).view(1, -1), self.widths)
 
     def deviation(self, pred: Prediction, tokens: torch.Tensor, codes: torch.Tensor, keys: torch.Tensor,
                   key_codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The per-event features (`delta_names`) of the observed events against `pred`: tokens (N,), the codes
-        of ALL fields (N, F), the events in reach before each (`key_window` / `state_keys`: keys (N, R),
-        key_codes (N, R, F)) -> {name: (N,) float32}."""
+        """The per-event features (`delta_names`) of the observed events against `pred` (full or compact):
+        tokens (N,), the codes of ALL fields (N, F), the events in reach before each (`key_window` /
+        `state_keys`: keys (N, R), key_codes (N, R, F)) -> {name: (N,) float32}."""
         obs = torch.where(tokens >= N_SPECIAL, tokens - N_SPECIAL, torch.full_like(tokens, -1))
-        out = deviation_features(pred, self.weight, obs, codes[:, self.code_cols], self.members, self.token_fields)
-        out |= head_features(pred, codes, self.field_names)
+        out = deviation_features(pred, self.weight, self.bias, obs, codes[:, self.code_cols], self.members,
+                                 self.token_fields, self.ordered)
+        out |= head_features(pred, self.heads, codes, self.field_names)
         if self.copy is not None:
             a, g = copy_pointer(self.copy, pred.h, keys)
-            out |= copy_features(a, g, keys, tokens, _gather(pred.p, obs))
+            out |= copy_features(a, g, keys, tokens, observed_probability(pred, self.weight, self.bias, obs)[1])
         return out | seen_counts(keys, key_codes, tokens, codes, self.field_names)
 
     def windows(self, past: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

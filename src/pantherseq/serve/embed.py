@@ -100,7 +100,7 @@ def user_states(scorer: Scorer, seq: Sequences, amounts: np.ndarray, user_ids: l
                 amounts=amounts[m0:e].astype(np.float64),
                 recent_delta=(recent[max(s, e - max(WINDOW_SIZES) + 1):e] if recent is not None
                               else np.zeros((0, len(scorer.vocab.window_base)), np.float32))))
-        yield scorer.refresh(states, time.time() if now is None else now, cache=False, incremental=False)
+        yield scorer.refresh(states, time.time() if now is None else now, incremental=False)
 
 
 def embed_meta(scorer: Scorer, until: str | None, n_written: int, seconds: float, **extra) -> dict:

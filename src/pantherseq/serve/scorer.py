@@ -8,9 +8,10 @@ functions (their one-event forms):
 
 - ψ context, customer spending over 1/7/30 days, the robust amount deviation against the customer's last
   30 days, terminal risk                                             fraud/features.py (exact integer sums)
-- Δ against the cached prediction of the user's next event           fraud/behaviour.py DeviationVocab
-  (field heads, copy head and new-vs-known counts from the state's window; the short-window means
-  from the state's `recent_delta`, the Δ of its last events as they were scored)   fraud/personal.py
+- Δ against the prediction of the user's next event the state stores  fraud/behaviour.py DeviationVocab
+  (its compact form, fraud/deviation.py: a request reads it with a few dot products of h, no pass over
+  the vocabulary; field heads, copy head and new-vs-known counts from the state's window; the short-window
+  means from the state's `recent_delta`, the Δ of its last events as they were scored)  fraud/personal.py
 - the pooled and the recent state, projected by the same PCA         fraud/pipeline.py project
 
 and `score` runs the risk model on them. A run without a risk model (MovieLens, or `fraud` not run) is
@@ -128,7 +129,8 @@ class Scorer:
         self.vocab = DeviationVocab(self.tok, model)
         # a cold start gets them all NaN
         self.delta_names = [f"d_{k}" for k in (*self.vocab.delta_names, *self.vocab.window_names)]
-        self.cache = LruCache(cache_mb << 20)  # per user, the `Prediction` of the next event
+        # per user, the compact `Prediction` of the next event for states stored without one (schema < 3)
+        self.cache = LruCache(cache_mb << 20)
         self.kinds = {f.name: f.kind for f in self.cfg.fields}
         self.labels: list[str] | None = None  # readable token labels, made on first use
         self.user_index = self.run.user_index()
@@ -263,20 +265,32 @@ class Scorer:
         scored (folded into the state's `recent_delta`)."""
         return {**ev.record(), "window": [feats.get(f"d_{n}", float("nan")) for n in self.vocab.window_base]}
 
+    def _stored(self, state: UserState) -> Prediction | None:
+        """The compact prediction the state stores (the refresh wrote it), None when it has none of this
+        model's layout (a state of schema < 3)."""
+        if state.pred.size != self.vocab.widths.total:
+            return None
+        return self.vocab.unpack(state.pred, state.h)
+
     def prediction(self, state: UserState) -> Prediction:
-        """The cached prediction of the state's next event; on a miss one V × D product (then cached)."""
+        """The compact prediction of the state's next event: the stored one, else the cached one, else one
+        V × D product (then cached)."""
+        pred = self._stored(state)
+        if pred is not None:
+            return pred
         key = _version_key(state)
         pred = self.cache.get(state.user_id, key)
         if pred is None:
             with torch.no_grad():
-                pred = self.vocab.predict(torch.from_numpy(state.h.astype(np.float32)).view(1, -1))
+                pred = self.vocab.predict(torch.from_numpy(state.h.astype(np.float32)).view(1, -1)).compact()
             self.cache.put(state.user_id, key, pred)
         return pred
 
     def warm(self, states: list[UserState], batch: int = 256) -> int:
-        """Fill the prediction cache for these states while it has room (the service does it at start-up, so
-        no request pays the V × D product): one (B × D) x (D × V) product per batch. Returns how many."""
-        todo = [s for s in states if s.has_prediction]
+        """Fill the prediction cache for the states stored without a prediction while it has room (the
+        service does it at start-up, so no request pays the V × D product): one (B × D) x (D × V) product per
+        batch. Returns how many."""
+        todo = [s for s in states if s.has_prediction and s.pred.size != self.vocab.widths.total]
         done = 0
         for i in range(0, len(todo), batch):
             if self.cache.bytes >= self.cache.max_bytes:
@@ -284,6 +298,7 @@ class Scorer:
             part = todo[i:i + batch]
             with torch.no_grad():
                 pred = self.vocab.predict(torch.from_numpy(np.stack([st.h.astype(np.float32) for st in part])))
+            pred = pred.compact()
             for r, st in enumerate(part):
                 self.cache.put(st.user_id, _version_key(st), pred.row(r))
             done += len(part)
@@ -368,8 +383,7 @@ class Scorer:
         return final_states(self.model64, batch, lens)
 
     @torch.no_grad()
-    def refresh(self, states: list[UserState], now: float, cache: bool = True, incremental: bool = True
-                ) -> list[UserState]:
+    def refresh(self, states: list[UserState], now: float, incremental: bool = True) -> list[UserState]:
         """Recompute h, the pooled state and the predicted distribution of each state from its model window
         (serve/windows.py): extended by its new events when the window is cached (`incremental`, and the
         model has an incremental forward), else one batched float64 forward pass (the refresh worker and
@@ -381,28 +395,27 @@ class Scorer:
         live = [states[i] for i in todo]
         h, pooled = (self.model_windows.states(live, self._batch) if incremental and self.model_windows is not None
                      else self.window_states(live))
-        for i, st in zip(todo, self.predicted(live, h, pooled, now, cache)):
+        for i, st in zip(todo, self.predicted(live, h, pooled, now)):
             out[i] = st
         return out
 
     @torch.no_grad()
-    def predicted(self, states: list[UserState], h: torch.Tensor, pooled: torch.Tensor, now: float,
-                  cache: bool = True) -> list[UserState]:
-        """The states with h and the pooled state (B, D) set and the predicted next-event distribution (top-k,
-        μ, σ) made from h; `cache`: the predictions go to the prediction cache too."""
+    def predicted(self, states: list[UserState], h: torch.Tensor, pooled: torch.Tensor, now: float
+                  ) -> list[UserState]:
+        """The states with h and the pooled state (B, D) set, the predicted next-event distribution (top-k,
+        μ, σ) and the compact prediction the next event's Δ reads (`pred`), all made from h here, off the
+        request path."""
         pred = self.vocab.predict(h)
-        top_p, top_i = pred.p.topk(min(TOP_K, pred.p.shape[1]), dim=1)
-        v = pred.p.shape[1]
+        top_l, top_i = pred.scores.topk(min(TOP_K, pred.scores.shape[1]), dim=1)
+        top_p = torch.exp(top_l - pred.log_z.unsqueeze(1))
+        v = pred.scores.shape[1]
         sigma = ((pred.sum_sq / v - 1.0 / v ** 2).clamp_min(0)).sqrt()
-        out = []
-        for r, st in enumerate(states):
-            out.append(UserState(**{**st.__dict__, "h": h[r].numpy().copy(), "pooled": pooled[r].numpy().copy(),
-                                    "top_ids": (top_i[r] + N_SPECIAL).numpy().astype(np.int32),
-                                    "top_p": top_p[r].numpy().astype(np.float32), "mu": 1.0 / v,
-                                    "sigma": float(sigma[r]), "refreshed_at": now,
-                                    "model_version": self.model_version}))
-            if cache:  # the next event's Δ will need it: computed here, off the request path
-                self.cache.put(st.user_id, _version_key(out[-1]), pred.row(r))
-        return out
+        packed = self.vocab.pack(pred)
+        return [UserState(**{**st.__dict__, "h": h[r].numpy().copy(), "pooled": pooled[r].numpy().copy(),
+                             "top_ids": (top_i[r] + N_SPECIAL).numpy().astype(np.int32),
+                             "top_p": top_p[r].numpy().astype(np.float32), "mu": 1.0 / v,
+                             "sigma": float(sigma[r]), "refreshed_at": now, "model_version": self.model_version,
+                             "pred": packed[r].copy()})
+                for r, st in enumerate(states)]
 
 __all__ = ["Event", "Scorer", "parse_time"]

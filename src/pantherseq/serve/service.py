@@ -317,7 +317,7 @@ class Service:
         for u, blob in zip(users, blobs):
             st = (self._decode(u, blob) if blob is not None else None) or self.scorer.new_state(u)
             states.append(self.scorer.fold(st, self._read_log(u, st.log_seq, st.last_time)))
-        fresh = self.scorer.refresh(states, time.time(), cache=not self.external_refresh)
+        fresh = self.scorer.refresh(states, time.time())
         # versioned: a slower refresh (another worker) never overwrites a state holding more of the log
         self.store.put_many({s.user_id: s.encode() for s in fresh}, versions={s.user_id: s.log_seq for s in fresh})
 

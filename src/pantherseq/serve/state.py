@@ -17,6 +17,9 @@ accepted event:
     recent_delta (M, S) float32  the short-window Δ of the last M = max(WINDOW_SIZES) − 1 events as each was
                         scored (columns: the scorer's `DeviationVocab.window_base`; NaN = none), what the
                         `mean<k>_*` features of the next event read (fraud/personal.py)
+    pred (P,) float64   the compact prediction of the next event made from h (fraud/deviation.py
+                        `Prediction.pack`, ~17 KB at V = 60,004): what the next event's Δ reads, so a
+                        request needs no pass over the vocabulary
 
 Byte format (schema 2), what the store keeps as an opaque value:
 
@@ -24,9 +27,11 @@ Byte format (schema 2), what the store keeps as an opaque value:
     {"scalars": {...}, "arrays": [[name, dtype, shape], ...]} | the arrays' bytes back to back, C order,
     little-endian (dtypes "<i4", "<i8", "<f4", "<f8", "|i1").
 
-Schema 2 added `recent_delta`. Schema-1 states still decode (without it: the window means of their next
-events then see only the events scored since; `pantherseq embed` again restores exact parity); a reader
-of schema 1 refuses a schema-2 state with "re-run embed" rather than misreading it.
+Schema 2 added `recent_delta`, schema 3 `pred`. Older states still decode: without `recent_delta` the window
+means of their next events see only the events scored since (`pantherseq embed` again restores exact
+parity); without `pred` the scorer computes the prediction from h on the request path (one V × D product,
+then cached) until the refresh stores one. A reader of an older schema refuses a newer state with "re-run
+embed" rather than misreading it.
 
 Accepted events go to the store's per-user log as JSON (`encode_event`): the raw request fields, time,
 token, codes and gap bucket, and `window`, the event's short-window Δ as it was scored (absent in logs
@@ -42,10 +47,10 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 MAGIC = b"PSU"
-SCHEMA = 2
-READS = (1, 2)  # schema 1 lacks recent_delta (decoded empty)
+SCHEMA = 3
+READS = (1, 2, 3)  # schema 1 lacks recent_delta, schemas 1-2 lack pred (decoded empty)
 _ARRAYS = {"tokens": "<i4", "codes": "<i4", "gap": "|i1", "times": "<i8", "amounts": "<f8", "h": "<f4",
-           "pooled": "<f4", "top_ids": "<i4", "top_p": "<f4", "recent_delta": "<f4"}
+           "pooled": "<f4", "top_ids": "<i4", "top_p": "<f4", "recent_delta": "<f4", "pred": "<f8"}
 
 
 _RENAMED = {"e_u": "pooled"}  # names of schema-1 arrays written by earlier versions
@@ -80,6 +85,7 @@ class UserState:
     top_ids: np.ndarray = field(default_factory=lambda: _empty("<i4"))
     top_p: np.ndarray = field(default_factory=lambda: _empty("<f4"))
     recent_delta: np.ndarray = field(default_factory=lambda: _empty("<f4", 0, 0))
+    pred: np.ndarray = field(default_factory=lambda: _empty("<f8"))
 
     @property
     def has_prediction(self) -> bool:
