@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/serve_profile.py [--run runs/fraud-handbook/handbook] [--model panther]
         [--fraud-dir RUN/fraud-MODEL] [--until 2018-08-08] [--n 500] [--out benchmarks/results/serve_profile.json]
 
-Embeds every user's state as of `--until` into a temporary SQLite store, starts a `Service` (which warms the
-prediction cache while it has room), scores 100 test-period transactions to warm up, then `--n` more timed
-and the next `--n` under cProfile. Reports ms per score, the prediction-cache misses and the cumulative
-ms per score of the request path's main steps (the functions in STEPS).
+Embeds every user's state as of `--until` into a temporary SQLite store (each with its compact prediction,
+fraud/deviation.py), starts a `Service`, scores 100 test-period transactions to warm up, then `--n` more
+timed and the next `--n` under cProfile. Reports ms per score, the scores that had to make a prediction
+from h (one V × D product: a state without a stored one) and the cumulative ms per score of the request
+path's main steps (the functions in STEPS).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = {  # label: (file suffix, function name) in the profile
     "score (whole request path)": ("serve/service.py", "score"),
     "features": ("serve/scorer.py", "features"),
-    "prediction (cache lookup, V x D product on a miss)": ("serve/scorer.py", "prediction"),
+    "prediction (the state's compact one; V x D only without)": ("serve/scorer.py", "prediction"),
     "  V x D product (torch.addmm)": ("~", "<built-in method torch.addmm>"),
-    "deviation features over V (rank, surprisals, heads)": ("fraud/behaviour.py", "deviation"),
+    "deviation features (dot products of h, top-1,024 ranks)": ("fraud/behaviour.py", "deviation"),
     "short-window means": ("fraud/behaviour.py", "windows"),
     "risk model (LightGBM predict)": ("serve/scorer.py", "score"),
     "durable append": ("store/sqlite.py", "append_event"),
@@ -84,13 +85,13 @@ def main() -> None:
         steps[label] = round(sum(v[3] for _, v in hits) / args.n * 1e3, 3) if hits else None
     predict = [v for k, v in stats.items() if k[2] == "predict" and k[0].endswith("fraud/deviation.py")]
     misses = int(sum(v[1] for v in predict)) if predict else 0
-    out = {"n": args.n, "ms_per_score": round(timed_ms, 3), "cache_misses_profiled": misses,
+    out = {"n": args.n, "ms_per_score": round(timed_ms, 3), "predictions_made_profiled": misses,
            "cache_mb": scorer.cache.max_bytes >> 20, "users": len(scorer.user_index),
            "profiled_ms_per_score": steps, "command": " ".join([".venv/bin/python", "benchmarks/serve_profile.py",
                                                                 *sys.argv[1:]])}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"{args.n} scores in-process, refresh off: {timed_ms:.2f} ms each; profiled pass: {misses} of {args.n} "
-          f"missed the prediction cache ({out['cache_mb']} MB, {out['users']} users)")
+          f"made a prediction from h (V x D; {out['users']} users, fallback cache {out['cache_mb']} MB)")
     print(f"{'step (cumulative, under cProfile)':<55}{'ms/score':>10}")
     for label, ms in steps.items():
         print(f"{label:<55}{ms if ms is not None else '-':>10}")

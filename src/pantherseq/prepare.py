@@ -208,6 +208,15 @@ def check_split(present: set[int], cfg: DatasetConfig) -> None:
                             "inside the data's time range")
 
 
+def save_tokenizer(run: RunDir, tok: StructuredTokenizer, reused_file: Path | None) -> None:
+    """The run's tokenizer.json: the fitted one, or a byte-for-byte copy of the re-used one (the same SHA-256:
+    train/warmstart.py and the serving identity compare it)."""
+    if reused_file is None:
+        tok.save(run.tokenizer_file)
+    elif reused_file.resolve() != run.tokenizer_file.resolve():
+        shutil.copyfile(reused_file, run.tokenizer_file)
+
+
 def clear_sequences(run: RunDir) -> None:
     """Remove an earlier prepare's sequences (its shard count may differ)."""
     if run.sequences.is_dir():
@@ -219,10 +228,7 @@ def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.
            items: pl.DataFrame | None = None) -> None:
     log.info("writing %s", run)
     run.path.mkdir(parents=True, exist_ok=True)
-    if tok_file is None:
-        tok.save(run.tokenizer_file)
-    elif tok_file.resolve() != run.tokenizer_file.resolve():
-        shutil.copyfile(tok_file, run.tokenizer_file)  # byte for byte: the same SHA-256 (train/warmstart.py)
+    save_tokenizer(run, tok, tok_file)
     save_toml(cfg, run.config_file)
     clear_sequences(run)
     _sequences(frame, users, codes, tok).save_shards(run.sequences, cfg.sequences.shards)
@@ -244,17 +250,17 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     started = time.perf_counter()
     run = RunDir.of(run_dir)
     check_out(run, force)
+    if engine == "spark" and (not cfg.users.all or cfg.items.fields):
+        raise ConfigError("--engine spark prepares every user's events without side tables: [users] and [items] "
+                          "need --engine polars")
+    reused = tokenizer_of(tokenizer_from, cfg) if tokenizer_from is not None else None
+    if reused is not None:
+        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, top_k=reused[0].top_k))
     if engine == "spark":
         from pantherseq.spark.prepare import prepare_spark
 
-        if tokenizer_from is not None or not cfg.users.all or cfg.items.fields:
-            raise ConfigError("--engine spark fits its own tokenizer on every user's events: --tokenizer-from, "
-                              "[users] and [items] need --engine polars")
-        tok, facts = prepare_spark(cfg, run, spark_master)
+        tok, facts = prepare_spark(cfg, run, spark_master, reused)
     else:
-        reused = tokenizer_of(tokenizer_from, cfg) if tokenizer_from is not None else None
-        if reused is not None:
-            cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, top_k=reused[0].top_k))
         tok, facts = _prepare_polars(cfg, run, reused)
     report = build_report(cfg, tok, facts, time.perf_counter() - started)
     if tokenizer_from is not None:

@@ -11,6 +11,7 @@ import torch
 from pantherseq.data.schema import N_SPECIAL, PAD
 from pantherseq.fraud.behaviour import extend_back
 from pantherseq.fraud.personal import (
+    WINDOW_SIZES,
     CopyWeights,
     copy_features,
     copy_pointer,
@@ -101,6 +102,17 @@ def test_window_means_skip_undefined_values():
     assert m[0] == 3.0 and math.isnan(m[1]) and m[2] == 4.0
     f = window_features({"s": v}, sizes=(2, 4))
     assert f["mean2_s"].tolist()[0] == 4.0 and f["mean4_s"].tolist()[0] == 3.0  # the current event included
+
+
+def test_window_features_of_several_names_equal_one_name_at_a_time():
+    rng = np.random.default_rng(0)
+    v = {n: np.where(rng.random((50, 20)) < 0.2, np.nan, rng.normal(size=(50, 20)) * 10).astype(np.float32)
+         for n in ("a", "b", "c")}
+    both = window_features(v)
+    assert list(both) == [f"mean{k}_{n}" for k in WINDOW_SIZES for n in v]
+    for n, x in v.items():
+        for k in WINDOW_SIZES:
+            assert np.array_equal(both[f"mean{k}_{n}"], window_means(x[:, 20 - k:]), equal_nan=True)
 
 
 def test_window_matrix_takes_the_users_own_predecessors():

@@ -59,6 +59,20 @@ def test_spark_and_polars_write_the_same_run(spark, tmp_path, extra):
     assert len(load_shards(tmp_path / "spark" / "sequences")) == shards
 
 
+def test_spark_reuses_another_runs_tokenizer_as_polars_does(spark, tmp_path):
+    """--tokenizer-from: both engines encode with the other run's tokenizer as it is (nothing fitted, its file
+    copied byte for byte), so they write the same run, and it is not the run a fit of their own would give."""
+    data = _two_files(tmp_path)
+    first = tmp_path / "first"
+    prepare(_config(data, ['bad_rows="drop"', 'split.t1="2018-04-20"', "tokenizer.top_k=20"]), first)
+    for engine in ("polars", "spark"):
+        prepare(_config(data, ['bad_rows="drop"']), tmp_path / engine, engine=engine, tokenizer_from=first)
+    assert_same_run(tmp_path / "polars", tmp_path / "spark")
+    assert (tmp_path / "spark" / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    own = prepare(_config(data, ['bad_rows="drop"']), tmp_path / "own", engine="spark")
+    assert own["vocab_size"] != json.loads((tmp_path / "spark" / "prepare.json").read_text())["vocab_size"]
+
+
 @pytest.mark.parametrize("bad", [
     "9998,2018-05-03 10:00:00,78,3,x,0,0",            # not a number
     "9998,2018-13-03 10:00:00,78,3,1.0,0,0",          # unparsable time

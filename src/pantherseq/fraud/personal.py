@@ -179,8 +179,15 @@ def window_means(values: np.ndarray) -> np.ndarray:
 def window_features(windows: dict[str, np.ndarray], sizes: tuple[int, ...] = WINDOW_SIZES
                     ) -> dict[str, np.ndarray]:
     """{name: (N, max(sizes)) values, oldest first, the current event last} -> {`mean<k>_<name>`: (N,)
-    float32}: the offline pass and the service call this with the same layout."""
-    return {f"mean{k}_{name}": window_means(v[:, v.shape[1] - k:]) for k in sizes for name, v in windows.items()}
+    float32}: the offline pass and the service call this with the same layout. Every name's rows go
+    through one `window_means` per k (elementwise, so the values are those of one call per name)."""
+    names = list(windows)
+    if not names:
+        return {}
+    stacked = np.stack([np.asarray(windows[n], np.float32) for n in names])  # (B, N, K)
+    b, n, width = stacked.shape
+    means = {k: window_means(stacked[:, :, width - k:].reshape(b * n, k)).reshape(b, n) for k in sizes}
+    return {f"mean{k}_{name}": means[k][i] for k in sizes for i, name in enumerate(names)}
 
 
 __all__ = ["WINDOW_SIZES", "CopyWeights", "copy_features", "copy_pointer", "key_window", "seen_counts",

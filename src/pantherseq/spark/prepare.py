@@ -9,11 +9,12 @@ Where the work happens:
 3. fit        bucket edges from order statistics and categorical vocabularies from value counts (Spark
               aggregations; the driver applies encoders.quantiles / fit_counts), then field codes in the
               executors (mapInArrow, the tokenizer's own vectorised encoders), the top-K vocabulary from the
-              training key counts (StructuredTokenizer.fit_vocab);
+              training key counts (StructuredTokenizer.fit_vocab) -- or, with `--tokenizer-from RUN`, RUN's
+              fitted tokenizer as it is (nothing fitted; tokenizer.json copied byte for byte);
 4. write      tokens by a broadcast join on the key; each shard's sequences by one executor
               (applyInArrow, data/sequences.py's format); events.parquet from globally sorted parts
               streamed by the driver into one file; users.parquet from the per-user aggregate.
-Only the csv and handbook sources (CSV / Parquet paths) run on Spark.
+Only the csv and handbook sources (CSV / Parquet paths) run on Spark; [users] and [items] need the Polars engine.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID
 from pantherseq.data.tables import resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
 from pantherseq.errors import ConfigError, DataError
-from pantherseq.prepare import TOKEN, USER_IDX, Facts, check_split, clear_sequences, label_counts
+from pantherseq.prepare import TOKEN, USER_IDX, Facts, check_split, clear_sequences, label_counts, save_tokenizer
 from pantherseq.run import RunDir
 from pantherseq.spark.session import build_session
 from pantherseq.tokenizer import StructuredTokenizer
@@ -183,23 +184,29 @@ def _codes(tok: StructuredTokenizer):
     return run
 
 
-def _fit(spark, cfg: DatasetConfig, ev):
+def _fit(spark, cfg: DatasetConfig, ev, reused: StructuredTokenizer | None = None):
+    """The tokenizer (fitted on the training events, or `reused` as it is) and the events with their codes."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import IntegerType, LongType, StructField, StructType
 
-    tok = StructuredTokenizer.from_config(cfg)
-    _fit_encoders(tok, ev.where(F.col(SPLIT) == TRAIN))
+    tok = reused
+    if tok is None:
+        tok = StructuredTokenizer.from_config(cfg)
+        _fit_encoders(tok, ev.where(F.col(SPLIT) == TRAIN))
     fields = [StructField(_code(j), IntegerType()) for j in range(len(tok.encoders))]
     schema = StructType([*ev.schema.fields, *fields, StructField(KEY, LongType())])
     coded = ev.mapInArrow(_codes(tok), schema)
     return tok, coded
 
 
-def _tokens(spark, tok: StructuredTokenizer, coded):
+def _tokens(spark, tok: StructuredTokenizer, coded, fit: bool = True):
+    """The events with their token: the vocabulary fitted on the training key counts (`fit`), or the
+    tokenizer's own."""
     from pyspark.sql import functions as F
 
-    counts = coded.where(F.col(SPLIT) == TRAIN).groupBy(KEY).count().toArrow()
-    tok.fit_vocab(counts.column(KEY).to_numpy(), counts.column("count").to_numpy())
+    if fit:
+        counts = coded.where(F.col(SPLIT) == TRAIN).groupBy(KEY).count().toArrow()
+        tok.fit_vocab(counts.column(KEY).to_numpy(), counts.column("count").to_numpy())
     vocab = spark.createDataFrame([(int(k), i + N_SPECIAL) for i, k in enumerate(tok.keys.tolist())],
                                   f"{KEY} long, {TOKEN} int")
     return coded.join(F.broadcast(vocab), KEY, "left").withColumn(
@@ -330,8 +337,10 @@ def _profile(cfg: DatasetConfig, users: pl.DataFrame) -> pl.DataFrame | None:
     return users.select(USER_IDX, USER).join(table, on=USER, how="left").sort(USER_IDX)
 
 
-def prepare_spark(cfg: DatasetConfig, run: RunDir, master: str | None = None) -> tuple[StructuredTokenizer, Facts]:
-    """Write the run directory with Spark; return the fitted tokenizer and the report's facts."""
+def prepare_spark(cfg: DatasetConfig, run: RunDir, master: str | None = None,
+                  reused: tuple[StructuredTokenizer, Path] | None = None) -> tuple[StructuredTokenizer, Facts]:
+    """Write the run directory with Spark; return the tokenizer (fitted, or `reused`: (tokenizer, its file)
+    from prepare.tokenizer_of) and the report's facts."""
     if cfg.source not in SOURCES:
         raise ConfigError(f"--engine spark reads the {' and '.join(SOURCES)} sources (CSV / Parquet paths), "
                           f"not {cfg.source!r}: use --engine polars")
@@ -341,7 +350,7 @@ def prepare_spark(cfg: DatasetConfig, run: RunDir, master: str | None = None) ->
     shutil.rmtree(stage, ignore_errors=True)
     run.path.mkdir(parents=True, exist_ok=True)
     try:
-        return _prepare(spark, cfg, run, files, stage)
+        return _prepare(spark, cfg, run, files, stage, reused)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -364,7 +373,8 @@ class _Clock:
         self.t = now
 
 
-def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: Path):
+def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: Path,
+             reused: tuple[StructuredTokenizer, Path] | None = None):
     from pyspark.sql import functions as F
 
     clock = _Clock()
@@ -380,18 +390,18 @@ def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: P
         raise DataError(f"no events left after dropping {dropped}")
     check_split(present, cfg)
     clock("order")
-    tok, coded = _fit(spark, cfg, ev)
+    tok, coded = _fit(spark, cfg, ev, reused[0] if reused else None)
     clock("fit encoders")
     coded = _stage(spark, coded, stage / "coded")
     clock("codes")
-    final = _tokens(spark, tok, coded)
+    final = _tokens(spark, tok, coded, fit=reused is None)
     users = _users(spark, final)
     clock("vocabulary and users")
     index = spark.createDataFrame(users.select(USER, pl.col(USER_IDX).cast(pl.Int64)).to_pandas())
     final = _stage(spark, final.join(index, USER).withColumn(SHARD, F.col(USER_IDX) % cfg.sequences.shards),
                    stage / "final")
     clock("tokens")
-    tok.save(run.tokenizer_file)
+    save_tokenizer(run, tok, reused[1] if reused else None)
     save_toml(cfg, run.config_file)
     _write_sequences(run, cfg, tok, final)
     clock("sequences")
