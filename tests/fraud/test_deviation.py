@@ -41,21 +41,23 @@ def plain(p: torch.Tensor, n: int):
             torch.log(p[0]).to(torch.float64))
 
 
-def features(p: torch.Tensor, obs: list[int], codes: np.ndarray | None = None, size: int = 0, ordered=frozenset(),
-             keep_marginal: bool = True):
-    h, w, b = plain(p, len(obs))
-    members, onehots = [], {}
-    if codes is not None:
-        members = [field_members(codes, size)]
-        onehots = {0: field_onehot(codes, size, torch.float64)} if keep_marginal else {}
-    pred = predict(h, w.t().contiguous(), b, onehots)
-    c = torch.zeros(len(obs), 1, dtype=torch.int64) if codes is None else None
-    return pred, w, b, members, c
+def features(p: torch.Tensor, n: int, codes: np.ndarray | None = None, size: int = 0, keep_marginal: bool = True):
+    """(prediction, weight, bias, members) of the plain layer for n positions; with `codes`, one token field
+    of `size` codes, its marginal kept or read from its members."""
+    h, w, b = plain(p, n)
+    members = [] if codes is None else [field_members(codes, size)]
+    onehots = {0: field_onehot(codes, size, torch.float64)} if codes is not None and keep_marginal else {}
+    return predict(h, w.t().contiguous(), b, onehots), w, b, members
+
+
+def no_fields(n: int) -> torch.Tensor:
+    """The observed codes of n events when the prediction has no token field."""
+    return torch.zeros(n, 0, dtype=torch.int64)
 
 
 def test_surprisal_is_minus_log_p_and_rank_counts_strictly_higher_tokens():
-    pred, w, b, _, c = features(P, [0, 1, 2, 3, -1])
-    f = deviation_features(pred, w, b, torch.tensor([0, 1, 2, 3, -1]), c[:, :0], [], [])
+    pred, w, b, _ = features(P, 5)
+    f = deviation_features(pred, w, b, torch.tensor([0, 1, 2, 3, -1]), no_fields(5), [], [])
     assert f["surprisal"][:4].tolist() == pytest.approx([math.log(2), math.log(4), math.log(8), math.log(8)])
     assert f["rank"][:4].tolist() == [1.0, 2.0, 3.0, 3.0]  # the two 0.125 tokens tie: both rank 3
     assert math.isnan(f["surprisal"][4]) and math.isnan(f["rank"][4])  # UNK observed: undefined
@@ -89,7 +91,7 @@ def test_standardised_deviation_and_collision_entropy_by_hand():
 def test_field_surprisal_marginalises_over_tokens_sharing_the_value(keep_marginal):
     """The same mass whether the prediction keeps the field's marginal or reads its members' logits."""
     codes = np.array([1, 1, 2, 3])  # tokens 0 and 1 carry value 1, token 2 value 2, token 3 value 3
-    pred, w, b, members, _ = features(P, [0] * 5, codes, 5, keep_marginal=keep_marginal)  # code 4: no token
+    pred, w, b, members = features(P, 5, codes, 5, keep_marginal=keep_marginal)  # code 4: no token
     obs_codes = torch.tensor([[1], [2], [3], [0], [4]])
     f = deviation_features(pred, w, b, torch.zeros(5, dtype=torch.int64), obs_codes, members, ["m"])
     s = f["surprisal_m"]
@@ -184,8 +186,8 @@ def test_one_event_and_the_stored_compact_prediction_equal_the_batch_bit_for_bit
 
 def test_a_certain_prediction_has_surprisal_exactly_zero():
     """A mass equal to 1 up to float64 error gives a surprisal of exactly 0 (not ±1e-16 by summation order)."""
-    pred, w, b, _, c = features(torch.tensor([[1.0 - 2e-16, 1e-17, 1e-17]], dtype=torch.float64), [0])
-    assert deviation_features(pred, w, b, torch.tensor([0]), c[:, :0], [], [])["surprisal"].item() == 0.0
+    pred, w, b, _ = features(torch.tensor([[1.0 - 2e-16, 1e-17, 1e-17]], dtype=torch.float64), 1)
+    assert deviation_features(pred, w, b, torch.tensor([0]), no_fields(1), [], [])["surprisal"].item() == 0.0
     tail = upper_tail_surprisal(torch.tensor([[0.0, 0.6, 0.4 + 1e-16]], dtype=torch.float64), torch.tensor([1]))
     assert tail.item() == 0.0
 

@@ -27,15 +27,17 @@ from stolen_routine import PERIODS
 FIELDS = ("merchant_id", "amount", "category", "channel")
 
 
-def _service(served, tmp_path, refresh: bool = True, fraud_dir=None, feature_set: str = "hybrid") -> Service:
-    """A service over a private copy of the embedded store (tests must not see each other's events)."""
+def _service(served, tmp_path, refresh: bool = True, fraud_dir=None, feature_set: str = "hybrid",
+             meta: dict | None = None) -> Service:
+    """A service over a private copy of the embedded store (tests must not see each other's events); `meta`
+    replaces keys of the copied `embed` meta record."""
     src = served["url"].removeprefix("sqlite:///")
     tmp_path.mkdir(parents=True, exist_ok=True)
     dst = tmp_path / "states.db"
     with open_store(served["url"]) as s, open_store(f"sqlite:///{dst}") as d:
         users = [u for u in pl.read_parquet(served["run"] / "users.parquet")["user_id"].to_list()]
         d.put_many({u: b for u, b in zip(users, s.get_many(users)) if b is not None})
-        d.put_meta("embed", s.get_meta("embed"))
+        d.put_meta("embed", json.dumps({**json.loads(s.get_meta("embed")), **(meta or {})}).encode())
     assert src != str(dst)
     om = Scorer(served["run"], "panther", fraud_dir or served["fraud_dir"], feature_set=feature_set)
     service = Service(om, open_store(f"sqlite:///{dst}"), refresh=refresh)
@@ -111,6 +113,20 @@ def test_a_state_stored_without_its_prediction_scores_the_same(served, service):
     assert scorer.cache.bytes > 0  # the fallback's prediction is cached
     assert all(again[k] == v or (math.isnan(again[k]) and math.isnan(v)) for k, v in stored.items())
     assert not math.isnan(stored["d_rank"]) and stored["d_rank"] <= 1025
+
+
+def test_start_up_reads_states_to_warm_only_for_an_embed_without_stored_predictions(served, tmp_path, monkeypatch):
+    """A schema-3 embed stores each state's prediction: start-up reads no state to warm the fallback cache
+    (for 38M users it would read them all). A store embedded before (meta without `state_schema`) is warmed."""
+    warmed = []
+    real = Scorer.warm
+    monkeypatch.setattr(Scorer, "warm", lambda self, states, *a, **k: warmed.append(len(states)) or real(self, states))
+    new = _service(served, tmp_path / "new", refresh=False)
+    assert json.loads(new.store.get_meta("embed"))["state_schema"] == 3 and warmed == []
+    new.stop()
+    old = _service(served, tmp_path / "old", refresh=False, meta={"state_schema": 2})
+    assert sum(warmed) > 0  # every user's state read (they all hold `pred`, so nothing needed caching)
+    old.stop()
 
 
 def test_online_robust_z_scores_equal_offline_scores(served, tmp_path):

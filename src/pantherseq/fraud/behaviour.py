@@ -197,12 +197,13 @@ class DeviationVocab:
         tokens (N,), the codes of ALL fields (N, F), the events in reach before each (`key_window` /
         `state_keys`: keys (N, R), key_codes (N, R, F)) -> {name: (N,) float32}."""
         obs = torch.where(tokens >= N_SPECIAL, tokens - N_SPECIAL, torch.full_like(tokens, -1))
+        observed = observed_probability(pred, self.weight, self.bias, obs)
         out = deviation_features(pred, self.weight, self.bias, obs, codes[:, self.code_cols], self.members,
-                                 self.token_fields, self.ordered)
+                                 self.token_fields, self.ordered, observed)
         out |= head_features(pred, self.heads, codes, self.field_names)
         if self.copy is not None:
             a, g = copy_pointer(self.copy, pred.h, keys)
-            out |= copy_features(a, g, keys, tokens, observed_probability(pred, self.weight, self.bias, obs)[1])
+            out |= copy_features(a, g, keys, tokens, observed[1])
         return out | seen_counts(keys, key_codes, tokens, codes, self.field_names)
 
     def windows(self, past: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

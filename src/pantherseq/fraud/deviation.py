@@ -323,18 +323,19 @@ def observed_probability(pred: Prediction, weight: torch.Tensor, bias: torch.Ten
 
 def deviation_features(pred: Prediction, weight: torch.Tensor, bias: torch.Tensor, obs: torch.Tensor,
                        obs_codes: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor]],
-                       field_names: list[str], ordered: set[int] | frozenset[int] = frozenset()
-                       ) -> dict[str, torch.Tensor]:
+                       field_names: list[str], ordered: set[int] | frozenset[int] = frozenset(),
+                       observed: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All Δ at N positions at once, the batch and the one-event form alike (N = 1), from a full or a
     compact prediction (the same values: module doc).
 
     weight (V, D) and bias (V,) the regular tokens' output layer (float64), obs (N,) observed index (-1 =
     UNK), obs_codes (N, Ft) the observed event's codes of the token fields, members[f] the `field_members`
     tables of token field f (read for the fields without a kept marginal), `ordered` the token fields (with
-    a kept marginal) that also get `tail_<name>` = `upper_tail_surprisal`.
+    a kept marginal) that also get `tail_<name>` = `upper_tail_surprisal`; `observed`: `observed_probability`
+    when the caller has it already.
     Returns {name: (N,) float32}, rounded once from float64 (see the module doc).
     """
-    logit, p_obs = observed_probability(pred, weight, bias, obs)
+    logit, p_obs = observed if observed is not None else observed_probability(pred, weight, bias, obs)
     known = obs >= 0
     rank = torch.where(known, rank_above(pred.scores, logit), _nan(len(obs), logit))
     out = {

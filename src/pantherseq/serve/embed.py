@@ -29,7 +29,7 @@ from pantherseq.fraud.behaviour import behaviour_features
 from pantherseq.fraud.personal import WINDOW_SIZES
 from pantherseq.serve.identity import check_owner, write_owner
 from pantherseq.serve.scorer import Scorer, parse_time
-from pantherseq.serve.state import UserState
+from pantherseq.serve.state import SCHEMA, UserState
 from pantherseq.store import Store
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def embed_meta(scorer: Scorer, until: str | None, n_written: int, seconds: float
     return {"run": str(scorer.run.path.resolve()), "run_id": scorer.run_id, "model": scorer.model_name,
             "model_version": scorer.model_version,
             "until": until, "until_s": cut_s, "users": n_written, "max_len": scorer.max_len,
-            "spend_days": scorer.spend_days, "seconds": round(seconds, 2), **extra}
+            "spend_days": scorer.spend_days, "state_schema": SCHEMA, "seconds": round(seconds, 2), **extra}
 
 
 def finish_embed(store: Store, scorer: Scorer, meta: dict) -> None:

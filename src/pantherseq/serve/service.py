@@ -54,7 +54,7 @@ from pantherseq.serve.identity import check_owner, write_owner
 from pantherseq.serve.refresher import Metrics, Refresher
 from pantherseq.serve.schemas import valid_user_id
 from pantherseq.serve.scorer import Event, Scorer
-from pantherseq.serve.state import StateFormatError, UserState, decode_event, encode_event
+from pantherseq.serve.state import STORED_PREDICTION, StateFormatError, UserState, decode_event, encode_event
 from pantherseq.store import Store
 from pantherseq.store.base import index_member
 
@@ -130,7 +130,9 @@ class Service:
                 self.refresher.submit(u, time.time())
         self.scorer.readable_labels()  # made once, before the first request
         warmed = 0
-        if self.warm:  # the run's users, while the cache has room: no request pays the V x D product
+        # states embedded before schema 3 carry no prediction: cache the run's users' while the cache has room,
+        # so no request pays the V x D product (a schema-3 embed stores one with every state: nothing to read)
+        if self.warm and int(self.embed_meta.get("state_schema", 1)) < STORED_PREDICTION:
             known = list(self.scorer.user_index)
             for i in range(0, len(known), 1000):
                 if self.scorer.cache.bytes >= self.scorer.cache.max_bytes:

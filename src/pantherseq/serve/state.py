@@ -49,6 +49,7 @@ import numpy as np
 MAGIC = b"PSU"
 SCHEMA = 3
 READS = (1, 2, 3)  # schema 1 lacks recent_delta, schemas 1-2 lack pred (decoded empty)
+STORED_PREDICTION = 3  # the first schema whose states carry `pred`
 _ARRAYS = {"tokens": "<i4", "codes": "<i4", "gap": "|i1", "times": "<i8", "amounts": "<f8", "h": "<f4",
            "pooled": "<f4", "top_ids": "<i4", "top_p": "<f4", "recent_delta": "<f4", "pred": "<f8"}
 

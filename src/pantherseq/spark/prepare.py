@@ -38,7 +38,15 @@ from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID
 from pantherseq.data.tables import resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
 from pantherseq.errors import ConfigError, DataError
-from pantherseq.prepare import TOKEN, USER_IDX, Facts, check_split, clear_sequences, label_counts, save_tokenizer
+from pantherseq.prepare import (
+    TOKEN,
+    USER_IDX,
+    Facts,
+    check_split,
+    clear_sequences,
+    label_counts,
+    save_tokenizer,
+)
 from pantherseq.run import RunDir
 from pantherseq.spark.session import build_session
 from pantherseq.tokenizer import StructuredTokenizer
