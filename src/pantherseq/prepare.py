@@ -236,6 +236,11 @@ def _write(run: RunDir, cfg: DatasetConfig, tok: StructuredTokenizer, frame: pl.
     frame.drop(FILE, ROW).write_parquet(run.events)
     if profile is not None:
         profile.write_parquet(run.profile)
+    write_items(run, cfg, items)
+
+
+def write_items(run: RunDir, cfg: DatasetConfig, items: pl.DataFrame | None) -> None:
+    """RUN/items.parquet: the joined item table under its file's column names (none: removed)."""
     run.items.unlink(missing_ok=True)
     if items is not None:
         source_names(items, cfg).write_parquet(run.items)
@@ -250,9 +255,6 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     started = time.perf_counter()
     run = RunDir.of(run_dir)
     check_out(run, force)
-    if engine == "spark" and (not cfg.users.all or cfg.items.fields):
-        raise ConfigError("--engine spark prepares every user's events without side tables: [users] and [items] "
-                          "need --engine polars")
     reused = tokenizer_of(tokenizer_from, cfg) if tokenizer_from is not None else None
     if reused is not None:
         cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, top_k=reused[0].top_k))

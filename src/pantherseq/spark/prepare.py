@@ -14,7 +14,10 @@ Where the work happens:
 4. write      tokens by a broadcast join on the key; each shard's sequences by one executor
               (applyInArrow, data/sequences.py's format); events.parquet from globally sorted parts
               streamed by the driver into one file; users.parquet from the per-user aggregate.
-Only the csv and handbook sources (CSV / Parquet paths) run on Spark; [users] and [items] need the Polars engine.
+`[items]`: the driver reads the item table with the Polars path's reader (its checks and errors) and Spark
+left-joins it, broadcast, on `items.on`; `[users]`: the driver draws the kept users from the distinct user ids
+(data/split.py `chosen_users`, the Polars path's rule), and Spark keeps their events by a broadcast semi-join.
+Only the csv and handbook sources (CSV / Parquet paths) run on Spark.
 """
 
 from __future__ import annotations
@@ -31,10 +34,19 @@ import numpy as np
 import polars as pl
 
 from pantherseq.config import save_toml
+from pantherseq.data.items import ITEM
 from pantherseq.data.schema import EVENT_ID, GAP, LABEL, N_SPECIAL, SCENARIO, TIME, UNK, USER, DatasetConfig
 from pantherseq.data.sequences import Sequences, shard_folder, write_shards_meta
-from pantherseq.data.sources import FILE, ROW, FilePart, load_profile_table, merge_parts, read_csv_file
-from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID
+from pantherseq.data.sources import (
+    FILE,
+    ROW,
+    FilePart,
+    item_table,
+    load_profile_table,
+    merge_parts,
+    read_csv_file,
+)
+from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, chosen_users
 from pantherseq.data.tables import resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
 from pantherseq.errors import ConfigError, DataError
@@ -46,6 +58,7 @@ from pantherseq.prepare import (
     clear_sequences,
     label_counts,
     save_tokenizer,
+    write_items,
 )
 from pantherseq.run import RunDir
 from pantherseq.spark.session import build_session
@@ -98,6 +111,26 @@ def _read(spark, cfg: DatasetConfig, files: list[Path], stage: Path) -> tuple[in
     return merge_parts(parts)
 
 
+def _join_items(spark, cfg: DatasetConfig, ev):
+    """(events with the item fields, the item table, join_items' stats): `[items]` as the Polars path joins it
+    (left join on `items.on`; events whose item the table does not hold get missing item fields)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import DoubleType, StringType, StructField, StructType
+
+    if not cfg.items.fields:
+        return ev, None, {}
+    table = item_table(cfg)  # small: read and checked on the driver, as the Polars path does
+    kinds = {pl.Utf8: StringType(), pl.Float64: DoubleType()}
+    right = F.broadcast(spark.createDataFrame(
+        table.rows(), StructType([StructField(c, kinds[t]) for c, t in table.schema.items()])))
+    on = cfg.items.on
+    unmatched = ev.where(F.col(on).isNotNull()).join(right, ev[on] == right[ITEM], "left_anti").count()
+    if unmatched:
+        log.warning("%d events name an item the item table does not hold: their item fields are UNK", unmatched)
+    joined = ev.join(right, ev[on] == right[ITEM], "left").drop(ITEM)
+    return joined, table, {"items": table.height, "fields": list(cfg.items.fields), "events_unmatched": unmatched}
+
+
 # -- 2. order ----------------------------------------------------------------------------------
 def _drop_duplicate_ids(ev, cfg: DatasetConfig, files: list[str], dropped: dict[str, int]):
     from pyspark.sql import Window
@@ -139,6 +172,17 @@ def _order(ev, cfg: DatasetConfig, dropped: dict[str, int]):
         from_end = F.row_number().over(by_user.orderBy(F.desc(TIME_US), F.desc(FILE_IDX), F.desc(ROW)))
         split = F.when(from_end == 1, TEST).when(from_end == 2, VALID).otherwise(TRAIN)
     return ev.withColumn(SPLIT, split.cast("byte"))
+
+
+def _select_users(spark, ev, cfg: DatasetConfig, dropped: dict[str, int]):
+    """`[users]`: keep the users chosen_users draws from the users left (the rest counted `user_not_chosen`)."""
+    if cfg.users.all:
+        return ev
+    users = [r[USER] for r in ev.select(USER).distinct().collect()]
+    kept = spark.createDataFrame([(u,) for u in sorted(chosen_users(users, cfg.users))], f"{USER} string")
+    out = ev.join(kept.hint("broadcast"), USER, "left_semi")
+    dropped["user_not_chosen"] = ev.count() - out.count()
+    return out
 
 
 _US = datetime(1970, 1, 1, 0, 0, 0, 1) - EPOCH  # one microsecond
@@ -389,10 +433,10 @@ def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: P
     names = [str(f) for f in files]
     rows_read, dropped = _read(spark, cfg, files, stage)
     clock("read")
-    ev = spark.read.parquet(str(stage / "canonical"))
+    ev, items, item_stats = _join_items(spark, cfg, spark.read.parquet(str(stage / "canonical")))
     canonical = [TIME if c == TIME_US else c for c in ev.columns if c not in (ROW, FILE_IDX)]
     ev = _drop_duplicate_ids(ev, cfg, names, dropped)
-    ev = _stage(spark, _order(ev, cfg, dropped), stage / "ordered")
+    ev = _select_users(spark, _stage(spark, _order(ev, cfg, dropped), stage / "ordered"), cfg, dropped)
     present = {r[SPLIT] for r in ev.select(SPLIT).distinct().collect()}
     if not present:
         raise DataError(f"no events left after dropping {dropped}")
@@ -419,7 +463,9 @@ def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: P
     profile = _profile(cfg, users)
     if profile is not None:
         profile.write_parquet(run.profile)
+    write_items(run, cfg, items)
     facts = _facts(final, users, names, rows_read, dropped)
+    facts.items = item_stats
     facts.profile_fields = [] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)]
     clock("counts")
     return tok, facts
