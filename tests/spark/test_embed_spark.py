@@ -60,15 +60,28 @@ def _assert_same(a: dict[str, UserState], b: dict[str, UserState]) -> None:
     assert sum(len(x.recent_delta) for x in a.values()) > 0
 
 
+def _sharded(trained_run: Path, out: Path, shards: int) -> Path:
+    """A copy of the run with its sequences dealt into `shards` shards."""
+    shutil.copytree(trained_run, out)
+    seq = Sequences.load(trained_run / "sequences", mmap=False)
+    shutil.rmtree(out / "sequences")
+    seq.save_shards(out / "sequences", shards)
+    return out
+
+
+def test_single_process_embed_streams_shards(trained_run, single, tmp_path):
+    """The single-process embed reads a sharded run shard by shard (never merged) and writes the states it
+    writes from one folder."""
+    run = _sharded(trained_run, tmp_path / "run", 3)
+    url = f"sqlite:///{tmp_path / 'states.db'}"
+    with open_store(url) as store:
+        embed_users(Scorer(run, "panther"), store, UNTIL, batch_size=64, progress=False)
+    _assert_same(single, _states(url))
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_spark_embed_writes_the_single_process_states(spark, trained_run, single, tmp_path, shards):
-    run = trained_run
-    if shards > 1:  # the same run with its sequences dealt into shards
-        run = tmp_path / "run"
-        shutil.copytree(trained_run, run)
-        seq = Sequences.load(trained_run / "sequences", mmap=False)
-        shutil.rmtree(run / "sequences")
-        seq.save_shards(run / "sequences", shards)
+    run = _sharded(trained_run, tmp_path / "run", shards) if shards > 1 else trained_run
     url = f"sqlite:///{tmp_path / 'states.db'}"
     meta = embed_spark(Scorer(run, "panther"), url, tmp_path / "states.parquet", UNTIL, batch_size=50,
                        users_per_task=120)

@@ -4,8 +4,9 @@ The single-process `embed` (serve/embed.py `embed_users`) as one Spark job:
 1. plan      the driver checks the store's owner (serve/identity.py), then cuts the users into tasks: each
              task is a range of one shard's local users (data/sequences.py; a one-shard run is one shard);
 2. compute   `mapInArrow`: each task memory-maps its shard, reads its users' amounts from events.parquet
-             and runs `serve/embed.user_states` (the single-process code: the same windows, the same
-             float64 forward pass rounded once) with the model of a `Scorer` loaded once per Python worker;
+             and runs `serve/embed.shard_states` (what the single-process `embed` runs shard by shard: the same
+             windows, the same float64 forward pass rounded once) with the model of a `Scorer` loaded once per
+             Python worker;
              the driver's model version and tokenizer digest are broadcast and every worker checks that its
              model is that one; the states' `recent_delta` by `serve/embed.recent_deltas` over the task's
              users only (`RunData.of_sequences`: the fraud pass's `behaviour_features`, each user's own
@@ -24,14 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
-from pantherseq.data.dataset import RunData
 from pantherseq.data.schema import SparkConfig
-from pantherseq.data.sequences import Sequences, load_shard, shard_count
+from pantherseq.data.sequences import load_shard, shard_count
 from pantherseq.errors import ConfigError
-from pantherseq.prepare import USER_IDX
-from pantherseq.serve.embed import embed_meta, event_amounts, finish_embed, recent_deltas, user_states
+from pantherseq.serve.embed import embed_meta, finish_embed, shard_states
 from pantherseq.serve.identity import check_owner
 from pantherseq.serve.scorer import Scorer, parse_time
 from pantherseq.spark.session import build_session
@@ -62,20 +60,6 @@ def _tasks(folder: Path, users_per_task: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _shard_amounts(scorer: Scorer, seq: Sequences) -> np.ndarray:
-    """The amounts of `seq`'s rows (some users of a shard), read from events.parquet by user index."""
-    if scorer.amount_field not in scorer.kinds:
-        return np.zeros(seq.n_events)
-    users = np.asarray(seq.users)
-    frame = (pl.scan_parquet(scorer.run.events).select(USER_IDX, scorer.amount_field)
-             .filter(pl.col(USER_IDX).is_in(users.tolist())).collect())
-    # events.parquet is user-major and chronological, as the sequences are: keep its order within a user
-    frame = frame.with_row_index("_row").sort(USER_IDX, "_row")
-    if frame.height != seq.n_events:
-        raise ConfigError(f"{scorer.run.events} and the sequences disagree on users {users[:3].tolist()}...")
-    return event_amounts(scorer, frame, seq.n_events)
-
-
 def _compute(broadcast):
     """mapInArrow body: each input row (shard, lo, hi) -> the states of those users as Arrow rows."""
     import pyarrow as pa
@@ -88,25 +72,13 @@ def _compute(broadcast):
         folder = scorer.run.sequences
         for batch in batches:
             for shard, lo, hi in zip(*(batch.column(c).to_pylist() for c in ("shard", "lo", "hi"))):
-                part = load_shard(folder, shard)
-                seq = part.take_users(np.arange(lo, hi))  # copies only these users' rows
-                names = _user_ids(scorer, np.asarray(seq.users))
-                data = RunData.of_sequences(scorer.run, seq, scorer.profile, scorer.tok)
-                recent = recent_deltas(scorer, job["cut_s"], data)
-                for states in user_states(scorer, seq, _shard_amounts(scorer, seq), names, job["cut_s"],
-                                          job["batch_size"], now=job["now"], recent=recent):
+                seq = load_shard(folder, shard).take_users(np.arange(lo, hi))  # copies only these users' rows
+                for states in shard_states(scorer, seq, job["cut_s"], job["batch_size"], now=job["now"]):
                     yield pa.RecordBatch.from_pylist([{
                         "user_id": s.user_id, "user_idx": s.user_idx, "n_events": s.n_events,
                         "last_time": s.last_time, "h": s.h.tolist(), "pooled": s.pooled.tolist(),
                         "state": s.encode()} for s in states], schema=schema)
     return run
-
-
-def _user_ids(scorer: Scorer, users: np.ndarray) -> list[str]:
-    frame = pl.scan_parquet(scorer.run.users).select(USER_IDX, "user_id") \
-        .filter(pl.col(USER_IDX).is_in(users.tolist())).collect()
-    names = dict(zip(frame[USER_IDX].to_list(), frame["user_id"].cast(pl.Utf8).to_list()))
-    return [names[int(u)] for u in users]
 
 
 def state_schema():
