@@ -92,8 +92,6 @@ def test_tokenizer_from_refuses_other_fields(split_runs, tmp_path):
         prepare(cfg, tmp_path / "y", tokenizer_from=big)
     with pytest.raises(ConfigError, match="not a prepared run|does not exist"):
         prepare(load_dataset_config("simulated", overrides=SMALL), tmp_path / "z", tokenizer_from=tmp_path)
-    with pytest.raises(ConfigError, match=r"\[users\] and \[items\] need --engine polars"):
-        prepare(load_dataset_config("simulated", overrides=[*SMALL, *PART]), tmp_path / "w", engine="spark")
 
 
 def test_a_model_of_the_first_part_loads_as_it_is(split_runs):
