@@ -75,19 +75,21 @@ def test_spark_reuses_another_runs_tokenizer_as_polars_does(spark, tmp_path):
     assert own["vocab_size"] != json.loads((tmp_path / "spark" / "prepare.json").read_text())["vocab_size"]
 
 
-def test_spark_joins_the_item_table_and_draws_the_users_as_polars_does(spark, tmp_path):
+@pytest.mark.parametrize("complement", [False, True])
+def test_spark_joins_the_item_table_and_draws_the_users_as_polars_does(spark, tmp_path, complement):
     """[items] (fields from a side table; an item it lacks -> missing fields) and [users] (a seeded part of the
-    users): the same run from both engines, items.parquet included."""
+    users, or the rest): the same run from both engines, items.parquet included."""
     config = tmp_path / "c.toml"
     config.write_text(ITEMS_CONFIG.format(items=write_lines(tmp_path / "items.csv", ITEMS)))
     data = _events(tmp_path / "events.csv", n_users=10)
+    part = ["users.fraction=0.6", "users.seed=3", f"users.complement={str(complement).lower()}"]
     for engine in ("polars", "spark"):
-        cfg = load_dataset_config("csv", config, overrides=["users.fraction=0.6", "users.seed=3"], data=str(data))
-        prepare(cfg, tmp_path / engine, engine=engine)
+        prepare(load_dataset_config("csv", config, overrides=part, data=str(data)), tmp_path / engine, engine=engine)
     assert_same_run(tmp_path / "polars", tmp_path / "spark")
     report = json.loads((tmp_path / "spark" / "prepare.json").read_text())
-    assert report["users"] == 6 and report["rows_dropped"]["user_not_chosen"] == 4 * 6
-    assert report["items"] == {"items": 3, "fields": ["brand", "price"], "events_unmatched": 14}  # item d
+    kept = 4 if complement else 6
+    assert report["users"] == kept and report["rows_dropped"]["user_not_chosen"] == (10 - kept) * 6
+    assert report["items"]["items"] == 3 and report["items"]["events_unmatched"] > 0  # item d
     assert pl.read_parquet(tmp_path / "polars" / "items.parquet").equals(pl.read_parquet(tmp_path / "spark" / "items.parquet"))
     assert set(pl.read_parquet(tmp_path / "spark" / "events.parquet")["brand"].unique().to_list()) == {"acme", "bolt", None}
 

@@ -50,13 +50,14 @@ def split_summary(counts: list[dict], cfg: SplitConfig) -> dict:
     return {**rule, "events": events, "users": users}
 
 
-def _user_hash(seed: int, user: str) -> bytes:
+def user_hash(seed: int, user: str) -> bytes:
+    """The seeded hash `[users]` ranks user ids by (then by the id)."""
     return hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=8).digest()
 
 
 def chosen_users(users: list[str], cfg: UsersConfig) -> set[str]:
     """The users `cfg` keeps: ordered by a seeded hash of the id (ties by id), the first round(fraction x n),
     or the rest with `complement`. Depends on the set of users only, never on their order."""
-    ranked = sorted(set(users), key=lambda u: (_user_hash(cfg.seed, u), u))
+    ranked = sorted(set(users), key=lambda u: (user_hash(cfg.seed, u), u))
     head = round(cfg.fraction * len(ranked))
     return set(ranked[head:] if cfg.complement else ranked[:head])

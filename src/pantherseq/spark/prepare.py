@@ -15,8 +15,8 @@ Where the work happens:
               (applyInArrow, data/sequences.py's format); events.parquet from globally sorted parts
               streamed by the driver into one file; users.parquet from the per-user aggregate.
 `[items]`: the driver reads the item table with the Polars path's reader (its checks and errors) and Spark
-left-joins it, broadcast, on `items.on`; `[users]`: the driver draws the kept users from the distinct user ids
-(data/split.py `chosen_users`, the Polars path's rule), and Spark keeps their events by a broadcast semi-join.
+left-joins it, broadcast, on `items.on`; `[users]`: the executors rank the distinct user ids by the seeded hash of
+data/split.py `chosen_users` (the Polars path's rule) and keep the chosen users' events by a semi-join.
 Only the csv and handbook sources (CSV / Parquet paths) run on Spark.
 """
 
@@ -46,7 +46,7 @@ from pantherseq.data.sources import (
     merge_parts,
     read_csv_file,
 )
-from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, chosen_users
+from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, user_hash
 from pantherseq.data.tables import resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
 from pantherseq.errors import ConfigError, DataError
@@ -175,12 +175,18 @@ def _order(ev, cfg: DatasetConfig, dropped: dict[str, int]):
 
 
 def _select_users(spark, ev, cfg: DatasetConfig, dropped: dict[str, int]):
-    """`[users]`: keep the users chosen_users draws from the users left (the rest counted `user_not_chosen`)."""
+    """`[users]`: keep the users data/split.py `chosen_users` keeps of the users left (the rest counted
+    `user_not_chosen`), ranked in the executors: every distinct user id keyed by (seeded hash, id), sorted
+    and numbered by Spark (`zipWithIndex`), the first round(fraction x users) kept (with `complement`, the
+    others). The driver holds no user id."""
     if cfg.users.all:
         return ev
-    users = [r[USER] for r in ev.select(USER).distinct().collect()]
-    kept = spark.createDataFrame([(u,) for u in sorted(chosen_users(users, cfg.users))], f"{USER} string")
-    out = ev.join(kept.hint("broadcast"), USER, "left_semi")
+    users = cfg.users
+    ranked = (ev.select(USER).distinct().rdd.map(lambda r: (user_hash(users.seed, r[0]), r[0]))
+              .sortBy(lambda key: key).zipWithIndex())
+    head = round(users.fraction * ranked.count())
+    keep = ranked.filter(lambda x: (x[1] >= head) == users.complement).map(lambda x: (x[0][1],))
+    out = ev.join(spark.createDataFrame(keep, f"{USER} string"), USER, "left_semi")
     dropped["user_not_chosen"] = ev.count() - out.count()
     return out
 
