@@ -7,9 +7,10 @@ progress bar; and the short-window Δ of each user's last max(WINDOW_SIZES) − 
 from its own history in the fraud pass's windows (`recent_deltas`: the same `behaviour_features` as
 `pantherseq fraud`, so the served window means equal the offline ones). Shard by shard (`shard_states`): one
 memory-mapped shard, its users' amounts and ids and their Δ at a time, never the merged run. The store's
-meta `embed` records the run, model version, cut-off and count; the service reads it at start-up to rebuild the terminal history up to the same cut-off. A store that belongs to
-another run is refused, one of another model version of this run unless `migrate` (identity.py); the
-store's `owner` record then names this run and model.
+meta `embed` records the run, model version, cut-off and count; the service reads it at start-up to rebuild
+the terminal history up to the same cut-off. A store that belongs to another run is refused, one of another
+model version of this run unless `migrate` (identity.py); the store's `owner` record then names this run and
+model.
 """
 
 from __future__ import annotations
