@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pantherseq.data import sequences
 from pantherseq.data.sequences import Sequences
 from pantherseq.errors import ConfigError
 from pantherseq.serve.embed import embed_users
@@ -69,13 +70,18 @@ def _sharded(trained_run: Path, out: Path, shards: int) -> Path:
     return out
 
 
-def test_single_process_embed_streams_shards(trained_run, single, tmp_path):
+def test_single_process_embed_streams_shards(trained_run, single, tmp_path, monkeypatch):
     """The single-process embed reads a sharded run shard by shard (never merged) and writes the states it
     writes from one folder."""
     run = _sharded(trained_run, tmp_path / "run", 3)
+    scorer = Scorer(run, "panther")
+
+    def merged(parts):
+        raise AssertionError("embed merged the shards")
+    monkeypatch.setattr(sequences, "merge_shards", merged)
     url = f"sqlite:///{tmp_path / 'states.db'}"
     with open_store(url) as store:
-        embed_users(Scorer(run, "panther"), store, UNTIL, batch_size=64, progress=False)
+        embed_users(scorer, store, UNTIL, batch_size=64, progress=False)
     _assert_same(single, _states(url))
 
 

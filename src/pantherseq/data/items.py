@@ -85,9 +85,15 @@ def join_items(events: pl.DataFrame, table: pl.DataFrame, cfg: DatasetConfig) ->
     on = cfg.items.on
     joined = events.join(table, left_on=on, right_on=ITEM, how="left", maintain_order="left")
     unmatched = int((events[on].is_not_null() & ~events[on].is_in(table[ITEM].implode())).sum())
+    return joined, join_stats(table, cfg, unmatched)
+
+
+def join_stats(table: pl.DataFrame, cfg: DatasetConfig, unmatched: int) -> dict:
+    """prepare.json's `items` (either engine's join): {items, fields, events_unmatched}, warning when some
+    events name an item the table does not hold."""
     if unmatched:
         log.warning("%d events name an item the item table does not hold: their item fields are UNK", unmatched)
-    return joined, {"items": table.height, "fields": list(cfg.items.fields), "events_unmatched": unmatched}
+    return {"items": table.height, "fields": list(cfg.items.fields), "events_unmatched": int(unmatched)}
 
 
 def source_names(table: pl.DataFrame, cfg: DatasetConfig) -> pl.DataFrame:
@@ -97,4 +103,5 @@ def source_names(table: pl.DataFrame, cfg: DatasetConfig) -> pl.DataFrame:
     return table.rename(names)
 
 
-__all__ = ["ITEM", "empty_items", "item_columns", "join_items", "read_items", "scan_items", "source_names"]
+__all__ = ["ITEM", "empty_items", "item_columns", "join_items", "join_stats", "read_items", "scan_items",
+           "source_names"]

@@ -50,14 +50,21 @@ def split_summary(counts: list[dict], cfg: SplitConfig) -> dict:
     return {**rule, "events": events, "users": users}
 
 
-def user_hash(seed: int, user: str) -> bytes:
-    """The seeded hash `[users]` ranks user ids by (then by the id)."""
-    return hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=8).digest()
+def user_rank_key(seed: int, user: str) -> tuple[bytes, str]:
+    """What `[users]` orders user ids by: a seeded hash of the id, ties by the id."""
+    return hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=8).digest(), user
+
+
+def kept_ranks(n: int, cfg: UsersConfig) -> range:
+    """The ranks (in `user_rank_key` order) of the users `cfg` keeps among `n`: the first round(fraction x n),
+    or the rest with `complement`."""
+    head = round(cfg.fraction * n)
+    return range(head, n) if cfg.complement else range(head)
 
 
 def chosen_users(users: list[str], cfg: UsersConfig) -> set[str]:
-    """The users `cfg` keeps: ordered by a seeded hash of the id (ties by id), the first round(fraction x n),
-    or the rest with `complement`. Depends on the set of users only, never on their order."""
-    ranked = sorted(set(users), key=lambda u: (user_hash(cfg.seed, u), u))
-    head = round(cfg.fraction * len(ranked))
-    return set(ranked[head:] if cfg.complement else ranked[:head])
+    """The users `cfg` keeps (`user_rank_key`, `kept_ranks`). Depends on the set of users only, never on
+    their order (the Spark engine ranks them the same way: spark/prepare.py)."""
+    ranked = sorted(set(users), key=lambda u: user_rank_key(cfg.seed, u))
+    keep = kept_ranks(len(ranked), cfg)
+    return set(ranked[keep.start:keep.stop])

@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from pantherseq.config import save_toml
-from pantherseq.data.items import ITEM
+from pantherseq.data.items import ITEM, join_stats
 from pantherseq.data.schema import EVENT_ID, GAP, LABEL, N_SPECIAL, SCENARIO, TIME, UNK, USER, DatasetConfig
 from pantherseq.data.sequences import Sequences, shard_folder, write_shards_meta
 from pantherseq.data.sources import (
@@ -46,7 +46,7 @@ from pantherseq.data.sources import (
     merge_parts,
     read_csv_file,
 )
-from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, user_hash
+from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, kept_ranks, user_rank_key
 from pantherseq.data.tables import resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
 from pantherseq.errors import ConfigError, DataError
@@ -125,10 +125,8 @@ def _join_items(spark, cfg: DatasetConfig, ev):
         table.rows(), StructType([StructField(c, kinds[t]) for c, t in table.schema.items()])))
     on = cfg.items.on
     unmatched = ev.where(F.col(on).isNotNull()).join(right, ev[on] == right[ITEM], "left_anti").count()
-    if unmatched:
-        log.warning("%d events name an item the item table does not hold: their item fields are UNK", unmatched)
     joined = ev.join(right, ev[on] == right[ITEM], "left").drop(ITEM)
-    return joined, table, {"items": table.height, "fields": list(cfg.items.fields), "events_unmatched": unmatched}
+    return joined, table, join_stats(table, cfg, unmatched)
 
 
 # -- 2. order ----------------------------------------------------------------------------------
@@ -176,17 +174,15 @@ def _order(ev, cfg: DatasetConfig, dropped: dict[str, int]):
 
 def _select_users(spark, ev, cfg: DatasetConfig, dropped: dict[str, int]):
     """`[users]`: keep the users data/split.py `chosen_users` keeps of the users left (the rest counted
-    `user_not_chosen`), ranked in the executors: every distinct user id keyed by (seeded hash, id), sorted
-    and numbered by Spark (`zipWithIndex`), the first round(fraction x users) kept (with `complement`, the
-    others). The driver holds no user id."""
+    `user_not_chosen`), ranked in the executors: every distinct user id keyed by `user_rank_key`, sorted and
+    numbered by Spark (`zipWithIndex`), those at `kept_ranks` kept. The driver holds no user id."""
     if cfg.users.all:
         return ev
-    users = cfg.users
-    ranked = (ev.select(USER).distinct().rdd.map(lambda r: (user_hash(users.seed, r[0]), r[0]))
-              .sortBy(lambda key: key).zipWithIndex())
-    head = round(users.fraction * ranked.count())
-    keep = ranked.filter(lambda x: (x[1] >= head) == users.complement).map(lambda x: (x[0][1],))
-    out = ev.join(spark.createDataFrame(keep, f"{USER} string"), USER, "left_semi")
+    seed = cfg.users.seed
+    ranked = ev.select(USER).distinct().rdd.map(lambda r: user_rank_key(seed, r[0])).sortBy(lambda k: k).zipWithIndex()
+    keep = kept_ranks(ranked.count(), cfg.users)
+    chosen = ranked.filter(lambda x: x[1] in keep).map(lambda x: (x[0][1],))
+    out = ev.join(spark.createDataFrame(chosen, f"{USER} string"), USER, "left_semi")
     dropped["user_not_chosen"] = ev.count() - out.count()
     return out
 
