@@ -24,9 +24,12 @@ and is trained to convergence, its cost recorded beside its quality (epochs, wal
   targets are profile fields, so PANTHER is trained there without the profile (`model.profile_mode="none"`:
   SPRM kept, no e_u, no contrastive term) — `pantherseq probe` refuses a model whose weights have seen the
   target (eval/probe.py);
-- coles: pytorch-lifestream 0.7's CoLES (GRU) trained by benchmarks/coles_embed.py in .venv-bench on the
-  same token sequences, every field's code (`--codes`) and training period, at most `coles_epochs` epochs
-  with early stopping on the contrastive loss of 10 % held-out users (`coles_patience`, best weights kept);
+- coles: pytorch-lifestream 0.7's CoLES (GRU over contiguous slices of 25..200 events, 16 users a step: the
+  settings of benchmarks/coles_embed.py) trained in .venv-bench on the same token sequences, every field's
+  code (`--codes`) and training period, at most `coles_epochs` epochs with early stopping on the
+  contrastive loss of 10 % held-out users (`coles_patience`, best weights kept); on MovieLens-100k also
+  coles-no-time: the independent CoLES's inputs (item, rating, genre, release year; no hour, weekday or
+  gap, with which the contrastive task is solved by when a user rates rather than what);
 - llm4es: RUN/llm4es/embeddings.npy when the LLM4ES stage has written it, else "not run" (the text holds
   each rating's time, title, year, genres and rating);
 - random: 64 Gaussian columns (the floor); aggregates+X: aggregates concatenated with X.
@@ -55,7 +58,9 @@ DATASETS = {
     "movielens100k": {"prepare": ["--dataset", "movielens100k"], "quick_prepare": [],
                       "tasks": {"gender_auc": "gender", "age_acc": "age"},
                       "epochs": (200, 2), "patience": 8, "coles_epochs": (300, 2), "coles_patience": 10,
-                      "panther_sets": ['model.profile_mode="none"']},  # the targets are profile fields
+                      "panther_sets": ['model.profile_mode="none"'],  # the targets are profile fields
+                      # beside the same-inputs CoLES: the independent CoLES's inputs (no token: it is the item)
+                      "coles_variants": {"coles-no-time": ["--no-token", "--fields", "item,rating,genre,release_year"]}},
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],
                   "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": [],
                   "epochs": (60, 1), "patience": 3, "coles_epochs": (300, 2), "coles_patience": 10,
@@ -98,18 +103,25 @@ def train_models(name: str, run: Path, quick: bool, reuse: bool) -> dict:
     return out
 
 
-def train_coles(name: str, run: Path, quick: bool, reuse: bool) -> dict | str:
-    """CoLES (benchmarks/coles_embed.py in .venv-bench) on the token and every field code, to its own early
-    stopping; its coles.json, or why it did not run."""
-    info = run / "coles" / "coles.json"
+def coles_variants(name: str) -> dict[str, list[str]]:
+    """CoLES representations of a dataset -> coles_embed.py arguments: `coles` on the token and every field
+    code (the inputs every representation sees), and the dataset's `coles_variants`."""
+    return {"coles": ["--codes"], **DATASETS[name].get("coles_variants", {})}
+
+
+def train_coles(name: str, run: Path, quick: bool, reuse: bool, variant: str = "coles") -> dict | str:
+    """CoLES (benchmarks/coles_embed.py in .venv-bench, its default settings) on `variant`'s inputs into
+    RUN/VARIANT/embeddings.npy, to its own early stopping; its coles.json, or why it did not run."""
+    info = run / variant / "coles.json"
     if reuse and info.is_file():
         return json.loads(info.read_text())
     if not BENCH_PY.is_file():
         return "not run: no .venv-bench (bash benchmarks/bench-env.sh)"
     spec = DATASETS[name]
-    cmd = [str(BENCH_PY), str(REPO / "benchmarks" / "coles_embed.py"), "--run", str(run), "--codes",
+    cmd = [str(BENCH_PY), str(REPO / "benchmarks" / "coles_embed.py"), "--run", str(run),
+           *coles_variants(name)[variant], "--out", str(run / variant / "embeddings.npy"),
            "--max-epochs", str(spec["coles_epochs"][quick]), "--patience", str(spec["coles_patience"])]
-    train_log = run / "coles" / "train.log"  # its per-epoch held-out loss, to follow with tail -f
+    train_log = run / variant / "train.log"  # its per-epoch held-out loss, to follow with tail -f
     train_log.parent.mkdir(parents=True, exist_ok=True)
     print("+", " ".join(cmd), f"2> {train_log}", flush=True)
     with train_log.open("w") as err:
@@ -144,11 +156,11 @@ def run_llm4es(run: Path, reuse: bool) -> dict | str:
     return json.loads(info.read_text())
 
 
-def representations(run: Path, coles_ok: bool) -> tuple[list[str], dict[str, str]]:
+def representations(run: Path, coles_ok: dict[str, bool]) -> tuple[list[str], dict[str, str]]:
     """The names to probe, and those that could not be (name -> reason)."""
     base = ["aggregates", *MODELS]
     missing = {}
-    for extra, ok in (("llm4es", (run / "llm4es" / "embeddings.npy").is_file()), ("coles", coles_ok)):
+    for extra, ok in (("llm4es", (run / "llm4es" / "embeddings.npy").is_file()), *coles_ok.items()):
         if ok:
             base.append(extra)
         else:
@@ -172,8 +184,8 @@ def probe_task(run: Path, target: str, names: list[str], quick: bool, repeats: i
     return json.loads(path.read_text())[target]
 
 
-ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "random", "aggregates+panther",
-         "aggregates+transformer", "aggregates+llm4es", "aggregates+coles")
+ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "coles-no-time", "random", "aggregates+panther",
+         "aggregates+transformer", "aggregates+llm4es", "aggregates+coles", "aggregates+coles-no-time")
 
 
 def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict, dict]:
@@ -181,9 +193,10 @@ def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict
     started = time.time()
     prepare(name, run, quick, reuse)
     train = train_models(name, run, quick, reuse)
-    train["coles"] = train_coles(name, run, quick, reuse)
+    for variant in coles_variants(name):
+        train[variant] = train_coles(name, run, quick, reuse, variant)
     train["llm4es"] = run_llm4es(run, reuse)
-    names, missing = representations(run, isinstance(train["coles"], dict))
+    names, missing = representations(run, {v: isinstance(train[v], dict) for v in coles_variants(name)})
     table, probes = {}, {}
     for key, target in DATASETS[name]["tasks"].items():
         report = probe_task(run, target, names, quick, None if quick else DATASETS[name].get("repeats"), reuse)
