@@ -8,7 +8,7 @@ What is run, and how it is kept comparable with `pantherseq pretrain` + `panther
   user: `token` (the structured token our models embed; `--no-token` leaves it out) and each event field's
   code as its own categorical feature — by default every field of the run's config, item side-table fields
   included (MovieLens-100k: item, rating, genre, release_year, hour, weekday, log_gap), the inputs our
-  models' field embeddings read; `--fields` names a subset, `--no-codes` the token alone. `event_time`
+  models' field embeddings read; `--fields` names a subset (`--fields ''`: the token alone). `event_time`
   orders the events. Training uses each user's events up to the end of the training period only, as
   `pantherseq pretrain` does; the embeddings are computed on every event.
 - Model: ptls `CoLESModule` (contrastive loss, margin 0.5, hard negatives, L2-normalised head: its
@@ -21,7 +21,7 @@ What is run, and how it is kept comparable with `pantherseq pretrain` + `panther
   `SplitRandom` with batches of 64 users (13 steps an epoch) gave gender AUC 0.55; contiguous slices and
   batches of 16 users give 0.67 on the same inputs, and 0.72 without the time fields (hour, weekday, gap:
   with them, the contrastive task is solved by when a user rates, not what), in line with the independent
-  CoLES figure (0.747 / 0.731). Chosen by the probe among six variants, so the CoLES rows are if anything
+  CoLES figure (0.747 / 0.731). Chosen by the probe among the variants there, so the CoLES rows are if anything
   optimistic; our models were not tuned on the probe.
 - Convergence: a seeded `--valid-share` of the training users is held out; after every epoch the
   contrastive loss of their subsequences (split once, seeded, so every epoch scores the same batches) is
@@ -187,10 +187,8 @@ def main() -> None:
     parser.add_argument("--out", help="embeddings file (default RUN/coles/embeddings.npy)")
     parser.add_argument("--hidden", type=int, default=128, help="GRU size = embedding size (default 128)")
     parser.add_argument("--emb", type=int, default=64, help="token embedding size (default 64)")
-    parser.add_argument("--codes", action=argparse.BooleanOptionalAction, default=True,
-                        help="also embed each event field's code (default; --no-codes: the token alone)")
     parser.add_argument("--fields", help="comma-separated event fields whose codes are embedded (default: every "
-                        "field of the run; implies --codes)")
+                        "field of the run; '': none, the token alone)")
     parser.add_argument("--token", action=argparse.BooleanOptionalAction, default=True,
                         help="embed the structured token (default; --no-token: the field codes alone)")
     parser.add_argument("--split-count", type=int, default=5)
@@ -222,7 +220,7 @@ def main() -> None:
         if unknown := sorted(set(args.fields) - set(seq.field_names)):
             parser.error(f"--fields: {', '.join(unknown)} not among the run's fields {', '.join(seq.field_names)}")
     else:
-        args.fields = list(seq.field_names) if args.codes else []
+        args.fields = list(seq.field_names)
     if not args.token and not args.fields:
         parser.error("--no-token with no field codes leaves CoLES no input")
     inputs = ["token"] * args.token + args.fields

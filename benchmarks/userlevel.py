@@ -26,7 +26,7 @@ and is trained to convergence, its cost recorded beside its quality (epochs, wal
   target (eval/probe.py);
 - coles: pytorch-lifestream 0.7's CoLES (GRU over contiguous slices of 25..200 events, 16 users a step: the
   settings of benchmarks/coles_embed.py) trained in .venv-bench on the same token sequences, every field's
-  code (`--codes`) and training period, at most `coles_epochs` epochs with early stopping on the
+  code and training period, at most `coles_epochs` epochs with early stopping on the
   contrastive loss of 10 % held-out users (`coles_patience`, best weights kept); on MovieLens-100k also
   coles-no-time: the independent CoLES's inputs (item, rating, genre, release year; no hour, weekday or
   gap, with which the contrastive task is solved by when a user rates rather than what);
@@ -106,7 +106,7 @@ def train_models(name: str, run: Path, quick: bool, reuse: bool) -> dict:
 def coles_variants(name: str) -> dict[str, list[str]]:
     """CoLES representations of a dataset -> coles_embed.py arguments: `coles` on the token and every field
     code (the inputs every representation sees), and the dataset's `coles_variants`."""
-    return {"coles": ["--codes"], **DATASETS[name].get("coles_variants", {})}
+    return {"coles": [], **DATASETS[name].get("coles_variants", {})}
 
 
 def train_coles(name: str, run: Path, quick: bool, reuse: bool, variant: str = "coles") -> dict | str:
