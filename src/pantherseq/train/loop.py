@@ -285,6 +285,9 @@ def train(run_dir: RunDir | str | Path, model: str, cfg: PretrainConfig, resume:
         write_prototypes(run, name, core, data)
     if world > 1:
         dist.barrier()
+        # gloo's worker threads left to interpreter teardown can hang the exit (a CI run hung 300 s after
+        # training finished); the documented shutdown is every rank destroying the group once done
+        dist.destroy_process_group()
     return metrics
 
 
