@@ -22,8 +22,10 @@ and is trained to convergence, its cost recorded beside its quality (epochs, wal
   time budget); embedded by mean-pooling causal states over the whole history (PANTHER's profile input
   replaced by the population mean, so demographics cannot leak into the embedding). On MovieLens-100k both
   targets are profile fields, so PANTHER is trained there without the profile (`model.profile_mode="none"`:
-  SPRM kept, no e_u, no contrastive term) — `pantherseq probe` refuses a model whose weights have seen the
-  target (eval/probe.py);
+  SPRM kept, no e_u) — `pantherseq probe` refuses a model whose weights have seen the target
+  (eval/probe.py) — and with the self-contrastive term instead (`model.contrastive_on="self"`, λ 0.3, τ 0.2:
+  slices of one user as positives, CoLES's objective beside the generative one, docs/MODELS.md), its only
+  user-level objective there; the transformer is the plain backbone;
 - coles: pytorch-lifestream 0.7's CoLES (GRU over contiguous slices of 25..200 events, 16 users a step: the
   settings of benchmarks/coles_embed.py) trained in .venv-bench on the same token sequences, every field's
   code and training period, at most `coles_epochs` epochs with early stopping on the
@@ -58,7 +60,9 @@ DATASETS = {
     "movielens100k": {"prepare": ["--dataset", "movielens100k"], "quick_prepare": [],
                       "tasks": {"gender_auc": "gender", "age_acc": "age"},
                       "epochs": (200, 2), "patience": 8, "coles_epochs": (300, 2), "coles_patience": 10,
-                      "panther_sets": ['model.profile_mode="none"'],  # the targets are profile fields
+                      # the targets are profile fields: no profile, the self-contrastive term in its place
+                      "panther_sets": ['model.profile_mode="none"', 'model.contrastive_on="self"',
+                                       "model.contrastive_lambda=0.3", "model.contrastive_tau=0.2"],
                       # beside the same-inputs CoLES: the independent CoLES's inputs (no token: it is the item)
                       "coles_variants": {"coles-no-time": ["--no-token", "--fields", "item,rating,genre,release_year"]}},
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],

@@ -67,6 +67,39 @@ def test_two_ranks_read_disjoint_shards_in_equal_steps(sharded_run):
         next(data.train_batches(MAX_LEN, BATCH, seed=0, rank=0, world=4))
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_views_are_slices_of_the_same_users_training_windows(sharded_run, stream):
+    """PANTHER's self-contrastive views: after the windows, one per window, of its user, inside one of the
+    user's training windows, at least view_min events where the window has them, without targets; the
+    windows themselves are the batches without views; the positives are the pairs of rows of one user."""
+    data, view_min = RunData(sharded_run), 5
+    plain = list(data.train_batches(MAX_LEN, BATCH, seed=4, stream=stream))
+    viewed = list(data.train_batches(MAX_LEN, BATCH, seed=4, stream=stream, view_min=view_min))
+    assert len(plain) == len(viewed) > 0
+    seq = data.seq  # the merged run, to find each view's events
+    train = {}
+    for w in data.train_windows(MAX_LEN + 1):
+        u = int(np.searchsorted(np.asarray(seq.offsets), w[0], side="right") - 1)
+        train.setdefault(int(seq.users[u]) if seq.users is not None else u, []).append(np.asarray(seq.tokens)[w[0]:w[1] - 1])
+    short = 0
+    for p, v in zip(plain, viewed):
+        n = len(p.users)
+        assert len(v.users) == 2 * n and torch.equal(v.users[:n], p.users) and torch.equal(v.users[n:], p.users)
+        T = p.tokens.shape[1]
+        assert torch.equal(v.tokens[:n, :T], p.tokens) and torch.equal(v.targets[:n, :T], p.targets)
+        assert (v.targets[n:] == 0).all() and (v.target_codes[n:] == 0).all()
+        same = v.users[:, None] == v.users[None, :]
+        assert torch.equal(v.positives, same & ~torch.eye(2 * n, dtype=torch.bool))
+        for u, toks in zip(v.users[n:].tolist(), v.tokens[n:].numpy()):
+            toks = toks[toks != 0]
+            inside = [w for w in train[u] if any(np.array_equal(w[i:i + len(toks)], toks)
+                                                 for i in range(len(w) - len(toks) + 1))]
+            assert inside, f"user {u}: a view outside the user's training windows"
+            assert len(toks) >= min(view_min, max(len(w) for w in inside))
+            short += len(toks) < max(len(w) for w in train[u])
+    assert short > 0  # views are slices, not copies of whole windows
+
+
 @pytest.mark.slow
 def test_a_sharded_run_trains(sharded_run):
     from pantherseq.model.base import ModelConfig

@@ -26,6 +26,7 @@ VARIANTS = {
     "panther-first_token": ("panther", {"profile_mode": "first_token", "contrastive_lambda": 0.0}),
     "panther-first_token-cl": ("panther", {"profile_mode": "first_token", "contrastive_lambda": 0.1}),
     "panther-history-cl": ("panther", {"contrastive_on": "history", "contrastive_lambda": 0.1}),
+    "panther-self-cl": ("panther", {"profile_mode": "none", "contrastive_on": "self", "contrastive_lambda": 0.1}),
     "panther-copy-fields": ("panther", {"copy_head": True, "field_heads": True}),
     "panther-plain-inputs": ("panther", {"field_embeddings": False, "time_gap": False}),
     "transformer": ("transformer", {}),
@@ -181,6 +182,20 @@ def test_contrastive_term_is_reported_and_mixed():
     expected = 0.75 * parts["gen"] + 0.25 * parts["cl"]
     torch.testing.assert_close(float(total.detach()), expected, atol=1e-5, rtol=1e-5)
     assert build("transformer").extra_loss(batch, None) == (None, {})
+
+
+def test_the_self_contrastive_term_needs_no_profile_and_asks_for_views():
+    batch = make_batch()
+    self_cl = build("panther-self-cl")
+    assert self_cl.profile is None and self_cl.view_min == BASE.contrastive_view_min
+    _, parts = self_cl.loss(batch)
+    assert set(parts) >= {"gen", "cl"} and math.isfinite(parts["cl"])
+    # the profile's terms stay silent without a profile, and ask for no views
+    for on in ("profile", "history"):
+        m = build("panther", profile_mode="none", contrastive_on=on, contrastive_lambda=0.1)
+        assert m.view_min == 0 and m.extra_loss(batch, m.hidden(batch)) == (None, {})
+    assert build("panther-self-cl", contrastive_lambda=0.0).view_min == 0
+    assert build("transformer", contrastive_on="self", contrastive_lambda=0.1).view_min == 0
 
 
 def test_chunked_loss_equals_full():

@@ -24,6 +24,21 @@ def small_cfg(**train) -> PretrainConfig:
                                                              "eval_max_users": None, **train}))
 
 
+def test_patience_starts_counting_after_the_warm_up(run_dir, monkeypatch):
+    """A validation score that never improves: training stops `patience` epochs after the warm-up's end."""
+    from pantherseq.train import loop
+
+    steps = RunData(run_dir).train_steps(32, 32)
+    monkeypatch.setattr(loop, "_validate", lambda *a, **k: {"ndcg@10": 0.0, "hr@10": 0.0})
+    monkeypatch.setattr(loop, "write_prototypes", lambda *a, **k: None)
+    # epoch 1 is the best so far; without a warm-up epochs 2, 3 count; warming up until just after epoch 3
+    # ends, epochs 4, 5 do
+    for warm_epochs, stopped_after in ((0, 3), (3, 5)):
+        cfg = small_cfg(epochs=20, patience=2, warmup_steps=warm_epochs * steps + 1 if warm_epochs else 0)
+        metrics = train(run_dir, "transformer", cfg, name=f"flat{warm_epochs}")
+        assert metrics["epochs"] == stopped_after
+
+
 def test_train_checkpoint_round_trip_and_resume(run_dir):
     cfg = small_cfg(epochs=1)
     metrics = train(run_dir, "transformer", cfg)

@@ -31,7 +31,7 @@ import torch
 from pantherseq.data.batch import Batch, DataInfo, seen_before
 from pantherseq.data.schema import GAP_BUCKETS, UNK, DatasetConfig
 from pantherseq.data.sequences import Sequences, load_shard, sequence_users, shard_count
-from pantherseq.data.shards import ShardStream, window_batch
+from pantherseq.data.shards import ShardStream, add_views, user_groups, window_batch
 from pantherseq.data.split import SPLIT_NAMES
 from pantherseq.errors import ConfigError, DataError
 from pantherseq.run import RunDir
@@ -240,14 +240,15 @@ class RunData:
         return win[np.sort(np.random.default_rng(FRACTION_SEED).choice(len(win), n, replace=False))]
 
     def train_batches(self, max_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                      history: int = 0, stream: bool | None = None) -> Iterator[Batch]:
+                      history: int = 0, stream: bool | None = None, view_min: int = 0) -> Iterator[Batch]:
         """Shuffled training windows (max_len + 1 events each); rank r of `world` takes every world-th.
         A sharded run (`stream` None or True) streams its shards instead (data/shards.py): rank r reads
-        shards r, r + world, ...; `stream=False` merges them and takes this path.
+        shards r, r + world, ...; `stream=False` merges them and takes this path. `view_min` > 0: each
+        batch also carries one view per window (data/shards.py `add_views`, PANTHER's self-contrastive term).
 
         Raises DataError (on the first batch) when the training period has no target at all."""
         if self.stream is not None and stream is not False:
-            yield from self.stream.batches(max_len + 1, batch_size, seed, rank, world, history)
+            yield from self.stream.batches(max_len + 1, batch_size, seed, rank, world, history, view_min)
             return
         require_train_targets(self.seq, max_len, self.run)
         win = self.train_windows(max_len + 1)
@@ -255,9 +256,17 @@ class RunData:
         n_batches = math.ceil(len(order) / batch_size)
         if world > 1:  # every rank must take the same number of steps: drop the remainder
             n_batches = n_batches // world * world
+        groups = user_groups(win, np.asarray(self.seq.offsets)) if view_min else None
+        rng = np.random.default_rng([seed, rank, 1])  # the views' own stream: the windows' order is unchanged
         for b in range(rank, n_batches, world):
-            w = win[order[b * batch_size:(b + 1) * batch_size]]
-            if len(w):
+            pick = order[b * batch_size:(b + 1) * batch_size]
+            w = win[pick]
+            if not len(w):
+                continue
+            if view_min:
+                yield window_batch(self.seq, self.gap_bucket, self.profile, w[:, 0], w[:, 1] - w[:, 0] - 1,
+                                   history=history, views=add_views(win, groups, pick, rng, view_min))
+            else:
                 yield self._batch(w[:, 0], w[:, 1] - w[:, 0] - 1, history=history)
 
     def n_train_targets(self, max_len: int) -> int:

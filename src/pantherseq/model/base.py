@@ -50,8 +50,11 @@ class ModelConfig:
     contrastive_tau: float = 1.0
     # what the contrastive term pulls together: `profile` = e_u, a function of the static profile alone (the
     # first implementation); `history` = the L2-normalised mean of the causal states over the window, a
-    # history-dependent user representation (the paper's Fig. 2 "hidden states of user profile")
-    contrastive_on: Literal["profile", "history"] = "profile"
+    # history-dependent user representation (the paper's Fig. 2 "hidden states of user profile"); `self` = the
+    # same pooled states, with other slices of the same user as the positives (CoLES-style views added to each
+    # training batch, docs/MODELS.md): a user-level objective that needs no profile
+    contrastive_on: Literal["profile", "history", "self"] = "profile"
+    contrastive_view_min: int = 10  # `self`: the shortest view, in events (shorter windows give all they have)
     # output heads, for every neural model (model/heads.py)
     copy_head: bool = True  # repeat-aware copy head: a gate mixes a pointer over the user's own past tokens
     history: int = 512  # events before the window the copy head and `personal` can see
@@ -103,6 +106,11 @@ class NeuralModel(SequenceModel):
     @property
     def history_len(self) -> int:
         return int(self.cfg.history) if self.copy is not None else 0
+
+    @property
+    def view_min(self) -> int:
+        """> 0: training batches carry a view of each window's user, at least this many events long."""
+        return 0
 
     # -- to implement -------------------------------------------------------------------------
     def hidden(self, batch: Batch) -> torch.Tensor:

@@ -12,6 +12,9 @@ Profile modes (paper §3.4), used only when the data has profile fields (otherwi
 With cfg.contrastive_lambda > 0 and a profile in use, `extra_loss` adds the contrastive term (see
 profile.py) on e_u (`contrastive_on = "profile"`) or on the normalised pooled causal states (`"history"`,
 history-dependent, the paper's Fig. 2); the trainer mixes L = (1−λ)·L_gen + λ·L_CL (base.NeuralModel.loss).
+`"self"` needs no profile: the batches carry one view per window (a random slice of a random training window
+of the same user, data/shards.py `add_views`) and the same term on the pooled states takes a user's windows and
+views as its positives — CoLES's objective (Babaev et al. 2022) beside the generative one.
 
 `Transformer` is the same backbone with SPRM, profile and contrastive loss switched off: the paper's
 "Transformer" baseline.
@@ -57,10 +60,15 @@ class Panther(NeuralModel):
         x = self.ln_f(x)
         return x[:, 1:] if first else x
 
+    @property
+    def view_min(self) -> int:
+        on_self = self.cfg.contrastive_lambda > 0 and self.cfg.contrastive_on == "self"
+        return max(1, int(self.cfg.contrastive_view_min)) if on_self else 0
+
     def extra_loss(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-        if self.profile is None or self.cfg.contrastive_lambda <= 0:
+        if self.cfg.contrastive_lambda <= 0 or (self.profile is None and not self.view_min):
             return None, {}
-        if self.cfg.contrastive_on == "history":  # pooled causal states, on the unit sphere
+        if self.cfg.contrastive_on in ("history", "self"):  # pooled causal states, on the unit sphere
             m = batch.mask.unsqueeze(-1).to(hidden.dtype)
             e = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
         else:

@@ -58,7 +58,9 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
     seed: int = 0
-    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    # epochs without a better validation NDCG@10 before stopping; epochs that end inside the warm-up do not
+    # count (a model still warming up may not have left 0 yet: a contrastive PANTHER stopped at epoch 9 so)
+    patience: int = 3
     eval_max_users: int | None = 1000  # validate each epoch on a seeded subset of users (None = all)
     time_budget_s: float | None = None  # stop after the step that exceeds this training wall time
     threads: int | None = None  # torch threads (None = torch's default)
@@ -182,7 +184,7 @@ def _epoch(model, core, opt, data, cfg: PretrainConfig, state: State, total_step
     """One pass over the training batches; returns False when the time budget ran out."""
     tc = cfg.train
     batches = data.train_batches(cfg.model.max_len, tc.batch_size, tc.seed * 1000 + state.epoch, rank, world,
-                                 history=core.history_len)
+                                 history=core.history_len, view_min=core.view_min)
     bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", disable=None if rank == 0 else True, leave=False, mininterval=1.0)
     t0, n0 = time.perf_counter(), state.targets
     for batch in bar:
@@ -305,6 +307,7 @@ def _train_neural(core, data, cfg: PretrainConfig, run: RunDir, name: str, model
         best_state = _resume(last, core, opt, state)
     steps_per_epoch = max(1, data.train_steps(cfg.model.max_len, tc.batch_size, world))  # training windows only
     total_steps = tc.epochs * steps_per_epoch
+    warm = warmup_steps(tc, total_steps)
     while state.epoch < tc.epochs:
         finished = _epoch(model, core, opt, data, cfg, state, total_steps, rank, world, logger,
                           tc.time_budget_s)
@@ -315,7 +318,7 @@ def _train_neural(core, data, cfg: PretrainConfig, run: RunDir, name: str, model
         if improved:
             state.best, state.best_epoch, state.bad_epochs = score, state.epoch - 1, 0
             best_state = copy.deepcopy(core.state_dict())
-        else:
+        elif state.step >= warm:
             state.bad_epochs += 1
         state.history.append({"epoch": state.epoch, **valid})
         logger(kind="epoch", epoch=state.epoch, step=state.step, train_s=round(state.train_s, 2),

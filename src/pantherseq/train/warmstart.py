@@ -43,7 +43,7 @@ from pantherseq.train.checkpoint import file_sha256, load_checkpoint
 log = logging.getLogger(__name__)
 # [model] keys a fine-tuning run may change: they shape the loss and regularisation, not the weights
 TRAINING_KEYS = ("dropout", "loss", "n_negatives", "auto_full_max_vocab", "contrastive_lambda", "contrastive_tau",
-                 "contrastive_on", "field_loss_weight")
+                 "contrastive_on", "contrastive_view_min", "field_loss_weight")
 TOKEN_ROWS = ("token_emb.weight", "out_bias", "out_proj.weight")
 FIELD_ROWS = ("embedding.field_embs.", "field_heads.heads.")  # + "<field index>.weight|bias"
 RUN_SPECIFIC = ("profile.cat_embs.",)  # codes that number each run's profile values its own way
