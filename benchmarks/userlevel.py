@@ -64,7 +64,10 @@ DATASETS = {
                       "panther_sets": ['model.profile_mode="none"', 'model.contrastive_on="self"',
                                        "model.contrastive_lambda=0.3", "model.contrastive_tau=0.2"],
                       # beside the same-inputs CoLES: the independent CoLES's inputs (no token: it is the item)
-                      "coles_variants": {"coles-no-time": ["--no-token", "--fields", "item,rating,genre,release_year"]}},
+                      "coles_variants": {"coles-no-time": ["--no-token", "--fields", "item,rating,genre,release_year"]},
+                      # and PANTHER on those inputs (the token is the item): no hour, weekday or gap
+                      "model_variants": {"panther-no-time": ("panther", [
+                          'model.input_fields=["item", "rating", "genre", "release_year"]', "model.time_gap=false"])}},
     "simulated": {"prepare": ["--dataset", "simulated"], "quick_prepare": ["--set", "simulate.n_users=600"],
                   "tasks": {"persona_acc": "persona", "fraud_victim_auc": "fraud_victim"}, "panther_sets": [],
                   "epochs": (60, 1), "patience": 3, "coles_epochs": (300, 2), "coles_patience": 10,
@@ -92,17 +95,25 @@ def model_sets(name: str, model: str, quick: bool) -> list[str]:
             *(spec["panther_sets"] if model == "panther" else [])]
 
 
+def model_variants(name: str, quick: bool) -> dict[str, tuple[str, list[str]]]:
+    """Our trained representations of a dataset -> (registry model, `pretrain` overrides): panther and
+    transformer on every input, and the dataset's `model_variants` (the model's overrides plus theirs)."""
+    out = {m: (m, model_sets(name, m, quick)) for m in MODELS}
+    for variant, (model, extra) in DATASETS[name].get("model_variants", {}).items():
+        out[variant] = (model, [*model_sets(name, model, quick), *extra])
+    return out
+
+
 def train_models(name: str, run: Path, quick: bool, reuse: bool) -> dict:
     out = {}
-    for model in MODELS:
-        metrics, cost = run / "models" / model / "metrics.json", run / "models" / model / "cpu.json"
-        sets = model_sets(name, model, quick)
+    for name_, (model, sets) in model_variants(name, quick).items():
+        metrics, cost = run / "models" / name_ / "metrics.json", run / "models" / name_ / "cpu.json"
         if reuse and metrics.is_file():
             m = json.loads(metrics.read_text()) | (json.loads(cost.read_text()) if cost.is_file() else {})
         else:
-            m = pretrain(run, model, sets, model)
+            m = pretrain(run, model, sets, name_)
             cost.write_text(json.dumps({"cpu_s": m["cpu_s"]}) + "\n")  # the child's CPU-seconds, for --reuse
-        out[model] = {"epochs": m["epochs"], "best_epoch": m.get("best_epoch"), "train_s": m["train_s"],
+        out[name_] = {"epochs": m["epochs"], "best_epoch": m.get("best_epoch"), "train_s": m["train_s"],
                       "cpu_s": m.get("cpu_s"), "valid_ndcg@10": round(m["valid"]["ndcg@10"], 4), "overrides": sets}
     return out
 
@@ -160,9 +171,9 @@ def run_llm4es(run: Path, reuse: bool) -> dict | str:
     return json.loads(info.read_text())
 
 
-def representations(run: Path, coles_ok: dict[str, bool]) -> tuple[list[str], dict[str, str]]:
+def representations(run: Path, models: list[str], coles_ok: dict[str, bool]) -> tuple[list[str], dict[str, str]]:
     """The names to probe, and those that could not be (name -> reason)."""
-    base = ["aggregates", *MODELS]
+    base = ["aggregates", *models]
     missing = {}
     for extra, ok in (("llm4es", (run / "llm4es" / "embeddings.npy").is_file()), *coles_ok.items()):
         if ok:
@@ -188,8 +199,9 @@ def probe_task(run: Path, target: str, names: list[str], quick: bool, repeats: i
     return json.loads(path.read_text())[target]
 
 
-ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "coles-no-time", "random", "aggregates+panther",
-         "aggregates+transformer", "aggregates+llm4es", "aggregates+coles", "aggregates+coles-no-time")
+ORDER = ("aggregates", "panther", "transformer", "llm4es", "coles", "panther-no-time", "coles-no-time", "random",
+         "aggregates+panther", "aggregates+transformer", "aggregates+llm4es", "aggregates+coles",
+         "aggregates+panther-no-time", "aggregates+coles-no-time")
 
 
 def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict, dict]:
@@ -200,7 +212,8 @@ def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict
     for variant in coles_variants(name):
         train[variant] = train_coles(name, run, quick, reuse, variant)
     train["llm4es"] = run_llm4es(run, reuse)
-    names, missing = representations(run, {v: isinstance(train[v], dict) for v in coles_variants(name)})
+    names, missing = representations(run, list(model_variants(name, quick)),
+                                      {v: isinstance(train[v], dict) for v in coles_variants(name)})
     table, probes = {}, {}
     for key, target in DATASETS[name]["tasks"].items():
         report = probe_task(run, target, names, quick, None if quick else DATASETS[name].get("repeats"), reuse)

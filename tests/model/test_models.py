@@ -198,6 +198,22 @@ def test_the_self_contrastive_term_needs_no_profile_and_asks_for_views():
     assert build("transformer", contrastive_on="self", contrastive_lambda=0.1).view_min == 0
 
 
+def test_input_fields_choose_the_fields_a_model_reads():
+    from pantherseq.errors import ConfigError
+
+    info = dataclasses.replace(INFO, field_names=["item", "hour", "weekday"])
+    batch = make_batch()
+    model = build("panther", info=info, input_fields=["item"], time_gap=False, profile_mode="none").eval()
+    moved = dataclasses.replace(batch, codes=batch.codes.clone())
+    moved.codes[..., 1:] = 1 + moved.codes[..., 1:] % 4  # hour and weekday differ everywhere
+    with torch.no_grad():
+        assert torch.equal(model.hidden(batch), model.hidden(moved))
+        moved.codes[..., 0] = 1 + moved.codes[..., 0] % 5  # now the item's code too
+        assert not torch.allclose(model.hidden(batch), model.hidden(moved))
+    with pytest.raises(ConfigError, match="'minute' is not an event field of this run; its fields: item, hour"):
+        build("panther", info=info, input_fields=["item", "minute"])
+
+
 def test_chunked_loss_equals_full():
     model = build("panther").eval()
     batch = make_batch((12, 10, 8, 12))

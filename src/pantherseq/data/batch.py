@@ -64,6 +64,7 @@ class DataInfo:
     field_sizes: list[int] = field(default_factory=list)
     profile_cat_sizes: list[int] = field(default_factory=list)
     profile_num: int = 0
+    field_names: list[str] = field(default_factory=list)  # field_sizes' fields (empty in older checkpoints)
 
 
 def collate(tokens: np.ndarray, codes: np.ndarray, gap_bucket: np.ndarray, starts: np.ndarray,

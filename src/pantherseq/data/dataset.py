@@ -213,7 +213,7 @@ class RunData:
     def info(self) -> DataInfo:
         return DataInfo(vocab_size=self.tokenizer.vocab_size, field_sizes=self.tokenizer.field_sizes,
                         profile_cat_sizes=list(self.profile.cat_sizes),
-                        profile_num=int(self.profile.num.shape[1]))
+                        profile_num=int(self.profile.num.shape[1]), field_names=self.tokenizer.field_names)
 
     # -- batches ---------------------------------------------------------------------------------
     def _batch(self, starts: np.ndarray, lengths: np.ndarray, target_from: np.ndarray | None = None,

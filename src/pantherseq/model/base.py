@@ -40,6 +40,7 @@ class ModelConfig:
     auto_full_max_vocab: int = 20_000  # "auto" uses the full softmax up to this vocabulary size
     # the defaults are the best configuration measured by benchmarks/nextevent.py (docs/MODELS.md)
     field_embeddings: bool = True  # add per-field embeddings to the token embedding (SPEC §3)
+    input_fields: list[str] = field(default_factory=list)  # the fields embedded as inputs; empty = every one
     time_gap: bool = True  # add a log time-gap bucket embedding
     # PANTHER (paper §3.3-3.4)
     sprm: bool = True

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pantherseq.data.schema import GAP_BUCKETS, PAD
+from pantherseq.errors import ConfigError
 from pantherseq.model.base import Batch, DataInfo, ModelConfig
 
 
@@ -118,13 +119,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def input_field_index(cfg: ModelConfig, info: DataInfo) -> list[int]:
+    """The indices of `cfg.input_fields` among the run's fields (every field when it is empty)."""
+    if not cfg.input_fields:
+        return list(range(len(info.field_sizes)))
+    unknown = [f for f in cfg.input_fields if f not in info.field_names]
+    if unknown:
+        raise ConfigError(f"model.input_fields: {unknown[0]!r} is not an event field of this run; "
+                          f"its fields: {', '.join(info.field_names) or 'unknown (an older checkpoint)'}")
+    return [i for i, name in enumerate(info.field_names) if name in cfg.input_fields]
+
+
 class InputEmbedding(nn.Module):
     """Event embeddings: scale·token + position [+ Σ field embeddings] [+ time gap] [+ profile].
 
     The token table is the model's own `NeuralModel.token_emb` (shared with the output layer when
     tied), passed to `forward` rather than held here, so the state_dict holds it once. Field
     embeddings (cfg.field_embeddings, one table per field, sizes from DataInfo.field_sizes) let an
-    [UNK] token still carry its amount, channel and category (SPEC §3).
+    [UNK] token still carry its amount, channel and category (SPEC §3); `cfg.input_fields` names the fields
+    that are added (empty: every one; the other fields' tables exist, unused, so the weights keep one layout).
     """
 
     def __init__(self, cfg: ModelConfig, info: DataInfo, scale: float = 1.0):
@@ -134,6 +147,7 @@ class InputEmbedding(nn.Module):
         use_fields = cfg.field_embeddings and len(info.field_sizes) > 0
         self.field_embs = (nn.ModuleList(nn.Embedding(n, cfg.d_model) for n in info.field_sizes)
                            if use_fields else None)
+        self.fields_in = input_field_index(cfg, info) if use_fields else []
         self.gap_emb = nn.Embedding(GAP_BUCKETS, cfg.d_model) if cfg.time_gap else None
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -150,8 +164,8 @@ class InputEmbedding(nn.Module):
             raise ValueError(f"sequence length {int(positions.max()) + 1} exceeds max_len={self.max_len}")
         x = token_emb(tokens) * self.scale + self.pos_emb(positions)
         if self.field_embs is not None:
-            for f, emb in enumerate(self.field_embs):
-                x = x + emb(batch.codes[:, :, f])
+            for f in self.fields_in:
+                x = x + self.field_embs[f](batch.codes[:, :, f])
         if self.gap_emb is not None:
             x = x + self.gap_emb(batch.gap_bucket.clamp(0, GAP_BUCKETS - 1))
         if profile is not None:

@@ -185,7 +185,8 @@ def warm_start(model: SequenceModel, source: InitSource, run: RunDir) -> dict[st
     record: dict[str, Any] = {"path": str(source.path), "model": source.model_name}
     same = file_sha256(source.tokenizer_file) == file_sha256(run.tokenizer_file)
     n_tokens = model.info.vocab_size - N_SPECIAL
-    if same and source.ckpt["data_info"] == dataclasses.asdict(model.info):
+    sizes = {k: v for k, v in dataclasses.asdict(model.info).items() if k != "field_names"}
+    if same and {k: v for k, v in source.ckpt["data_info"].items() if k != "field_names"} == sizes:
         model.load_state_dict(src_state)
         log.info("init from %s: the same tokenizer, every weight loaded", source.path)
         return record | {"same_tokenizer": True, "tokens_matched": n_tokens, "tokens_total": n_tokens, "fresh": []}
