@@ -25,7 +25,8 @@ and is trained to convergence, its cost recorded beside its quality (epochs, wal
   SPRM kept, no e_u) — `pantherseq probe` refuses a model whose weights have seen the target
   (eval/probe.py) — and with the self-contrastive term instead (`model.contrastive_on="self"`, λ 0.3, τ 0.2:
   slices of one user as positives, CoLES's objective beside the generative one, docs/MODELS.md), its only
-  user-level objective there; the transformer is the plain backbone;
+  user-level objective there; the transformer is the plain backbone; on MovieLens-100k also panther-no-time:
+  the same PANTHER on coles-no-time's inputs (`model.input_fields`, no time gap);
 - coles: pytorch-lifestream 0.7's CoLES (GRU over contiguous slices of 25..200 events, 16 users a step: the
   settings of benchmarks/coles_embed.py) trained in .venv-bench on the same token sequences, every field's
   code and training period, at most `coles_epochs` epochs with early stopping on the
@@ -230,10 +231,10 @@ def bench_dataset(name: str, work: Path, quick: bool, reuse: bool) -> tuple[dict
 def print_table(dataset: str, table: dict) -> None:
     tasks = list(table)
     names = list(dict.fromkeys(n for t in tasks for n in table[t]))
-    print(f"\n{dataset}\n{'representation':<24}" + "".join(f"{t:>20}" for t in tasks))
+    print(f"\n{dataset}\n{'representation':<28}" + "".join(f"{t:>20}" for t in tasks))
     for n in names:
         cells = [table[t].get(n) for t in tasks]
-        print(f"{n:<24}" + "".join(f"{c[0]:>12.4f} ± {c[1]:.3f}" if isinstance(c, list) else f"{c or '-':>20}"
+        print(f"{n:<28}" + "".join(f"{c[0]:>12.4f} ± {c[1]:.3f}" if isinstance(c, list) else f"{c or '-':>20}"
                                     for c in cells))
 
 

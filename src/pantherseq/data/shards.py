@@ -11,8 +11,9 @@ without merging the shards: `RunData.train_batches` hands over to `ShardStream.b
 
 With one rank every training window (`Sequences.windows`, the same cut as the one-shard path) is a batch
 row exactly once per epoch. With `view_min` > 0 (PANTHER's `contrastive_on = "self"`) each batch also
-carries one view per window (`add_views`), after the windows, with no targets. Memory: one shard's pages and its (U_s + 1) offsets, the windows of every shard
-((W, 2) int64, about 16 / max_len bytes per event), never an array over all events.
+carries one view per window (`add_views`), after the windows, with no targets. Memory: one shard's pages
+and its (U_s + 1) offsets, the windows of every shard ((W, 2) int64, about 16 / max_len bytes per event),
+never an array over all events.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def add_views(win: np.ndarray, groups: tuple[np.ndarray, np.ndarray], pick: np.n
     lo = np.minimum(view_min, n)
     length = lo + (rng.random(len(pick)) * (n - lo + 1)).astype(np.int64)
     return start + (rng.random(len(pick)) * (n - length + 1)).astype(np.int64), length
+
 
 def window_batch(part: Sequences, gap: np.ndarray, profile, starts: np.ndarray, lengths: np.ndarray,
                  target_from: np.ndarray | None = None, history: int = 0, seen: np.ndarray | None = None,
