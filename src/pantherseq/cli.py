@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--access-log", metavar="FILE", help="JSON lines per request to FILE (- = stdout)")
     sv.add_argument("--max-body-kb", type=int, default=64, help="request body cap in KiB (default: 64; 413)")
     sv.add_argument("--max-batch", type=int, default=256, help="transactions per /score/batch (default: 256)")
-    sv.add_argument("--score-threads", type=int, default=4, help="scoring thread pool size (default: 4)")
+    sv.add_argument("--score-threads", type=int, default=1,
+                    help="scoring thread pool size (default: 1; scoring holds the GIL, and more threads on a "
+                         "2-core machine collapsed throughput, docs/SERVING.md)")
     sv.add_argument("--new-users-per-minute", type=int, default=6000,
                     help="cap on cold-start users per minute, 0 = none (default: 6000; 429)")
     sv.add_argument("--guard-metrics", action="store_true", help="GET /metrics needs an admin key")

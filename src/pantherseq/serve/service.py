@@ -88,14 +88,16 @@ class NewUserLimit:
 class Service:
     """The scoring logic behind the HTTP layer (usable without HTTP, e.g. in tests).
 
-    `score_threads`: the pool the HTTP layer runs scoring in (off the event loop); `max_pending`: requests
+    `score_threads`: the pool the HTTP layer runs scoring in (off the event loop; one by default: scoring is
+    Python and small torch ops under the GIL, and four threads contending for it on two cores collapsed the
+    throughput, docs/SERVING.md); `max_pending`: requests
     admitted to it at once (more get 503); `new_users_per_minute`: the cold-start cap (0 = none);
     `migrate`: serve a store of another model version of the same run by recomputing its states;
     `external_refresh`: queue refreshes in the store for `pantherseq refresh` workers (no in-process
     refresh thread)."""
 
     def __init__(self, scorer: Scorer, store: Store, refresh: bool = True, refresh_batch: int = 64,
-                 warm: bool = True, *, migrate: bool = False, score_threads: int = 4, max_pending: int = 256,
+                 warm: bool = True, *, migrate: bool = False, score_threads: int = 1, max_pending: int = 256,
                  new_users_per_minute: int = 6000, compact_every_s: float = 60.0, external_refresh: bool = False):
         self.scorer, self.store, self.warm, self.migrate = scorer, store, warm, migrate
         self.external_refresh = external_refresh
