@@ -205,9 +205,14 @@ class NeuralModel(SequenceModel):
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """(B, D) user embedding: the mean of the causal states over real positions."""
-        h = self.hidden(batch)
-        m = batch.mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return mean_states(self.hidden(batch), batch.mask)
+
+
+def mean_states(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) states, (B, T) bool -> (B, D): the mean over real positions (the user embedding, and what
+    PANTHER's history / self contrastive terms compare)."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def chunked_cross_entropy(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -27,7 +27,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pantherseq.model.base import Batch, DataInfo, ModelConfig, NeuralModel
+from pantherseq.model.base import Batch, DataInfo, ModelConfig, NeuralModel, mean_states
 from pantherseq.model.layers import Block, InputEmbedding, init_weights
 from pantherseq.model.profile import ProfileEncoder, contrastive_loss, has_profile
 from pantherseq.model.sprm import SPRM
@@ -69,8 +69,7 @@ class Panther(NeuralModel):
         if self.cfg.contrastive_lambda <= 0 or (self.profile is None and not self.view_min):
             return None, {}
         if self.cfg.contrastive_on in ("history", "self"):  # pooled causal states, on the unit sphere
-            m = batch.mask.unsqueeze(-1).to(hidden.dtype)
-            e = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+            e = torch.nn.functional.normalize(mean_states(hidden, batch.mask), dim=-1)
         else:
             e = self.profile(batch)
         cl = contrastive_loss(e, batch.positives, self.cfg.contrastive_tau)
