@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     rf.add_argument("--batch-size", type=int, default=64, help="users per forward pass (default: 64)")
     rf.add_argument("--consumer", help="this worker's name in the consumer group (default: host-pid)")
+    rf.add_argument("--nice", type=int, default=10,
+                    help="lower this worker's CPU priority by N (os.nice) so that scoring requests win a core "
+                         "they share with it; refreshing is background work (default: 10; 0 keeps it)")
     rf.set_defaults(func=cmd_refresh)
 
     lm = sub.add_parser("llm4es", help="user embeddings from a language model fine-tuned on event texts",

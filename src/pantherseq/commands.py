@@ -243,6 +243,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if args.nice < 0:
+        raise ConfigError("--nice must be at least 0 (a worker may only lower its priority)")
+    os.nice(args.nice)  # before loading the model: its start-up should not slow the scorers either
     _run(args.run)
     consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
     scorer = Scorer(args.run, args.model, args.fraud_dir, threads=args.threads)

@@ -109,6 +109,13 @@ def test_sigterm_stops_serve_and_the_refresh_workers_it_started(served, tmp_path
         children = [t / "children" for t in Path(f"/proc/{proc.pid}/task").iterdir()]
         workers = [int(p) for c in children if c.exists() for p in c.read_text().split()]
         assert len(workers) == 1
+        # refreshing is background work: the worker lowers its priority (`refresh --nice`, default 10)
+        want = min(19, os.getpriority(os.PRIO_PROCESS, proc.pid) + 10)
+        for _ in range(300):
+            if os.getpriority(os.PRIO_PROCESS, workers[0]) == want:
+                break
+            time.sleep(0.1)
+        assert os.getpriority(os.PRIO_PROCESS, workers[0]) == want
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]
         assert not _ours(workers[0], db)  # stopped (and reaped) by serve

@@ -63,7 +63,7 @@ model's hidden state h_t (logit_v = h_t · w_v + b_v, so h_t is the direction th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,9 +74,7 @@ TIE = 1e-12  # scores within this relative distance of the observed one are not 
 MAX_MARGINAL_CODES = 256  # token fields with at most this many codes keep their whole marginal
 
 
-def _nan(n: int, like: torch.Tensor | None = None) -> torch.Tensor:
-    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
-    return torch.full((n,), float("nan"), dtype=dtype)
+NAN = float("nan")  # torch.where(cond, x, NAN): NaN in x's dtype, no tensor made per call
 
 
 def _neg_log(mass: torch.Tensor, floor: float) -> torch.Tensor:
@@ -95,13 +93,18 @@ def logit_at(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, idx: tor
     return torch.einsum("nd,nkd->nk", h, weight[i]) + bias[i]
 
 
-def rank_above(scores: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+def rank_above(scores: torch.Tensor, logit: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
     """scores (N, M) logits (every candidate, or the highest ones), logit (N,) the observed one -> (N,)
     1 + min(#scores higher by more than TIE relative, RANK_CAP): the same number from every logit and from
-    the RANK_CAP highest (the module doc)."""
+    the RANK_CAP highest (the module doc). With `segments` (M,): logit (N, H), and score column m is
+    compared with logit column segments[m] (several heads' scores side by side) -> (N, H)."""
     thr = logit + TIE * logit.abs().clamp_min(1.0)
-    higher = torch.gt(scores, thr.unsqueeze(1)).sum(1, dtype=torch.int64).clamp_max(RANK_CAP)
-    return 1.0 + higher.to(logit.dtype)
+    if segments is None:
+        higher = torch.gt(scores, thr.unsqueeze(1)).sum(1, dtype=torch.int64)
+    else:
+        above = torch.gt(scores, thr[:, segments]).to(torch.int64)
+        higher = torch.zeros(thr.shape, dtype=torch.int64).index_add_(1, segments, above)
+    return 1.0 + higher.clamp_max(RANK_CAP).to(logit.dtype)
 
 
 def standardised_deviation(p_obs: torch.Tensor, sum_sq: torch.Tensor, v: int) -> torch.Tensor:
@@ -163,7 +166,7 @@ def marginal_mass(marginal: torch.Tensor, obs_code: torch.Tensor) -> torch.Tenso
 
 def mass_surprisal(mass: torch.Tensor) -> torch.Tensor:
     """(N,) −log of a field value's predicted mass; NaN where no token carries it (mass 0)."""
-    return torch.where(mass > 0, _neg_log(mass, MASS_FLOOR), _nan(len(mass), mass))
+    return torch.where(mass > 0, _neg_log(mass, MASS_FLOOR), NAN)
 
 
 def field_marginal(p: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -179,7 +182,7 @@ def upper_tail_surprisal(marginal: torch.Tensor, obs_code: torch.Tensor) -> torc
     c = obs_code.clamp(0, marginal.shape[1] - 1)
     val = tail.gather(1, c.unsqueeze(1)).squeeze(1)
     out = _neg_log(val, MASS_FLOOR)
-    return torch.where(obs_code > 0, out, _nan(len(obs_code), marginal))
+    return torch.where(obs_code > 0, out, NAN)
 
 
 def field_onehot(token_codes: np.ndarray, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -193,17 +196,19 @@ def embedding_distance(pred: torch.Tensor, weight: torch.Tensor, obs: torch.Tens
     """pred (N, D) predicted vectors, weight (V, D) token embeddings -> (N,) 1 − cos(pred, weight[obs])."""
     w = weight[obs.clamp_min(0)].to(pred.dtype)
     cos = torch.nn.functional.cosine_similarity(pred, w, dim=1, eps=1e-12)
-    return torch.where(obs >= 0, 1.0 - cos, _nan(len(obs), pred))
+    return torch.where(obs >= 0, 1.0 - cos, NAN)
 
 
 @dataclass
 class Heads:
     """The per-field heads' output layers, float64: W^T (D, ΣC) and b (ΣC,) for one product over every head,
-    and each head's own (W (C_f, D), b (C_f,)) for reading one code's logit."""
+    W (ΣC, D) for reading the observed codes' logits, and each head's own (W (C_f, D), b (C_f,))."""
 
     weight_t: torch.Tensor
     bias: torch.Tensor
     each: list[tuple[torch.Tensor, torch.Tensor]]
+    weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+    segments: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, heads: list[tuple[torch.Tensor, torch.Tensor]]) -> Heads:
@@ -211,11 +216,28 @@ class Heads:
                 for w, b in heads]
         if not each:
             return cls(torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [])
-        return cls(torch.cat([w for w, _ in each]).t().contiguous(), torch.cat([b for _, b in each]), each)
+        weight = torch.cat([w for w, _ in each]).contiguous()
+        return cls(weight.t().contiguous(), torch.cat([b for _, b in each]), each, weight)
 
     @property
     def sizes(self) -> list[int]:
         return [len(b) for _, b in self.each]
+
+    def rows(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes (N, H) observed codes of the fields with a head -> (known? (N, H) bool, (N, H) their rows
+        of `weight` / `bias`); code 0 (the field's UNK) and codes outside a head are not known (row of 0)."""
+        size = torch.tensor(self.sizes)
+        offset = torch.cumsum(size, 0) - size
+        ok = (codes > 0) & (codes < size)
+        return ok, torch.where(ok, codes, 0) + offset
+
+    def segment(self, widths: list[int]) -> torch.Tensor:
+        """(ΣM,) the head of each column of the heads' scores side by side (widths M_f), made once."""
+        key = tuple(widths)
+        seg = self.segments.get(key)
+        if seg is None:
+            seg = self.segments[key] = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        return seg
 
 
 @dataclass
@@ -318,7 +340,7 @@ def observed_probability(pred: Prediction, weight: torch.Tensor, bias: torch.Ten
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the observed logit, P(obs) = exp(l_obs − log Z), NaN where obs is UNK), both (N,) float64."""
     logit = logit_at(pred.h, weight, bias, obs)
-    return logit, torch.where(obs >= 0, torch.exp(logit - pred.log_z), _nan(len(obs), logit))
+    return logit, torch.where(obs >= 0, torch.exp(logit - pred.log_z), NAN)
 
 
 def deviation_features(pred: Prediction, weight: torch.Tensor, bias: torch.Tensor, obs: torch.Tensor,
@@ -337,7 +359,7 @@ def deviation_features(pred: Prediction, weight: torch.Tensor, bias: torch.Tenso
     """
     logit, p_obs = observed if observed is not None else observed_probability(pred, weight, bias, obs)
     known = obs >= 0
-    rank = torch.where(known, rank_above(pred.scores, logit), _nan(len(obs), logit))
+    rank = torch.where(known, rank_above(pred.scores, logit), NAN)
     out = {
         "surprisal": torch.where(known, _neg_log(p_obs, 1e-38), p_obs),
         "rank": rank,
@@ -354,7 +376,14 @@ def deviation_features(pred: Prediction, weight: torch.Tensor, bias: torch.Tenso
         out[f"surprisal_{name}"] = mass_surprisal(mass)
     for f in sorted(ordered):
         out[f"tail_{field_names[f]}"] = upper_tail_surprisal(pred.marginals[f], obs_codes[:, f])
-    return {k: v.to(torch.float32) for k, v in out.items()}
+    return float32(out)
+
+
+def float32(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: (N,) float64} -> the same rounded to float32, in one cast (a score reads ~30 of them)."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack(list(values.values())).to(torch.float32).unbind(0)))
 
 
 def head_features(pred: Prediction, heads: Heads, all_codes: torch.Tensor, names: list[str]
@@ -363,15 +392,16 @@ def head_features(pred: Prediction, heads: Heads, all_codes: torch.Tensor, names
     >= 1 the head scored higher, capped as the token rank) of every field with a head at N positions:
     all_codes (N, F) the observed event's codes of all fields, names the F field names -> {name: (N,)
     float32}, NaN for code 0 (the field's UNK); empty without field heads."""
-    out = {}
-    for f, (w, b) in enumerate(heads.each):
-        ok, c = _in_table(all_codes[:, f], len(b))
-        logit = logit_at(pred.h, w, b, c)
-        nan = _nan(len(c), logit)
-        out[f"head_surprisal_{names[f]}"] = torch.where(
-            ok, _neg_log(torch.exp(logit - pred.head_log_z[f]), 1e-38), nan).to(torch.float32)
-        out[f"head_rank_{names[f]}"] = torch.where(ok, rank_above(pred.head_scores[f], logit), nan).to(torch.float32)
-    return out
+    if not heads.each:
+        return {}
+    n_heads = len(heads.each)
+    ok, row = heads.rows(all_codes[:, :n_heads])
+    logit = (pred.h.unsqueeze(1) * heads.weight[row]).sum(2) + heads.bias[row]  # (N, H), as logit_at
+    surprisal = torch.where(ok, _neg_log(torch.exp(logit - torch.stack(pred.head_log_z, 1)), 1e-38), NAN)
+    seg = heads.segment([s.shape[1] for s in pred.head_scores])
+    rank = torch.where(ok, rank_above(torch.cat(pred.head_scores, 1), logit, seg), NAN)
+    return float32({f"head_{kind}_{names[f]}": x[:, f] for f in range(n_heads)
+                    for kind, x in (("surprisal", surprisal), ("rank", rank))})
 
 
 DELTA_NAMES = ("surprisal", "rank", "log_rank", "delta_std", "entropy2", "emb_distance", "is_unk")

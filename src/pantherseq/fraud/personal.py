@@ -40,13 +40,13 @@ addition per column on both paths, so it does not depend on any kernel's summati
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pantherseq.data.schema import N_SPECIAL, PAD
-from pantherseq.fraud.deviation import _nan, _neg_log
+from pantherseq.fraud.deviation import NAN, _neg_log, float32
 from pantherseq.model.heads import distance_buckets
 
 WINDOW_SIZES = (5, 20)
@@ -82,14 +82,10 @@ def seen_counts(keys: torch.Tensor, key_codes: torch.Tensor, token: torch.Tensor
                 names: list[str]) -> dict[str, torch.Tensor]:
     """keys (N, R), key_codes (N, R, F), the observed token (N,) (full ids) and codes (N, F) ->
     {`seen_token`, `seen_<field>`: (N,) float32} counts in the reach; NaN for UNK / code 0."""
-    nan = _nan(len(token))
-    same = (keys == token[:, None]).sum(1).to(torch.float32)
-    out = {"seen_token": torch.where(token >= N_SPECIAL, same, nan)}
-    for f, name in enumerate(names):
-        c = codes[:, f]
-        n = (key_codes[:, :, f] == c[:, None]).sum(1).to(torch.float32)
-        out[f"seen_{name}"] = torch.where(c > 0, n, nan)
-    return out
+    counts = torch.cat([(keys == token[:, None]).sum(1, keepdim=True),
+                        (key_codes == codes[:, None, :]).sum(1)], 1).to(torch.float32)  # (N, 1 + F), exact
+    valid = torch.cat([(token >= N_SPECIAL)[:, None], codes > 0], 1)
+    return dict(zip(["seen_token", *(f"seen_{n}" for n in names)], torch.where(valid, counts, NAN).unbind(1)))
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -106,6 +102,15 @@ class CopyWeights:
     dist_bias: torch.Tensor
     gate_w: torch.Tensor
     gate_b: torch.Tensor
+    by_reach: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # R -> distance bias (1, R)
+
+    def distance_bias(self, reach: int) -> torch.Tensor:
+        """(1, R): the bias of key column r, R − 1 − r events before the predicting position (made once per R)."""
+        bias = self.by_reach.get(reach)
+        if bias is None:
+            dist = torch.arange(reach - 1, -1, -1)
+            bias = self.by_reach[reach] = self.dist_bias[distance_buckets(dist)].unsqueeze(0)
+        return bias
 
     @classmethod
     def of(cls, model) -> CopyWeights | None:
@@ -126,8 +131,7 @@ def copy_pointer(cw: CopyWeights, h: torch.Tensor, keys: torch.Tensor) -> tuple[
     q = h @ cw.w_q.t()  # (N, D)
     k = cw.key_vec[keys]  # (N, R, D)
     s = torch.einsum("nd,nrd->nr", q, k) / math.sqrt(h.shape[1])
-    dist = torch.arange(R - 1, -1, -1)  # column r is R - 1 - r events before the predicting position
-    s = s + cw.dist_bias[distance_buckets(dist)].unsqueeze(0)
+    s = s + cw.distance_bias(R)
     visible = keys >= N_SPECIAL
     any_key = visible.any(1)
     s = s.masked_fill(~visible, float("-inf")).masked_fill(~any_key.unsqueeze(1), 0.0)
@@ -143,10 +147,8 @@ def copy_features(a: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, token: t
     known = token >= N_SPECIAL
     mass = (a * (keys == token[:, None])).sum(1)
     mix = (1.0 - g) * p_obs + g * mass
-    nan = _nan(len(token), a)
-    return {"copy_gate": g.to(torch.float32),
-            "copy_mass": torch.where(known, mass, nan).to(torch.float32),
-            "copy_surprisal": torch.where(known, _neg_log(mix, 1e-38), nan).to(torch.float32)}
+    return float32({"copy_gate": g, "copy_mass": torch.where(known, mass, NAN),
+                    "copy_surprisal": torch.where(known, _neg_log(mix, 1e-38), NAN)})
 
 
 def window_matrix(index: np.ndarray, values: np.ndarray, starts: np.ndarray, k: int, rows: slice = slice(None)
@@ -164,14 +166,11 @@ def window_matrix(index: np.ndarray, values: np.ndarray, starts: np.ndarray, k: 
 def window_means(values: np.ndarray) -> np.ndarray:
     """(N, k) float32, oldest first, NaN = none -> (N,) float32 mean of the defined values (NaN if none).
     One elementwise float64 addition per column, in column order: the same on every path."""
-    v = np.asarray(values, dtype=np.float32)
-    acc = np.zeros(v.shape[0], np.float64)
-    cnt = np.zeros(v.shape[0], np.int64)
-    for c in range(v.shape[1]):
-        col = v[:, c].astype(np.float64)
-        ok = ~np.isnan(col)
-        acc = acc + np.where(ok, col, 0.0)
-        cnt = cnt + ok
+    v = np.asarray(values, dtype=np.float32).astype(np.float64)
+    ok = ~np.isnan(v)
+    # a running sum is sequential, column by column (np.add.accumulate): the loop's additions, in one call
+    acc = np.add.accumulate(np.where(ok, v, 0.0), axis=1)[:, -1] if v.shape[1] else np.zeros(v.shape[0])
+    cnt = ok.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan).astype(np.float32)
 
