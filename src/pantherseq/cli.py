@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which source adapter and built-in config to use (default: simulated)")
     p.add_argument("--data", help="input: a file, a glob or a folder (handbook, tabformer, csv; "
                                   "movielens100k defaults to the copy in the recbole package)")
+    p.add_argument("--table", help="input instead of --data, with --engine spark: a table of the Spark catalog "
+                                   "(e.g. db.events; Hive or another catalog set up by [spark] conf)")
     p.add_argument("--config", help="a TOML file merged over the built-in config (required for csv)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config key, e.g. --set tokenizer.top_k=20000 (repeatable)")

@@ -24,7 +24,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pantherseq.data.schema import load_dataset_config
     from pantherseq.prepare import format_prepare_report, prepare
 
-    cfg = load_dataset_config(args.dataset, args.config, args.set, data=args.data)
+    cfg = load_dataset_config(args.dataset, args.config, args.set, data=args.data, table=args.table)
     report = prepare(cfg, args.out, force=args.force, engine=args.engine, spark_master=args.spark_master,
                      tokenizer_from=args.tokenizer_from)
     print(f"prepared {args.out}\n{format_prepare_report(report)}")

@@ -7,6 +7,7 @@ never echoes more than `MAX_ECHO` characters of one input value.
 from __future__ import annotations
 
 MAX_ECHO = 80
+TABLE = "table "  # how a location that is a catalog table, not a file, starts
 
 
 def echo(value: object, limit: int = MAX_ECHO) -> str:
@@ -37,8 +38,8 @@ class DataError(PantherseqError):
     ):
         self.file, self.row, self.column, self.value = file, row, column, value
         where = []
-        if file is not None:
-            where.append(f"file {file}")
+        if file is not None:  # a Spark catalog table's partition names itself ("table db.events ...")
+            where.append(file if file.startswith(TABLE) else f"file {file}")
         if row is not None:
             where.append(f"row {row}")
         if column is not None:

@@ -252,6 +252,8 @@ def prepare(cfg: DatasetConfig, run_dir: RunDir | str | Path, force: bool = Fals
     a tokenizer on its training period or re-using `tokenizer_from`'s (a prepared run)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if cfg.table is not None and engine != "spark":
+        raise ConfigError(f"table {cfg.table!r} is read from the Spark catalog: prepare it with --engine spark")
     started = time.perf_counter()
     run = RunDir.of(run_dir)
     check_out(run, force)

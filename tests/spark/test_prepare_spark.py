@@ -15,7 +15,7 @@ from data.test_items import CONFIG as ITEMS_CONFIG
 from data.test_items import ITEMS, _events
 from pantherseq.data.schema import load_dataset_config
 from pantherseq.data.sequences import Sequences, load_shards
-from pantherseq.errors import DataError
+from pantherseq.errors import ConfigError, DataError
 from pantherseq.prepare import prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -37,9 +37,10 @@ def _two_files(tmp_path: Path) -> Path:
     return folder
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:
     ja, jb = (json.loads((p / "prepare.json").read_text()) for p in (a, b))
-    assert {k: v for k, v in ja.items() if k != "wall_s"} == {k: v for k, v in jb.items() if k != "wall_s"}
+    skip = ("wall_s", *ignore)
+    assert {k: v for k, v in ja.items() if k not in skip} == {k: v for k, v in jb.items() if k not in skip}
     assert json.loads((a / "tokenizer.json").read_text()) == json.loads((b / "tokenizer.json").read_text())
     sa, sb = Sequences.load(a / "sequences"), Sequences.load(b / "sequences")
     for name in ("offsets", "tokens", "codes", "time", "gap", "label", "scenario", "split"):
@@ -111,3 +112,55 @@ def test_spark_stops_on_bad_input_with_the_polars_line(spark, tmp_path, bad):
     with pytest.raises(DataError) as spark_err:
         prepare(_config(folder), tmp_path / "spark", engine="spark")
     assert str(spark_err.value) == str(polars.value)
+
+
+def _table(spark, data: Path, name: str, typed: bool) -> str:
+    """The CSV files as a catalog table (a temporary view): every column text, as read; or typed as a
+    warehouse table would be (a timestamp, a double amount, integer ids and labels)."""
+    df = spark.read.csv(str(data), header=True)
+    if typed:
+        df = df.selectExpr("cast(TRANSACTION_ID as long) TRANSACTION_ID", "to_timestamp(TX_DATETIME) TX_DATETIME",
+                           "cast(CUSTOMER_ID as int) CUSTOMER_ID", "cast(TERMINAL_ID as int) TERMINAL_ID",
+                           "cast(TX_AMOUNT as double) TX_AMOUNT", "cast(TX_FRAUD as int) TX_FRAUD",
+                           "cast(TX_FRAUD_SCENARIO as int) TX_FRAUD_SCENARIO")
+    df.createOrReplaceTempView(name)
+    return name
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_spark_reads_a_catalog_table_as_it_reads_the_files(spark, tmp_path, typed):
+    """--table: the same run as the Polars engine on the table's files, whether the table's columns are text
+    or typed (a timestamp column is written as text with a fixed format, whatever `time_format` says)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = handbook_rows(n_users=6, per_user=20)
+    write_lines(folder / "a.csv", [HANDBOOK_HEADER, *rows])
+    extra = ['bad_rows="drop"', "split.min_events=3"]
+    prepare(_config(folder, extra), tmp_path / "polars")
+    table = _table(spark, folder, f"events_{int(typed)}", typed)
+    report = prepare(load_dataset_config("handbook", overrides=[*SPLIT, *extra], table=table), tmp_path / "spark",
+                     engine="spark")
+    assert_same_run(tmp_path / "polars", tmp_path / "spark", ignore=("files",))
+    assert report["files"] == [f"table {table}"] and report["rows_read"] == 120
+
+
+def test_spark_table_errors_name_the_table(spark, tmp_path):
+    """A bad value names the table, the partition and the row in it, the column and the value; a missing
+    table or column is one line too; the Polars engine refuses a table."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_lines(folder / "a.csv", [HANDBOOK_HEADER, *handbook_rows(n_users=3, per_user=10)[:7],
+                                   "9998,2018-05-03 10:00:00,78,3,x,0,0"])
+    table = _table(spark, folder, "events_bad", typed=False)
+    with pytest.raises(DataError, match=r"^table events_bad \(Spark partition 0 of 1\), row 8, column 'TX_AMOUNT': "
+                                        r"not a finite number >= 0 \(value 'x'\)$"):
+        prepare(load_dataset_config("handbook", overrides=SPLIT, table=table), tmp_path / "a", engine="spark")
+    with pytest.raises(DataError, match=r"^table events_nope: not found in the Spark catalog"):
+        prepare(load_dataset_config("handbook", overrides=SPLIT, table="events_nope"), tmp_path / "b", engine="spark")
+    spark.read.csv(str(folder), header=True).drop("TX_AMOUNT").createOrReplaceTempView("events_short")
+    with pytest.raises(DataError, match=r"^table events_short, column 'TX_AMOUNT': missing column \(the table has"):
+        prepare(load_dataset_config("handbook", overrides=SPLIT, table="events_short"), tmp_path / "c", engine="spark")
+    with pytest.raises(ConfigError, match="--engine spark"):
+        prepare(load_dataset_config("handbook", overrides=SPLIT, table=table), tmp_path / "d")
+    with pytest.raises(ConfigError, match="cannot be given with data"):
+        load_dataset_config("handbook", overrides=SPLIT, table=table, data=str(folder))

@@ -232,6 +232,7 @@ class DatasetConfig:
     name: str
     source: Literal["simulated", "handbook", "tabformer", "movielens100k", "csv"] = "csv"
     data: str | None = None  # a file, glob or folder; None = the source's default
+    table: str | None = None  # instead of `data`: a Spark catalog table ("db.events"; prepare --engine spark)
     format: Literal["csv", "parquet", "auto"] = "auto"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     fields: list[FieldConfig] = field(default_factory=list)
@@ -280,6 +281,9 @@ class DatasetConfig:
                               f"({', '.join(kinds)})")
 
     def validate(self, where: str) -> None:
+        if self.table is not None and (self.data is not None or self.source not in ("csv", "handbook")):
+            raise ConfigError(f"{where}.table: a catalog table is the whole input of the csv or handbook source; "
+                              f"it cannot be given with data ({self.data!r}) or for the {self.source!r} source")
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}.fields: duplicate field names in {names}")
@@ -315,6 +319,7 @@ def load_dataset_config(
     file: str | Path | None = None,
     overrides: list[str] | None = None,
     data: str | None = None,
+    table: str | None = None,
 ) -> DatasetConfig:
     """The built-in config of `dataset`, with `file` merged over it, then the overrides.
 
@@ -334,4 +339,6 @@ def load_dataset_config(
     raw = apply_overrides(raw, overrides)
     if data is not None:
         raw["data"] = str(data)
+    if table is not None:
+        raw["table"] = str(table)
     return build_config(DatasetConfig, raw, where=str(file) if file else "config")

@@ -116,6 +116,20 @@ def read_csv_file(cfg: DatasetConfig, path: Path, index: int) -> FilePart:
     return FilePart(index, _finish(frame), rows_read, dropped)
 
 
+def read_table_part(cfg: DatasetConfig, frame: pl.DataFrame, where: str, index: int,
+                    time_format: str | None = None) -> FilePart:
+    """One partition of a catalog table (`table`, prepare --engine spark), its columns as text, parsed and
+    checked as a file is: rows numbered within the partition, errors naming `where` (the table and the
+    partition); `time_format` overrides the config's (a timestamp column written as text by Spark)."""
+    cols = event_columns(cfg, time_format=time_format)
+    lf = frame.lazy().with_row_index(ROW, offset=1).with_columns(pl.lit(where).alias(FILE))
+    try:
+        out, rows_read, dropped = canonicalize_ranked(lf, cols, cfg.bad_rows)
+    except RankedError as exc:
+        return FilePart(index, None, error=str(exc.error), rank=(2, max(exc.check, 0), index))
+    return FilePart(index, _finish(out), rows_read, dropped)
+
+
 def merge_parts(parts: list[FilePart]) -> tuple[int, dict[str, int]]:
     """(rows read, dropped reason -> count) over the files; raises the error a read of all files at once
     would raise first."""

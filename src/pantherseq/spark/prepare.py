@@ -17,7 +17,10 @@ Where the work happens:
 `[items]`: the driver reads the item table with the Polars path's reader (its checks and errors) and Spark
 left-joins it, broadcast, on `items.on`; `[users]`: the executors rank the distinct user ids by the seeded hash of
 data/split.py `chosen_users` (the Polars path's rule) and keep the chosen users' events by a semi-join.
-Only the csv and handbook sources (CSV / Parquet paths) run on Spark.
+Only the csv and handbook sources run on Spark: CSV / Parquet paths, or a table of the Spark catalog (`table`:
+Hive, Unity, any catalog the session is configured with), whose partitions are read as files are (columns cast
+to text by Spark, then the same reader: the same checks, errors naming the table, its partition and the row in
+it; ties in time keep the table's scan order).
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ from pantherseq.data.sources import (
     load_profile_table,
     merge_parts,
     read_csv_file,
+    read_table_part,
 )
 from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, kept_ranks, user_rank_key
-from pantherseq.data.tables import resolve_files
+from pantherseq.data.tables import event_columns, require_columns, resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
-from pantherseq.errors import ConfigError, DataError
+from pantherseq.errors import TABLE, ConfigError, DataError
 from pantherseq.prepare import (
     TOKEN,
     USER_IDX,
@@ -77,26 +81,55 @@ def _code(j: int) -> str:
 
 
 # -- 1. read -----------------------------------------------------------------------------------
-def _read_files(cfg: DatasetConfig, files: list[str], out: str):
-    """mapInArrow body: each input row (index, path) is one file, read and staged as Parquet."""
+_STATUS = (("index", "long"), ("rows_read", "long"), ("dropped", "string"), ("error", "string"), ("stage", "long"),
+           ("check", "long"))  # what each read task reports to the driver (a FilePart without its events)
+_STATUS_DDL = ", ".join(f"{name} {kind}" for name, kind in _STATUS)
+
+
+def _staged(part: FilePart, out: str):
+    """Write a read part's events as Parquet (time as epoch µs, the file index beside the row), and return
+    its status row (an Arrow record batch of `_STATUS`)."""
     import pyarrow as pa
 
-    schema = pa.schema([("index", pa.int64()), ("rows_read", pa.int64()), ("dropped", pa.string()),
-                        ("error", pa.string()), ("stage", pa.int64()), ("check", pa.int64())])
+    if part.events is not None and part.events.height:
+        frame = part.events.select(
+            [pl.col(TIME).dt.epoch("us").alias(TIME_US) if c == TIME else pl.col(c)
+             for c in part.events.columns if c != FILE]).with_columns(pl.lit(part.index, pl.Int32).alias(FILE_IDX))
+        frame.write_parquet(f"{out}/part-{part.index:05d}.parquet")
+    schema = pa.schema([(n, pa.int64() if t == "long" else pa.string()) for n, t in _STATUS])
+    return pa.RecordBatch.from_pylist([{
+        "index": part.index, "rows_read": part.rows_read, "dropped": json.dumps(part.dropped),
+        "error": part.error, "stage": part.rank[0], "check": part.rank[1]}], schema=schema)
 
+
+def _read_files(cfg: DatasetConfig, files: list[str], out: str):
+    """mapInArrow body: each input row (index, path) is one file, read and staged as Parquet."""
     def run(batches):
         for batch in batches:
             for index in batch.column("index").to_pylist():
-                part = read_csv_file(cfg, Path(files[index]), index)
-                if part.events is not None:
-                    frame = part.events.select(
-                        [pl.col(TIME).dt.epoch("us").alias(TIME_US) if c == TIME else pl.col(c)
-                         for c in part.events.columns if c != FILE]).with_columns(pl.lit(index, pl.Int32).alias(FILE_IDX))
-                    frame.write_parquet(f"{out}/part-{index:05d}.parquet")
-                yield pa.RecordBatch.from_pylist([{
-                    "index": index, "rows_read": part.rows_read, "dropped": json.dumps(part.dropped),
-                    "error": part.error, "stage": part.rank[0], "check": part.rank[1]}], schema=schema)
+                yield _staged(read_csv_file(cfg, Path(files[index]), index), out)
     return run
+
+
+def _read_partitions(cfg: DatasetConfig, names: list[str], columns: list[str], time_format: str | None, out: str):
+    """mapInArrow body for a catalog table: each Spark partition (its columns as text) read as a file is."""
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    schema = pa.schema([(c, pa.string()) for c in columns])
+
+    def run(batches):
+        index = TaskContext.get().partitionId()
+        got = list(batches)
+        frame = pl.from_arrow(pa.Table.from_batches(got) if got else schema.empty_table())
+        yield _staged(read_table_part(cfg, frame, names[index], index, time_format), out)
+    return run
+
+
+def _parts(got: list) -> tuple[int, dict[str, int]]:
+    """The read tasks' status rows -> (rows read, dropped counts), raising the first error in read order."""
+    return merge_parts([FilePart(r["index"], None, r["rows_read"], json.loads(r["dropped"]), r["error"],
+                                 (r["stage"], r["check"], r["index"])) for r in sorted(got, key=lambda r: r["index"])])
 
 
 def _read(spark, cfg: DatasetConfig, files: list[Path], stage: Path) -> tuple[int, dict[str, int]]:
@@ -104,11 +137,45 @@ def _read(spark, cfg: DatasetConfig, files: list[Path], stage: Path) -> tuple[in
     out = stage / "canonical"
     out.mkdir(parents=True)
     rows = spark.sparkContext.parallelize([(i,) for i in range(len(files))], len(files))
-    schema = "index long, rows_read long, dropped string, error string, stage long, check long"
-    got = spark.createDataFrame(rows, "index long").mapInArrow(_read_files(cfg, names, str(out)), schema).collect()
-    parts = [FilePart(r["index"], None, r["rows_read"], json.loads(r["dropped"]), r["error"],
-                      (r["stage"], r["check"], r["index"])) for r in sorted(got, key=lambda r: r["index"])]
-    return merge_parts(parts)
+    return _parts(spark.createDataFrame(rows, "index long").mapInArrow(_read_files(cfg, names, str(out)), _STATUS_DDL)
+                  .collect())
+
+
+_SPARK_TIME = "yyyy-MM-dd HH:mm:ss.SSSSSS"  # how a timestamp column is written as text for the reader
+_POLARS_TIME = "%Y-%m-%d %H:%M:%S%.f"  # ... and read back
+
+
+def _read_table(spark, cfg: DatasetConfig, stage: Path) -> tuple[int, dict[str, int], list[str]]:
+    """`table`: the catalog table's columns the config reads, cast to text by Spark (a timestamp or date
+    column with a fixed format, so `time_format` is for text columns only), each partition read and checked
+    by the same reader as a file (`read_table_part`). Returns (rows read, dropped, a name per partition)."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import DateType, TimestampNTZType, TimestampType
+
+    name = cfg.table
+    try:
+        df = spark.table(name)
+    except AnalysisException as exc:
+        raise DataError(f"{TABLE}{name}: not found in the Spark catalog ({str(exc).splitlines()[0][:160]})") from None
+    columns = list(dict.fromkeys(c.source for c in event_columns(cfg)))
+    require_columns(pl.LazyFrame(schema=dict.fromkeys(df.columns, pl.Utf8)), f"{TABLE}{name}", columns, "table")
+    types = {f.name: f.dataType for f in df.schema.fields}
+    time_col = cfg.columns.timestamp
+    is_time = isinstance(types[time_col], (TimestampType, TimestampNTZType, DateType))
+    text = df.select([(F.date_format(F.col(f"`{c}`"), _SPARK_TIME) if c == time_col and is_time
+                       else F.col(f"`{c}`").cast("string")).alias(c) for c in columns])
+    parts = text.rdd.getNumPartitions()
+    names = [f"{TABLE}{name} (Spark partition {i} of {parts})" for i in range(parts)]
+    out = stage / "canonical"
+    out.mkdir(parents=True)
+    fmt = _POLARS_TIME if is_time else None
+    rows_read, dropped = _parts(text.mapInArrow(_read_partitions(cfg, names, columns, fmt, str(out)), _STATUS_DDL)
+                                .collect())
+    if not any(out.glob("part-*.parquet")):
+        raise DataError("the table has no rows" + (f" left after dropping {dropped}" if dropped else ""),
+                        file=f"{TABLE}{name}")
+    return rows_read, dropped, names
 
 
 def _join_items(spark, cfg: DatasetConfig, ev):
@@ -178,8 +245,12 @@ def _select_users(spark, ev, cfg: DatasetConfig, dropped: dict[str, int]):
     numbered by Spark (`zipWithIndex`), those at `kept_ranks` kept. The driver holds no user id."""
     if cfg.users.all:
         return ev
+    from pyspark import StorageLevel
+
     seed = cfg.users.seed
-    ranked = ev.select(USER).distinct().rdd.map(lambda r: user_rank_key(seed, r[0])).sortBy(lambda k: k).zipWithIndex()
+    # kept: counted, then filtered, then read by every later job through the semi-join (else re-sorted each time)
+    ranked = (ev.select(USER).distinct().rdd.map(lambda r: user_rank_key(seed, r[0])).sortBy(lambda k: k)
+              .zipWithIndex().persist(StorageLevel.MEMORY_AND_DISK))
     keep = kept_ranks(ranked.count(), cfg.users)
     chosen = ranked.filter(lambda x: x[1] in keep).map(lambda x: (x[0][1],))
     out = ev.join(spark.createDataFrame(chosen, f"{USER} string"), USER, "left_semi")
@@ -396,9 +467,9 @@ def prepare_spark(cfg: DatasetConfig, run: RunDir, master: str | None = None,
     """Write the run directory with Spark; return the tokenizer (fitted, or `reused`: (tokenizer, its file)
     from prepare.tokenizer_of) and the report's facts."""
     if cfg.source not in SOURCES:
-        raise ConfigError(f"--engine spark reads the {' and '.join(SOURCES)} sources (CSV / Parquet paths), "
-                          f"not {cfg.source!r}: use --engine polars")
-    files = resolve_files(cfg.data)
+        raise ConfigError(f"--engine spark reads the {' and '.join(SOURCES)} sources (CSV / Parquet paths or a "
+                          f"catalog table), not {cfg.source!r}: use --engine polars")
+    files = resolve_files(cfg.data) if cfg.table is None else None
     spark = build_session(cfg.spark, master)
     stage = run.path / STAGE
     shutil.rmtree(stage, ignore_errors=True)
@@ -427,13 +498,18 @@ class _Clock:
         self.t = now
 
 
-def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: Path,
+def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path] | None, stage: Path,
              reused: tuple[StructuredTokenizer, Path] | None = None):
+    """`files` None: read the catalog table `cfg.table`."""
     from pyspark.sql import functions as F
 
     clock = _Clock()
-    names = [str(f) for f in files]
-    rows_read, dropped = _read(spark, cfg, files, stage)
+    if files is None:
+        rows_read, dropped, names = _read_table(spark, cfg, stage)
+        sources = [f"{TABLE}{cfg.table}"]
+    else:
+        names = sources = [str(f) for f in files]
+        rows_read, dropped = _read(spark, cfg, files, stage)
     clock("read")
     ev, items, item_stats = _join_items(spark, cfg, spark.read.parquet(str(stage / "canonical")))
     canonical = [TIME if c == TIME_US else c for c in ev.columns if c not in (ROW, FILE_IDX)]
@@ -466,7 +542,7 @@ def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path], stage: P
     if profile is not None:
         profile.write_parquet(run.profile)
     write_items(run, cfg, items)
-    facts = _facts(final, users, names, rows_read, dropped)
+    facts = _facts(final, users, sources, rows_read, dropped)
     facts.items = item_stats
     facts.profile_fields = [] if profile is None else [c for c in profile.columns if c not in (USER_IDX, USER)]
     clock("counts")
