@@ -206,3 +206,13 @@ def test_pretrain_with_no_training_targets(tmp_path):
     assert csv_run(tmp_path, handbook_rows(), HANDBOOK_HEADER, 'split.t1="2018-04-02"').returncode == 0
     error_line(cli("pretrain", "--run", tmp_path / "run", "--model", "markov"), "no targets")
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_a_data_error_names_a_file_or_a_table_by_its_kind_not_its_name():
+    """A file whose name starts with "table " is still a file; a catalog table is named as one."""
+    from pantherseq.errors import DataError
+
+    assert str(DataError("bad", file="table 2024.csv", row=3)) == "file table 2024.csv, row 3: bad"
+    err = DataError("bad", table="db.events (Spark partition 0 of 2)", row=3, column="amount", value="x")
+    assert str(err) == "table db.events (Spark partition 0 of 2), row 3, column 'amount': bad (value 'x')"
+    assert err.reason == "bad" and err.table.startswith("db.events")

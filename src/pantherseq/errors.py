@@ -7,7 +7,6 @@ never echoes more than `MAX_ECHO` characters of one input value.
 from __future__ import annotations
 
 MAX_ECHO = 80
-TABLE = "table "  # how a location that is a catalog table, not a file, starts
 
 
 def echo(value: object, limit: int = MAX_ECHO) -> str:
@@ -25,21 +24,25 @@ class ConfigError(PantherseqError):
 
 
 class DataError(PantherseqError):
-    """Input data is invalid. Carries the location so the message can name it."""
+    """Input data is invalid. Carries the location so the message can name it: a file, or a catalog table
+    (Spark; its partition in the name), and the row and column in it. `reason` is the message alone."""
 
     def __init__(
         self,
         message: str,
         *,
         file: str | None = None,
+        table: str | None = None,
         row: int | None = None,
         column: str | None = None,
         value: object = None,
     ):
-        self.file, self.row, self.column, self.value = file, row, column, value
+        self.reason, self.file, self.table, self.row, self.column, self.value = message, file, table, row, column, value
         where = []
-        if file is not None:  # a Spark catalog table's partition names itself ("table db.events ...")
-            where.append(file if file.startswith(TABLE) else f"file {file}")
+        if table is not None:
+            where.append(f"table {table}")
+        elif file is not None:
+            where.append(f"file {file}")
         if row is not None:
             where.append(f"row {row}")
         if column is not None:

@@ -160,6 +160,13 @@ def test_spark_table_errors_name_the_table(spark, tmp_path):
     spark.read.csv(str(folder), header=True).drop("TX_AMOUNT").createOrReplaceTempView("events_short")
     with pytest.raises(DataError, match=r"^table events_short, column 'TX_AMOUNT': missing column \(the table has"):
         prepare(load_dataset_config("handbook", overrides=SPLIT, table="events_short"), tmp_path / "c", engine="spark")
+    rows = handbook_rows(n_users=3, per_user=10)
+    write_lines(tmp_path / "dup.csv", [HANDBOOK_HEADER, *rows, rows[0]])
+    spark.read.csv(str(tmp_path / "dup.csv"), header=True).createOrReplaceTempView("events_dup")
+    with pytest.raises(DataError, match=r"^table events_dup \(Spark partition 0 of 1\), row 31, column "
+                                        r"'event_id': duplicate event id \(also at table events_dup "
+                                        r"\(Spark partition 0 of 1\), row 1\)"):
+        prepare(load_dataset_config("handbook", overrides=SPLIT, table="events_dup"), tmp_path / "e", engine="spark")
     with pytest.raises(ConfigError, match="--engine spark"):
         prepare(load_dataset_config("handbook", overrides=SPLIT, table=table), tmp_path / "d")
     with pytest.raises(ConfigError, match="cannot be given with data"):

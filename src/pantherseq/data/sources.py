@@ -119,14 +119,16 @@ def read_csv_file(cfg: DatasetConfig, path: Path, index: int) -> FilePart:
 def read_table_part(cfg: DatasetConfig, frame: pl.DataFrame, where: str, index: int,
                     time_format: str | None = None) -> FilePart:
     """One partition of a catalog table (`table`, prepare --engine spark), its columns as text, parsed and
-    checked as a file is: rows numbered within the partition, errors naming `where` (the table and the
-    partition); `time_format` overrides the config's (a timestamp column written as text by Spark)."""
+    checked as a file is: rows numbered within the partition, errors naming the table `where` (its name and
+    the partition); `time_format` overrides the config's (a timestamp column written as text by Spark)."""
     cols = event_columns(cfg, time_format=time_format)
     lf = frame.lazy().with_row_index(ROW, offset=1).with_columns(pl.lit(where).alias(FILE))
     try:
         out, rows_read, dropped = canonicalize_ranked(lf, cols, cfg.bad_rows)
     except RankedError as exc:
-        return FilePart(index, None, error=str(exc.error), rank=(2, max(exc.check, 0), index))
+        e = exc.error
+        error = DataError(e.reason, table=where, row=e.row, column=e.column, value=e.value)
+        return FilePart(index, None, error=str(error), rank=(2, max(exc.check, 0), index))
     return FilePart(index, _finish(out), rows_read, dropped)
 
 

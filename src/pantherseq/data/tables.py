@@ -100,14 +100,19 @@ def scan_text(path: Path, fmt: str = "auto", separator: str | None = None,
     return lf.with_row_index(ROW, offset=1).with_columns(pl.lit(str(path)).alias(FILE))
 
 
-def require_columns(lf: pl.LazyFrame, path: Path | str, needed: list[str], what: str = "file") -> None:
-    """DataError naming the first of `needed` the table lacks (and the closest name it has)."""
-    have = [c for c in lf.collect_schema().names() if c not in (FILE, ROW)]
+def require_columns(lf: pl.LazyFrame, path: Path, needed: list[str]) -> None:
+    require_names([c for c in lf.collect_schema().names() if c not in (FILE, ROW)], needed, file=str(path))
+
+
+def require_names(have: list[str], needed: list[str], **where: str) -> None:
+    """DataError naming the first of `needed` not in `have` (and the closest name there), located by
+    `where` (DataError's file= or table=)."""
+    what = "table" if "table" in where else "file"
     for name in needed:
         if name not in have:
             close = difflib.get_close_matches(name, have, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise DataError(f"missing column (the {what} has {have}){hint}", file=str(path), column=name)
+            raise DataError(f"missing column (the {what} has {have}){hint}", column=name, **where)
 
 
 def scan_files(files: list[Path], needed: list[str], fmt: str = "auto", **kw) -> pl.LazyFrame:

@@ -376,10 +376,10 @@ def deviation_features(pred: Prediction, weight: torch.Tensor, bias: torch.Tenso
         out[f"surprisal_{name}"] = mass_surprisal(mass)
     for f in sorted(ordered):
         out[f"tail_{field_names[f]}"] = upper_tail_surprisal(pred.marginals[f], obs_codes[:, f])
-    return float32(out)
+    return as_float32(out)
 
 
-def float32(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def as_float32(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: (N,) float64} -> the same rounded to float32, in one cast (a score reads ~30 of them)."""
     if not values:
         return {}
@@ -400,7 +400,7 @@ def head_features(pred: Prediction, heads: Heads, all_codes: torch.Tensor, names
     surprisal = torch.where(ok, _neg_log(torch.exp(logit - torch.stack(pred.head_log_z, 1)), 1e-38), NAN)
     seg = heads.segment([s.shape[1] for s in pred.head_scores])
     rank = torch.where(ok, rank_above(torch.cat(pred.head_scores, 1), logit, seg), NAN)
-    return float32({f"head_{kind}_{names[f]}": x[:, f] for f in range(n_heads)
+    return as_float32({f"head_{kind}_{names[f]}": x[:, f] for f in range(n_heads)
                     for kind, x in (("surprisal", surprisal), ("rank", rank))})
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from pantherseq.data.schema import N_SPECIAL, PAD
-from pantherseq.fraud.deviation import NAN, _neg_log, float32
+from pantherseq.fraud.deviation import NAN, _neg_log, as_float32
 from pantherseq.model.heads import distance_buckets
 
 WINDOW_SIZES = (5, 20)
@@ -147,7 +147,7 @@ def copy_features(a: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, token: t
     known = token >= N_SPECIAL
     mass = (a * (keys == token[:, None])).sum(1)
     mix = (1.0 - g) * p_obs + g * mass
-    return float32({"copy_gate": g, "copy_mass": torch.where(known, mass, NAN),
+    return as_float32({"copy_gate": g, "copy_mass": torch.where(known, mass, NAN),
                     "copy_surprisal": torch.where(known, _neg_log(mix, 1e-38), NAN)})
 
 

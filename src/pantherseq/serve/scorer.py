@@ -240,7 +240,7 @@ class Scorer:
         keys, key_codes = state_keys(state.tokens, state.codes, self.vocab.reach)
         out = self.vocab.deviation(pred, torch.tensor([ev.token], dtype=torch.int64),
                                    torch.tensor([ev.codes], dtype=torch.int64), keys, key_codes)
-        feats = dict(zip(out, torch.stack(list(out.values()), 1).numpy().T[:, :1]))  # one copy, not ~30
+        feats = dict(zip(out, torch.stack(list(out.values())).numpy()))  # {name: (1,)}, one copy, not ~30
         feats |= self.vocab.windows(self.recent_past(state), feats)
         return {f"d_{k}": float(v[0]) for k, v in feats.items()}
 

@@ -51,9 +51,9 @@ from pantherseq.data.sources import (
     read_table_part,
 )
 from pantherseq.data.split import SPLIT, TEST, TRAIN, VALID, kept_ranks, user_rank_key
-from pantherseq.data.tables import event_columns, require_columns, resolve_files
+from pantherseq.data.tables import event_columns, require_names, resolve_files
 from pantherseq.encoders import BucketEncoder, CategoricalEncoder, LogGapEncoder
-from pantherseq.errors import TABLE, ConfigError, DataError
+from pantherseq.errors import ConfigError, DataError
 from pantherseq.prepare import (
     TOKEN,
     USER_IDX,
@@ -157,16 +157,16 @@ def _read_table(spark, cfg: DatasetConfig, stage: Path) -> tuple[int, dict[str, 
     try:
         df = spark.table(name)
     except AnalysisException as exc:
-        raise DataError(f"{TABLE}{name}: not found in the Spark catalog ({str(exc).splitlines()[0][:160]})") from None
+        raise DataError(f"not found in the Spark catalog ({str(exc).splitlines()[0][:160]})", table=name) from None
     columns = list(dict.fromkeys(c.source for c in event_columns(cfg)))
-    require_columns(pl.LazyFrame(schema=dict.fromkeys(df.columns, pl.Utf8)), f"{TABLE}{name}", columns, "table")
+    require_names(df.columns, columns, table=name)
     types = {f.name: f.dataType for f in df.schema.fields}
     time_col = cfg.columns.timestamp
     is_time = isinstance(types[time_col], (TimestampType, TimestampNTZType, DateType))
     text = df.select([(F.date_format(F.col(f"`{c}`"), _SPARK_TIME) if c == time_col and is_time
                        else F.col(f"`{c}`").cast("string")).alias(c) for c in columns])
     parts = text.rdd.getNumPartitions()
-    names = [f"{TABLE}{name} (Spark partition {i} of {parts})" for i in range(parts)]
+    names = [f"{name} (Spark partition {i} of {parts})" for i in range(parts)]
     out = stage / "canonical"
     out.mkdir(parents=True)
     fmt = _POLARS_TIME if is_time else None
@@ -174,7 +174,7 @@ def _read_table(spark, cfg: DatasetConfig, stage: Path) -> tuple[int, dict[str, 
                                 .collect())
     if not any(out.glob("part-*.parquet")):
         raise DataError("the table has no rows" + (f" left after dropping {dropped}" if dropped else ""),
-                        file=f"{TABLE}{name}")
+                        table=name)
     return rows_read, dropped, names
 
 
@@ -197,7 +197,9 @@ def _join_items(spark, cfg: DatasetConfig, ev):
 
 
 # -- 2. order ----------------------------------------------------------------------------------
-def _drop_duplicate_ids(ev, cfg: DatasetConfig, files: list[str], dropped: dict[str, int]):
+def _drop_duplicate_ids(ev, cfg: DatasetConfig, files: list[str], dropped: dict[str, int], what: str = "file"):
+    """Keep the first event of each event id in (file, row) order; `files` names each file index, a `what`
+    ("file", or "table" for a catalog table's partitions) in the errors."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -209,8 +211,8 @@ def _drop_duplicate_ids(ev, cfg: DatasetConfig, files: list[str], dropped: dict[
     n_dup = ev.where("_k > 1").count()
     if n_dup and cfg.bad_rows == "error":
         first, second = ev.where("_n > 1").orderBy(EVENT_ID, FILE_IDX, ROW).limit(2).collect()
-        raise DataError(f"duplicate event id (also at file {files[first[FILE_IDX]]}, row {first[ROW]})",
-                        file=files[second[FILE_IDX]], row=second[ROW], column=EVENT_ID, value=second[EVENT_ID])
+        raise DataError(f"duplicate event id (also at {what} {files[first[FILE_IDX]]}, row {first[ROW]})",
+                        row=second[ROW], column=EVENT_ID, value=second[EVENT_ID], **{what: files[second[FILE_IDX]]})
     if n_dup:
         dropped["duplicate_event_id"] = n_dup
     return ev.where("_k = 1").drop("_n", "_k")
@@ -506,14 +508,14 @@ def _prepare(spark, cfg: DatasetConfig, run: RunDir, files: list[Path] | None, s
     clock = _Clock()
     if files is None:
         rows_read, dropped, names = _read_table(spark, cfg, stage)
-        sources = [f"{TABLE}{cfg.table}"]
+        sources = [f"table {cfg.table}"]
     else:
         names = sources = [str(f) for f in files]
         rows_read, dropped = _read(spark, cfg, files, stage)
     clock("read")
     ev, items, item_stats = _join_items(spark, cfg, spark.read.parquet(str(stage / "canonical")))
     canonical = [TIME if c == TIME_US else c for c in ev.columns if c not in (ROW, FILE_IDX)]
-    ev = _drop_duplicate_ids(ev, cfg, names, dropped)
+    ev = _drop_duplicate_ids(ev, cfg, names, dropped, "table" if files is None else "file")
     ev = _select_users(spark, _stage(spark, _order(ev, cfg, dropped), stage / "ordered"), cfg, dropped)
     present = {r[SPLIT] for r in ev.select(SPLIT).distinct().collect()}
     if not present:
