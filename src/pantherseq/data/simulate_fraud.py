@@ -16,13 +16,14 @@
   in the window are dropped and an attacker pays at a few merchants of another region, in risky
   categories (electronics, online retail, cash, travel), mostly at night, at about 2.5× the usual amounts.
 
-Two behaviour-only scenarios: every amount is one of the victim's own earlier amounts and the counts are
-the victim's own, so nothing about amounts or counts gives them away; only *what*, *when* and *where* do.
-5 stealth_takeover: as 4, the victim's events of a 3–10 day window are replaced, but by as many attacker
-  payments (one per replaced event, on its day), each with the amount of a random earlier payment of the
-  victim, in a category the victim never used before (the one whose typical amount for this victim is
-  nearest that amount), at an hour of day the victim never used (the commonest such hour overall), by the
-  channel the victim used least among those the category allows, at a local merchant.
+Two behaviour-only scenarios: every amount is drawn from the victim's own amounts (their level for the
+category, or one of their earlier payments) and the counts are the victim's own, so nothing about amounts or
+counts gives them away; only *what*, *when* and *where* do, and only against the victim's own past.
+5 stealth_takeover: as 4, the victim's events of a 3–10 day window are replaced, but one for one on the
+  same day, by the payments of someone who lives differently: each copies the merchant, channel and time of
+  day of a random payment of one donor (a user of another region and persona), at the amount the victim
+  would pay in that category (their own lognormal level). Every value is an ordinary one for the population
+  (the donor's routine is genuine), so only its novelty for *this* victim gives it away.
 6 rogue_merchant: card-not-present merchants (online retail, entertainment; one per about four victims) turn
   rogue for 4–8 days and charge stolen cards of customers who never paid there (and do shop in the
   merchant's category): 1–3 charges each, each a copy of a random earlier payment of the victim in that
@@ -43,7 +44,7 @@ import numpy as np
 import polars as pl
 
 from pantherseq.data.schema import DAY
-from pantherseq.data.simulate_world import CATEGORIES, CATEGORY_ID, CATEGORY_PARAMS, CHANNELS, World
+from pantherseq.data.simulate_world import CATEGORIES, World
 
 logger = logging.getLogger(__name__)
 
@@ -224,12 +225,6 @@ def _per_user_counts(genuine: dict, slot: np.ndarray, before: np.ndarray, key: n
     return out
 
 
-def _draw(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
-    """One column per row of (E, K) non-negative weights (each row with some weight), drawn by them."""
-    cum = np.cumsum(weights, axis=1)
-    return np.minimum((cum < rng.random(len(cum))[:, None] * cum[:, -1:]).sum(1), weights.shape[1] - 1)
-
-
 def _earlier_events(rng, genuine: dict, users: np.ndarray, before: np.ndarray, category: np.ndarray | None = None
                     ) -> np.ndarray:
     """For each row (user, time[, category]) the index of a random genuine event of that user before that
@@ -241,6 +236,19 @@ def _earlier_events(rng, genuine: dict, users: np.ndarray, before: np.ndarray, c
         rows = np.flatnonzero((users == u) & (cat == c))
         limit = np.searchsorted(genuine["t"][own], before[rows])  # genuine is sorted by (user, time)
         out[rows] = own[(rng.random(len(rows)) * np.maximum(limit, 1)).astype(np.int64)]
+    return out
+
+
+def _donors(rng, world: World, genuine: dict, victims: np.ndarray) -> np.ndarray:
+    """Per victim, a random user of another region and another persona (any other user where none is)
+    with at least 10 genuine events: whose routine the attacker's payments copy."""
+    counts = np.bincount(genuine["user"], minlength=world.n_users)
+    out = np.empty(len(victims), np.int64)
+    for i, v in enumerate(victims):
+        other = (counts >= 10) & (np.arange(world.n_users) != v)
+        pool = np.flatnonzero(other & (world.region != world.region[v]) & (world.persona != world.persona[v]))
+        pool = pool if pool.size else np.flatnonzero(other)
+        out[i] = pool[rng.integers(0, len(pool))]
     return out
 
 
@@ -256,36 +264,28 @@ def _stealth_takeover(rng, world: World, genuine: dict, candidates: np.ndarray, 
     end = np.minimum(start + rng.integers(3, 11, n) * DAY, days * DAY)
     slot = np.full(world.n_users, -1)
     slot[candidates] = np.arange(n)
-    hours = (genuine["t"] % DAY) // 3600
-    cats = _per_user_counts(genuine, slot, start, genuine["category"], len(CATEGORIES))
-    new_cat = (cats == 0) & (np.arange(len(CATEGORIES)) != CATEGORY_ID["cash_withdrawal"])
+    before = _per_user_counts(genuine, slot, start, genuine["category"], len(CATEGORIES)).sum(1)
     s = slot[genuine["user"]]
     inside = (s >= 0) & (genuine["t"] >= start[np.maximum(s, 0)]) & (genuine["t"] < end[np.maximum(s, 0)])
-    fits = (cats.sum(1) >= 10) & new_cat.any(1) & (np.bincount(s[inside], minlength=n) > 0)
+    fits = (before >= 10) & (np.bincount(s[inside], minlength=n) > 0)
     chosen = np.flatnonzero(fits)[:quota]
     picked = np.zeros(n, bool)
     picked[chosen] = True
     replaced = np.flatnonzero(inside & picked[np.maximum(s, 0)])
     keep = np.ones(len(genuine["t"]), bool)
     keep[replaced] = False
+    donor = np.full(n, -1)
+    donor[chosen] = _donors(rng, world, genuine, candidates[chosen])
     v = s[replaced]  # candidate slot of each attacker event
     users = candidates[v]
-    amount = genuine["amount"][_earlier_events(rng, genuine, users, start[v])]
-    closeness = np.exp(-0.5 * (np.log(amount[:, None] / world.typical[users]) / 0.8) ** 2)
-    cat = _draw(rng, new_cat[v] * (closeness + 1e-9))
-    used_hours = _per_user_counts(genuine, slot, start, hours, 24)[v]
-    overall = np.bincount(hours, minlength=24) + 1.0
-    least = used_hours == used_hours.min(1, keepdims=True)  # never used, when the victim has such hours
-    hour = _draw(rng, least * overall)
-    day = genuine["t"][replaced] // DAY
-    t = day * DAY + hour * 3600 + rng.integers(0, 3600, len(v))
-    used_channels = _per_user_counts(genuine, slot, start, genuine["channel"], len(CHANNELS))[v]
-    allowed = CATEGORY_PARAMS[cat, 10:14] > 0
-    score = np.where(allowed, used_channels, np.iinfo(np.int64).max)
-    channel = _draw(rng, (score == score.min(1, keepdims=True)).astype(float))
-    merchant = world.merchants_in(rng, world.region[users], cat)
+    first_of = np.searchsorted(genuine["user"], donor[v])  # genuine is sorted by (user, time)
+    count = np.searchsorted(genuine["user"], donor[v], side="right") - first_of
+    copied = first_of + (rng.random(len(v)) * count).astype(np.int64)  # a random payment of the donor each
+    merchant = genuine["merchant"][copied]
+    t = genuine["t"][replaced] // DAY * DAY + genuine["t"][copied] % DAY
+    amount = world.amounts(rng, users, world.merchant_cat[merchant].astype(np.int64))
     logger.debug("stealth takeover: %d of %d candidates fit, %d victims", int(fits.sum()), n, len(chosen))
-    return keep, world.events(users, t, merchant, amount, channel, 5)
+    return keep, world.events(users, t, merchant, amount, genuine["channel"][copied], 5)
 
 
 def _rogue_merchants(rng, world: World, genuine: dict, candidates: np.ndarray, quota: int) -> dict:
