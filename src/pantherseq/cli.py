@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--nice", type=int, default=10,
                     help="lower this worker's CPU priority by N (os.nice) so that scoring requests win a core "
                          "they share with it; refreshing is background work (default: 10; 0 keeps it)")
+    rf.add_argument("--linger", type=float, default=0.1,
+                    help="seconds to wait after a batch smaller than --batch-size before claiming again, so the "
+                         "next forward pass takes the users queued meanwhile (fewer passes and store writes; "
+                         "adds at most this to the refresh lag; default: 0.1; 0 claims at once)")
     rf.set_defaults(func=cmd_refresh)
 
     lm = sub.add_parser("llm4es", help="user embeddings from a language model fine-tuned on event texts",

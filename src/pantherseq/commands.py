@@ -243,6 +243,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if not 0 <= args.linger <= 1:
+        raise ConfigError(f"--linger must be within [0, 1] seconds, got {args.linger}")
     if args.nice < 0:
         raise ConfigError("--nice must be at least 0 (a worker may only lower its priority)")
     os.nice(args.nice)  # before loading the model: its start-up should not slow the scorers either
@@ -257,7 +259,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     try:
         service.start()
         print(f"refresh worker {consumer}: {scorer.model_version} on {args.store}", flush=True)
-        n = run_worker(service, consumer, stop, args.batch_size)
+        n = run_worker(service, consumer, stop, args.batch_size, linger_s=args.linger)
     finally:
         service.stop()
         store.close()

@@ -12,6 +12,12 @@ entries and compacts; the scorer processes then run with `external_refresh` and 
 entry is acknowledged only after its state is written, so a worker killed mid-batch loses nothing: the
 entries are claimed again after RECLAIM_S (store/base.py). Two workers refreshing one user cannot move
 its state backwards (the write is versioned by log_seq).
+
+Lingering. A worker that claimed fewer than `batch_size` entries waits `linger_s` (default 0.1 s) before it
+claims again, so that the next forward pass takes the users queued meanwhile instead of one or two: at 200
+events/s a claim otherwise returns one entry, and every batch costs a forward pass and three write
+transactions (claim, state, acknowledge) that the scorers' writes queue behind. It adds at most `linger_s`
+to the refresh lag (whose budget is a second); `linger_s = 0` claims at once.
 """
 
 from __future__ import annotations
@@ -104,10 +110,11 @@ class Refresher(threading.Thread):
 
 
 def run_worker(service: Service, consumer: str, stop: threading.Event, batch_size: int = 64,
-               report_every_s: float = 30.0) -> int:
+               report_every_s: float = 30.0, linger_s: float = 0.1) -> int:
     """Refresh queued users until `stop` is set; returns how many queue entries were handled. The service
     must have been started (identity checked; `service.behind`, the users left behind by a crash, are
-    refreshed first)."""
+    refreshed first). After a batch of fewer than `batch_size` entries the worker waits `linger_s` (module
+    doc)."""
     done, lags, reported = 0, deque(maxlen=100_000), time.time()
     todo = list(service.behind)
     for i in range(0, len(todo), batch_size):
@@ -133,6 +140,8 @@ def run_worker(service: Service, consumer: str, stop: threading.Event, batch_siz
                 service.metrics.refresh_lag.observe(now - at)
             to_compact |= set(first)
             done += len(entries)
+            if len(entries) < batch_size and linger_s > 0:
+                stop.wait(linger_s)
         if to_compact and time.time() - compacted_at >= service.refresher.compact_every_s:
             users, to_compact, compacted_at = sorted(to_compact), set(), time.time()
             try:
