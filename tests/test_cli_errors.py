@@ -216,3 +216,9 @@ def test_a_data_error_names_a_file_or_a_table_by_its_kind_not_its_name():
     err = DataError("bad", table="db.events (Spark partition 0 of 2)", row=3, column="amount", value="x")
     assert str(err) == "table db.events (Spark partition 0 of 2), row 3, column 'amount': bad (value 'x')"
     assert err.reason == "bad" and err.table.startswith("db.events")
+
+
+@pytest.mark.parametrize("flag, value, words", [("--linger", "5", ("--linger", "[0, 1]", "5.0")),
+                                                 ("--batch-size", "0", ("--batch-size", "at least 1"))])
+def test_refresh_worker_settings_out_of_range(tmp_path, flag, value, words):
+    error_line(cli("refresh", "--run", tmp_path, "--store", f"sqlite:///{tmp_path / 's.db'}", flag, value), *words)
