@@ -26,20 +26,11 @@ import polars as pl
 
 from pantherseq.data.schema import SimulateConfig
 from pantherseq.data.simulate import simulate
+from pantherseq.data.simulate_fraud import own_share, population_share, victims_history
 from pantherseq.eval.metrics import roc_auc
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scenario_leak.json"
 FIELDS = ("hour", "category", "channel", "merchant_id")
-
-
-def _population_share(rows: pl.DataFrame, genuine: pl.DataFrame, col: str) -> float:
-    share = genuine[col].value_counts(normalize=True)
-    return float(rows.join(share, on=col, how="left")["proportion"].fill_null(0.0).mean())
-
-
-def _own_share(rows: pl.DataFrame, history: pl.DataFrame, col: str) -> float:
-    own = history.group_by("user_id", col).len().with_columns(p=pl.col("len") / pl.col("len").sum().over("user_id"))
-    return float(rows.join(own, on=["user_id", col], how="left")["p"].fill_null(0.0).mean())
 
 
 def user_blind(ev: pl.DataFrame, scenario: int, seed: int) -> dict:
@@ -73,13 +64,12 @@ def main() -> None:
           "  ".join(f"{f + ' pop/own (fraud | genuine)':>44}" for f in FIELDS))
     for s in (5, 6):
         fraud = ev.filter(pl.col("scenario") == s)
-        first = fraud.group_by("user_id").agg(t0=pl.col("timestamp").min())
-        history = genuine.join(first, on="user_id").filter(pl.col("timestamp") < pl.col("t0"))
+        history = victims_history(genuine, fraud)
         res = user_blind(ev, s, args.seed)
-        res["fields"] = {f: {"population_share": {"fraud": round(_population_share(fraud, genuine, f), 4),
-                                                  "genuine": round(_population_share(genuine, genuine, f), 4)},
-                             "own_share": {"fraud": round(_own_share(fraud, history, f), 4),
-                                           "genuine": round(_own_share(history, history, f), 4)}}
+        res["fields"] = {f: {"population_share": {"fraud": round(population_share(fraud, genuine, f), 4),
+                                                  "genuine": round(population_share(genuine, genuine, f), 4)},
+                             "own_share": {"fraud": round(own_share(fraud, history, f), 4),
+                                           "genuine": round(own_share(history, history, f), 4)}}
                          for f in FIELDS}
         out["scenarios"][str(s)] = res
         cells = [f"{v['population_share']['fraud']:.3f}/{v['own_share']['fraud']:.3f} | "

@@ -609,14 +609,14 @@ def run_soak(args: argparse.Namespace, tx_file: Path, n_tx: int, tmp: Path, stor
     load_start = res["t0_wall"] - t0
     start, end = soak_rss(rss, load_start + args.soak_warmup)
     first = next((s for s in rss if s["t_s"] >= load_start), rss[0])
+    at_load = first["server_mb"] + first["worker_mb"]
     return {"minutes": args.soak_minutes, "rate_rps": args.rate, "rss_start_mb": start, "rss_end_mb": end,
             "rss_growth_pct": round(100 * (end / start - 1), 2),
             "p99_ms_first_minute": p99[0] if p99 else None, "p99_ms_last_minute": p99[-1] if p99 else None,
             "errors": res["errors"], "refresh_lag_p99_s": lag.get("p99"),
             "details": {"warmup_s": args.soak_warmup, "p99_ms_per_minute": p99, "load": res, "refresh": lag,
-                        "rss_at_load_start_mb": round(first["server_mb"] + first["worker_mb"], 1),
-                        "rss_growth_from_load_start_pct": round(
-                            100 * (end / (first["server_mb"] + first["worker_mb"]) - 1), 2),
+                        "rss_at_load_start_mb": round(at_load, 1),
+                        "rss_growth_from_load_start_pct": round(100 * (end / at_load - 1), 2),
                         "rss_samples": rss, "rss": "VmRSS of the scorer and of the refresh worker, with children; "
                         "start / end = the median of the soak's first / last minute of samples"}}
 

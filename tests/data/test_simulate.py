@@ -10,6 +10,7 @@ import pytest
 
 from pantherseq.data.schema import SimulateConfig
 from pantherseq.data.simulate import CATEGORIES, SCENARIOS, simulate
+from pantherseq.data.simulate_fraud import own_share, population_share, victims_history
 from pantherseq.errors import ConfigError
 
 EVENT_SCHEMA = {
@@ -168,12 +169,6 @@ def test_account_takeover_changes_the_routine(sim, events, genuine):
     assert (region["merchant_region"] != region["region"]).mean() > 0.7
 
 
-def _history(genuine: pl.DataFrame, fraud: pl.DataFrame) -> pl.DataFrame:
-    """Each fraud victim's genuine events before their first fraud."""
-    first = fraud.group_by("user_id").agg(t0=pl.col("timestamp").min())
-    return genuine.join(first, on="user_id").filter(pl.col("timestamp") < pl.col("t0"))
-
-
 def _own_percentiles(fraud: pl.DataFrame, history: pl.DataFrame, by: list[str]) -> np.ndarray:
     """Mid-rank percentile of each fraud amount among the victim's own earlier amounts (of the same `by`)."""
     own = history.group_by(by).agg(past=pl.col("amount"))
@@ -182,21 +177,9 @@ def _own_percentiles(fraud: pl.DataFrame, history: pl.DataFrame, by: list[str]) 
                      for a, p in zip(rows["amount"], rows["past"])])
 
 
-def _population_share(rows: pl.DataFrame, genuine: pl.DataFrame, col: str) -> float:
-    """The mean share of all genuine events that have each row's value of `col`."""
-    share = genuine[col].value_counts(normalize=True)
-    return rows.join(share, on=col, how="left")["proportion"].fill_null(0.0).mean()
-
-
-def _own_share(rows: pl.DataFrame, history: pl.DataFrame, col: str) -> float:
-    """The mean share of the row's user's `history` that has the row's value of `col` (0 if never)."""
-    own = history.group_by("user_id", col).len().with_columns(p=pl.col("len") / pl.col("len").sum().over("user_id"))
-    return rows.join(own, on=["user_id", col], how="left")["p"].fill_null(0.0).mean()
-
-
 def test_stealth_takeover_looks_ordinary_to_everyone_but_the_victim(events, genuine):
     st = _fraud(events, 5)
-    history = _history(genuine, st)
+    history = victims_history(genuine, st)
     assert st["user_id"].n_unique() >= 5 and st.height >= 30
     # amounts: the victim's own level for the category, spread like their own payments there (not their top)
     pct = _own_percentiles(st, history, ["user_id", "category"])
@@ -210,11 +193,11 @@ def test_stealth_takeover_looks_ordinary_to_everyone_but_the_victim(events, genu
     assert per_day.max() <= usual["len"].max()
     # what, when and how are as common in the population as genuine payments' (no night, no rare category),
     for col in ("hour", "category", "channel"):
-        assert _population_share(st, genuine, col) == pytest.approx(_population_share(genuine, genuine, col),
+        assert population_share(st, genuine, col) == pytest.approx(population_share(genuine, genuine, col),
                                                                     rel=0.2), col
     # but rarer for the victim than their own payments are, and at merchants new to them
     for col, factor in (("category", 0.8), ("hour", 0.85), ("channel", 0.8)):
-        assert _own_share(st, history, col) < factor * _own_share(history, history, col), col
+        assert own_share(st, history, col) < factor * own_share(history, history, col), col
     known_shop = history.select("user_id", "merchant_id").unique().with_columns(known=pl.lit(True))
     assert st.join(known_shop, on=["user_id", "merchant_id"], how="left")["known"].is_null().mean() > 0.9
 
@@ -227,7 +210,7 @@ def test_rogue_merchant_charges_its_new_customers_their_usual_amounts(events, ge
     paid = genuine.select("user_id", "merchant_id").unique().with_columns(paid=pl.lit(True))
     assert rm.join(paid, on=["user_id", "merchant_id"], how="left")["paid"].is_null().all()
     # each charge copies an earlier payment of the victim in the merchant's category: amount, hour, channel
-    history = _history(genuine, rm)
+    history = victims_history(genuine, rm)
     own = history.group_by("user_id", "category").agg(amounts=pl.col("amount"), hours=pl.col("hour"),
                                                       channels=pl.col("channel"))
     joined = rm.join(own, on=["user_id", "category"])

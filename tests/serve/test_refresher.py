@@ -1,5 +1,6 @@
 """The refresh worker's loop (`run_worker`): a batch smaller than `batch_size` makes it linger, so the next
-forward pass takes the users queued meanwhile. Time is simulated: waiting enqueues events, nothing sleeps."""
+forward pass takes the users queued meanwhile. Time is simulated: waiting enqueues events, nothing sleeps,
+and an empty queue stops the worker (so a worker that never lingers ends, and fails, instead of spinning)."""
 
 from __future__ import annotations
 
@@ -9,82 +10,65 @@ from types import SimpleNamespace
 from pantherseq.serve.refresher import run_worker
 
 
-class Queue:
-    """A store's refresh queue: claim takes up to `count` entries, ack forgets them."""
+class Clock(threading.Event):
+    """`stop` for run_worker, and the store's refresh queue: each wait(t) is time passing, during which
+    `per_wait` events are queued; set after `waits` waits, or when a claim finds the queue empty."""
 
-    def __init__(self):
+    def __init__(self, queued: int, per_wait: int, waits: int):
+        super().__init__()
         self.entries: list[tuple[str, str, float]] = []
         self.acked: list[str] = []
-        self.next_id = 0
+        self.per_wait, self.left, self.waited = per_wait, waits, []
+        self.push(queued)
 
     def push(self, n: int) -> None:
-        for _ in range(n):
-            self.entries.append((str(self.next_id), f"u{self.next_id}", 0.0))
-            self.next_id += 1
+        start = len(self.acked) + len(self.entries)
+        self.entries += [(str(i), f"u{i}", 0.0) for i in range(start, start + n)]
+
+    def wait(self, timeout=None):
+        self.waited.append(timeout)
+        self.push(self.per_wait)
+        self.left -= 1
+        if self.left <= 0:
+            self.set()
+        return self.is_set()
 
     def claim_refresh(self, consumer: str, count: int, block_s: float):
         taken, self.entries = self.entries[:count], self.entries[count:]
+        if not taken:  # the real stores block here for block_s; the test ends instead
+            self.set()
         return taken
 
     def ack_refresh(self, ids):
         self.acked.extend(ids)
 
 
-class Clock(threading.Event):
-    """`stop` for run_worker: each wait(t) is time passing, during which `per_wait` events are queued; set
-    after `waits` waits."""
-
-    def __init__(self, queue: Queue, per_wait: int, waits: int):
-        super().__init__()
-        self.queue, self.per_wait, self.left, self.waited = queue, per_wait, waits, []
-
-    def wait(self, timeout=None):
-        self.waited.append(timeout)
-        self.queue.push(self.per_wait)
-        self.left -= 1
-        if self.left <= 0:
-            self.set()
-        return self.is_set()
-
-
-def _service(queue: Queue, batches: list[list[str]]):
-    observe = SimpleNamespace(observe=lambda _: None)
-    return SimpleNamespace(behind=[], store=queue, refresh_users=batches.append,
-                           metrics=SimpleNamespace(refresh_lag=observe),
-                           refresher=SimpleNamespace(compact_every_s=1e9), compact=lambda users: None)
+def _run(clock: Clock, batch_size: int, linger_s: float) -> tuple[list[int], int]:
+    """(the batch sizes refreshed, the entries handled) by run_worker on `clock`'s queue."""
+    batches: list[list[str]] = []
+    service = SimpleNamespace(behind=[], store=clock, refresh_users=batches.append,
+                              metrics=SimpleNamespace(refresh_lag=SimpleNamespace(observe=lambda _: None)),
+                              refresher=SimpleNamespace(compact_every_s=1e9), compact=lambda users: None)
+    done = run_worker(service, "w", clock, batch_size=batch_size, linger_s=linger_s)
+    return [len(b) for b in batches], done
 
 
 def test_a_short_batch_lingers_and_the_next_takes_what_queued_meanwhile():
-    queue, batches = Queue(), []
-    queue.push(1)
-    stop = Clock(queue, per_wait=3, waits=3)
-    done = run_worker(_service(queue, batches), "w", stop, batch_size=8, linger_s=0.1)
-    assert [len(b) for b in batches] == [1, 3, 3]  # one user, then each linger's three
-    assert stop.waited == [0.1, 0.1, 0.1]
-    assert done == 7 and queue.acked == [str(i) for i in range(7)]
+    clock = Clock(queued=1, per_wait=3, waits=3)
+    sizes, done = _run(clock, batch_size=8, linger_s=0.1)
+    assert sizes == [1, 3, 3]  # one user, then each linger's three
+    assert clock.waited == [0.1, 0.1, 0.1]
+    assert done == 7 and clock.acked == [str(i) for i in range(7)]
 
 
 def test_a_full_batch_claims_again_at_once():
-    queue, batches = Queue(), []
-    queue.push(10)
-    stop = Clock(queue, per_wait=0, waits=1)
-    run_worker(_service(queue, batches), "w", stop, batch_size=4, linger_s=0.1)
-    assert [len(b) for b in batches] == [4, 4, 2]  # the full batches did not wait; the short one did
-    assert stop.waited == [0.1]
+    clock = Clock(queued=10, per_wait=0, waits=1)
+    sizes, _ = _run(clock, batch_size=4, linger_s=0.1)
+    assert sizes == [4, 4, 2]  # the full batches did not wait; the short one did
+    assert clock.waited == [0.1]
 
 
 def test_linger_zero_never_waits():
-    queue, batches = Queue(), []
-    queue.push(3)
-    stop = Clock(queue, per_wait=0, waits=1)
-    original = queue.claim_refresh
-
-    def claim(consumer, count, block_s):  # the store's own poll blocks; here: stop once the queue is empty
-        taken = original(consumer, count, block_s)
-        if not taken:
-            stop.set()
-        return taken
-
-    queue.claim_refresh = claim
-    run_worker(_service(queue, batches), "w", stop, batch_size=2, linger_s=0.0)
-    assert [len(b) for b in batches] == [2, 1] and stop.waited == []
+    clock = Clock(queued=3, per_wait=0, waits=1)
+    sizes, _ = _run(clock, batch_size=2, linger_s=0.0)
+    assert sizes == [2, 1] and clock.waited == []

@@ -44,7 +44,7 @@ import numpy as np
 import polars as pl
 
 from pantherseq.data.schema import DAY
-from pantherseq.data.simulate_world import CATEGORIES, World
+from pantherseq.data.simulate_world import World
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +264,10 @@ def _stealth_takeover(rng, world: World, genuine: dict, candidates: np.ndarray, 
     end = np.minimum(start + rng.integers(3, 11, n) * DAY, days * DAY)
     slot = np.full(world.n_users, -1)
     slot[candidates] = np.arange(n)
-    before = _per_user_counts(genuine, slot, start, genuine["category"], len(CATEGORIES)).sum(1)
     s = slot[genuine["user"]]
-    inside = (s >= 0) & (genuine["t"] >= start[np.maximum(s, 0)]) & (genuine["t"] < end[np.maximum(s, 0)])
+    first, last = start[np.maximum(s, 0)], end[np.maximum(s, 0)]
+    before = np.bincount(s[(s >= 0) & (genuine["t"] < first)], minlength=n)  # each candidate's events so far
+    inside = (s >= 0) & (genuine["t"] >= first) & (genuine["t"] < last)
     fits = (before >= 10) & (np.bincount(s[inside], minlength=n) > 0)
     chosen = np.flatnonzero(fits)[:quota]
     picked = np.zeros(n, bool)
@@ -337,3 +338,24 @@ def inject_fraud(seed: np.random.SeedSequence, world: World, genuine: dict[str, 
     logger.debug("fraud users per scenario: %s", [len(victims1), len(victims2), len(victims3), len(victims4),
                                                   len(np.unique(stealth["user"])), len(np.unique(rogue["user"]))])
     return Fraud(keep & keep5, parts, comp)
+
+
+# -- how behaviour-only a scenario is (tests/data/test_simulate.py, benchmarks/scenario_leak.py) ---------------
+def victims_history(genuine: pl.DataFrame, fraud: pl.DataFrame) -> pl.DataFrame:
+    """Each fraud victim's genuine events (event frames) before their first fraud."""
+    first = fraud.group_by("user_id").agg(t0=pl.col("timestamp").min())
+    return genuine.join(first, on="user_id").filter(pl.col("timestamp") < pl.col("t0"))
+
+
+def population_share(rows: pl.DataFrame, genuine: pl.DataFrame, col: str) -> float:
+    """The mean share of all genuine events that have each row's value of `col`: how common the rows' values
+    are in the population (a behaviour-only scenario's are as common as genuine payments')."""
+    share = genuine[col].value_counts(normalize=True)
+    return float(rows.join(share, on=col, how="left")["proportion"].fill_null(0.0).mean())
+
+
+def own_share(rows: pl.DataFrame, history: pl.DataFrame, col: str) -> float:
+    """The mean share of the row's user's `history` that has the row's value of `col` (0 if never): how
+    usual the rows' values are for their own user."""
+    own = history.group_by("user_id", col).len().with_columns(p=pl.col("len") / pl.col("len").sum().over("user_id"))
+    return float(rows.join(own, on=["user_id", col], how="left")["p"].fill_null(0.0).mean())
