@@ -265,9 +265,9 @@ def _stealth_takeover(rng, world: World, genuine: dict, candidates: np.ndarray, 
     slot = np.full(world.n_users, -1)
     slot[candidates] = np.arange(n)
     s = slot[genuine["user"]]
-    first, last = start[np.maximum(s, 0)], end[np.maximum(s, 0)]
-    before = np.bincount(s[(s >= 0) & (genuine["t"] < first)], minlength=n)  # each candidate's events so far
-    inside = (s >= 0) & (genuine["t"] >= first) & (genuine["t"] < last)
+    w0, w1 = start[np.maximum(s, 0)], end[np.maximum(s, 0)]  # each event's user's window, if a candidate
+    before = np.bincount(s[(s >= 0) & (genuine["t"] < w0)], minlength=n)  # each candidate's events so far
+    inside = (s >= 0) & (genuine["t"] >= w0) & (genuine["t"] < w1)
     fits = (before >= 10) & (np.bincount(s[inside], minlength=n) > 0)
     chosen = np.flatnonzero(fits)[:quota]
     picked = np.zeros(n, bool)
